@@ -1,0 +1,1 @@
+"""kubealign: the control-plane side (operator, API model, planner, renderers). Never imports torch."""
