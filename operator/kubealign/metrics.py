@@ -1,0 +1,188 @@
+"""Prometheus metrics of the operator: runs by phase, stage durations, stage retries, reconcile errors.
+
+Everything is derived from what the operator already writes: a reconcile hands the run's status before
+and after its patch to :meth:`OperatorMetrics.record_status_change`, and the transitions between the two
+become observations. That keeps the handlers free of metric bookkeeping and makes restarts safe: the
+first status an operator process sees for a run (``before=None``) only sets the phase gauge, so
+durations and retries that an earlier process already counted are not counted twice.
+
+Exposed series (names follow Prometheus conventions: base units, ``_total`` for counters)::
+
+    kubealign_alignmentruns{phase}                        runs this operator knows, by status.phase
+    kubealign_stage_duration_seconds{type,phase}          histogram: stage start -> terminal phase
+    kubealign_stage_retries_total{type}                   attempts started beyond a stage's first
+    kubealign_reconcile_errors_total{reason}              handler failures (each kopf will retry)
+
+Served with :meth:`OperatorMetrics.serve` (``kubealign operator --metrics-port 9090``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from datetime import datetime
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+RUN_PHASES = ("Pending", "Running", "Succeeded", "Failed", "Suspended")
+TERMINAL_STAGE_PHASES = ("Succeeded", "Failed")
+
+# Stages run from seconds (tiny test models) to days (pretraining), so the buckets span both ends.
+STAGE_DURATION_BUCKETS = (
+    1.0,
+    5.0,
+    15.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    1800.0,
+    3600.0,
+    3 * 3600.0,
+    6 * 3600.0,
+    12 * 3600.0,
+    24 * 3600.0,
+    72 * 3600.0,
+    float("inf"),
+)
+
+
+class _RunPhaseCollector(Collector):
+    """Reports the phase count from a live map, so a deleted run simply stops being counted.
+
+    A plain labelled Gauge would need the previous phase of every run to decrement it; the map is the
+    single source of truth instead, and every phase is always reported (zeros included) so dashboards
+    and alerts never see a series vanish.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._phases: dict[tuple[str, str], str] = {}
+
+    def set(self, key: tuple[str, str], phase: str) -> None:
+        with self._lock:
+            self._phases[key] = phase
+
+    def forget(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            self._phases.pop(key, None)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        with self._lock:
+            phases = list(self._phases.values())
+        family = GaugeMetricFamily(
+            "kubealign_alignmentruns",
+            "AlignmentRuns known to this operator, by status.phase.",
+            labels=["phase"],
+        )
+        for phase in (*RUN_PHASES, *sorted(set(phases) - set(RUN_PHASES))):
+            family.add_metric([phase], float(phases.count(phase)))
+        yield family
+
+
+def _parse_time(value: object) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _stages_by_name(status: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
+    stages = (status or {}).get("stages") or []
+    return {str(stage.get("name")): stage for stage in stages if isinstance(stage, Mapping)}
+
+
+def _attempts(stage: Mapping[str, Any] | None) -> int:
+    value = (stage or {}).get("attempts")
+    return value if isinstance(value, int) else 0
+
+
+class OperatorMetrics:
+    """The operator's metric set, on its own registry so tests and processes never share counters."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self._runs = _RunPhaseCollector()
+        self.registry.register(self._runs)
+        self.stage_duration = Histogram(
+            "kubealign_stage_duration_seconds",
+            "Seconds from a stage's startTime to its terminal phase, retries included.",
+            labelnames=["type", "phase"],
+            buckets=STAGE_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.stage_retries = Counter(
+            "kubealign_stage_retries_total",
+            "Stage attempts started after a failed attempt (each resumes from the latest checkpoint).",
+            labelnames=["type"],
+            registry=self.registry,
+        )
+        self.reconcile_errors = Counter(
+            "kubealign_reconcile_errors_total",
+            "Reconcile handler failures, by reason (the exception class or the condition reason).",
+            labelnames=["reason"],
+            registry=self.registry,
+        )
+
+    def set_run_phase(self, *, namespace: str, name: str, phase: str) -> None:
+        self._runs.set((namespace, name), phase)
+
+    def forget_run(self, *, namespace: str, name: str) -> None:
+        self._runs.forget((namespace, name))
+
+    def count_reconcile_error(self, *, reason: str) -> None:
+        self.reconcile_errors.labels(reason=reason).inc()
+
+    def record_status_change(
+        self,
+        *,
+        namespace: str,
+        name: str,
+        before: Mapping[str, Any] | None,
+        after: Mapping[str, Any],
+    ) -> None:
+        """Turn one reconcile's status transition into observations.
+
+        ``before`` is the status the reconcile started from, or None when this process has not seen
+        the run yet (operator start, resume): then only the phase is recorded, since any finished
+        stage or retry in it was observed by whichever process wrote it.
+        """
+        phase = after.get("phase")
+        if isinstance(phase, str) and phase:
+            self.set_run_phase(namespace=namespace, name=name, phase=phase)
+        if before is None:
+            return
+        old_stages = _stages_by_name(before)
+        for stage_name, stage in _stages_by_name(after).items():
+            old = old_stages.get(stage_name)
+            stage_type = str(stage.get("type") or "unknown")
+            retries = _attempts(stage) - max(_attempts(old), 1)
+            if retries > 0:
+                self.stage_retries.labels(type=stage_type).inc(retries)
+            stage_phase = stage.get("phase")
+            if stage_phase not in TERMINAL_STAGE_PHASES or (old or {}).get("phase") == stage_phase:
+                continue
+            started = _parse_time(stage.get("startTime"))
+            finished = _parse_time(stage.get("completionTime"))
+            if started is not None and finished is not None and finished >= started:
+                self.stage_duration.labels(type=stage_type, phase=str(stage_phase)).observe(
+                    (finished - started).total_seconds()
+                )
+
+    def exposition(self) -> bytes:
+        """The text format a Prometheus scrape receives."""
+        return generate_latest(self.registry)
+
+    def serve(self, *, port: int, address: str = "0.0.0.0") -> int:
+        """Serve ``/metrics`` from a daemon thread; returns the bound port (useful with ``port=0``)."""
+        server, _thread = start_http_server(port, addr=address, registry=self.registry)
+        return int(server.server_port)
+
+
+# The operator process's metrics; handlers record into this one, tests build their own.
+OPERATOR_METRICS = OperatorMetrics()
