@@ -1,0 +1,104 @@
+"""Named ground-truth scorers: a number per (prompt, completion), larger is better.
+
+The generate, ppo and evaluate stages take either a reward-model artifact or one of these by
+name (``hyperparameters.scorer``, options in ``hyperparameters.scorer_options``). A ground-truth
+scorer plays the role of the human labeller in the paper's controlled-sentiment experiment:
+it labels preference pairs for the reward model and measures what the policies really achieve.
+
+- ``vader``: VADER's compound sentiment of the completion, in [-1, 1]. vaderSentiment ships
+  its lexicon inside the package, so it runs offline.
+- ``word_fraction``: the fraction of the completion's words found in ``words``; a reward whose
+  optimum is known exactly, for toy tasks and tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class ScorerError(ValueError):
+    """An unknown scorer name or bad options; the message names the hyperparameter at fault."""
+
+
+class Scorer(Protocol):
+    """Scores completions of prompts; one float per pair, larger is better."""
+
+    @property
+    def name(self) -> str: ...
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]: ...
+
+
+class VaderScorer:
+    """VADER's compound sentiment of the completion alone (the prompt is not the policy's doing)."""
+
+    name = "vader"
+
+    def __init__(self) -> None:
+        # Imported here: only the stages that use VADER pay for loading its lexicon.
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self._analyzer = SentimentIntensityAnalyzer()
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        _check_lengths(prompts, completions)
+        return [float(self._analyzer.polarity_scores(text)["compound"]) for text in completions]
+
+
+@dataclass(frozen=True)
+class WordFractionScorer:
+    """Fraction of the completion's whitespace-separated words that are in ``words``."""
+
+    words: frozenset[str]
+    name: str = "word_fraction"
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        _check_lengths(prompts, completions)
+        scores = []
+        for text in completions:
+            tokens = text.split()
+            scores.append(sum(token in self.words for token in tokens) / len(tokens) if tokens else 0.0)
+        return scores
+
+
+def _check_lengths(prompts: Sequence[str], completions: Sequence[str]) -> None:
+    if len(prompts) != len(completions):
+        raise ValueError(f"scorer: {len(prompts)} prompts but {len(completions)} completions")
+
+
+def _vader(options: dict[str, Any], where: str) -> Scorer:
+    if options:
+        raise ScorerError(f"{where}_options.{sorted(options)[0]}: the vader scorer takes no options")
+    return VaderScorer()
+
+
+def _word_fraction(options: dict[str, Any], where: str) -> Scorer:
+    unknown = sorted(set(options) - {"words"})
+    if unknown:
+        raise ScorerError(f"{where}_options.{unknown[0]}: unknown option (known: words)")
+    words = options.get("words")
+    if not isinstance(words, list) or not words or not all(isinstance(word, str) for word in words):
+        raise ScorerError(
+            f"{where}_options.words: the word_fraction scorer needs a non-empty list of strings"
+        )
+    return WordFractionScorer(words=frozenset(words))
+
+
+SCORERS: dict[str, Callable[[dict[str, Any], str], Scorer]] = {
+    "vader": _vader,
+    "word_fraction": _word_fraction,
+}
+
+
+def make_scorer(
+    name: str, options: dict[str, Any] | None = None, *, where: str = "hyperparameters.scorer"
+) -> Scorer:
+    """Build the scorer registered as ``name``; ``where`` names the config field in errors."""
+    factory = SCORERS.get(name)
+    if factory is None:
+        raise ScorerError(f"{where}: unknown scorer {name!r} (known: {', '.join(sorted(SCORERS))})")
+    if options is not None and not isinstance(options, dict):
+        raise ScorerError(f"{where}_options: expected an object")
+    return factory(dict(options or {}), where)
