@@ -61,17 +61,6 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True)
     return scaled * mask
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """``log p(tokens)`` per position from ``logits`` (B, T, V) and ``tokens`` (B, T).
-
-    ``gather - logsumexp`` instead of a full ``log_softmax``: the same value, computed in
-    float32 for stability, without materialising another (B, T, V) tensor of log-probs.
-    """
-    logits = logits.float()
-    picked = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
-
-
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Per-position entropy ``H = logsumexp(z) - Σ softmax(z)·z`` of (B, T, V) logits -> (B, T)."""
     logits = logits.float()

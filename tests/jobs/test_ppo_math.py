@@ -181,14 +181,6 @@ def test_entropy_uniform_and_peaked() -> None:
     assert rl.masked_entropy(peaked, torch.ones(1, 1)).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_token_logprobs_match_log_softmax() -> None:
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 3, 5, generator=generator)
-    tokens = torch.randint(0, 5, (2, 3), generator=generator)
-    expected = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(rl.token_logprobs(logits, tokens), expected)
-
-
 def test_sequence_kl_sums_real_tokens() -> None:
     kl = rl.sequence_kl(
         torch.tensor([[-1.0, -1.0, -3.0]]), torch.tensor([[-2.0, -1.5, 0.0]]), torch.tensor([[1.0, 1.0, 0.0]])
