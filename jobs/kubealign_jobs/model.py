@@ -1,0 +1,276 @@
+"""Models and tokenizers: load a save_pretrained folder, build a new one from a config, score sequences.
+
+Everything here works offline. A model is always a *local directory* (fetched from storage
+first); a string that is not an existing directory is refused rather than passed to
+transformers, where it would be taken for a hub name and trigger a download attempt.
+
+Shared by every stage:
+
+- `sequence_logps` / `token_logps`: log-probabilities of the completion tokens under a causal
+  LM (dpo, ppo and evaluate all need them).
+- `reward_scores`: the scalar score of a reward model (AutoModelForSequenceClassification
+  with one label, as plain transformers loads it).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+# Belt and braces: even a bug that hands transformers a hub name must not reach the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# The offline switches above must be set before transformers is imported.
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+PAD_TOKEN = "<|pad|>"
+BOS_TOKEN = "<|bos|>"
+EOS_TOKEN = "<|eos|>"
+
+# Short names for the architectures people build tiny test models from; any other
+# transformers model_type works too (``{"arch": "mistral", ...}``).
+_ARCH_ALIASES = {"gpt-2": "gpt2", "llama2": "llama"}
+
+
+class ModelError(ValueError):
+    """A model or tokenizer cannot be loaded or built; the message says which and why."""
+
+
+# ---------------------------------------------------------------------------- tokenizers
+
+
+def train_tokenizer(
+    texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (GPT-2 style) with pad/bos/eos special tokens.
+
+    Byte-level means every string is encodable (no unknown token), which matters for
+    corpora we have never seen.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 259:  # 256 bytes + 3 special tokens
+        raise ModelError(f"vocab_size: {vocab_size} is too small for a byte-level tokenizer (minimum 259)")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[PAD_TOKEN, BOS_TOKEN, EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tokenizer,
+        pad_token=PAD_TOKEN,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        padding_side="right",
+    )
+
+
+def tokenizer_from_json(text: str) -> PreTrainedTokenizerFast:
+    """Rebuild a tokenizer trained by `train_tokenizer` from its ``tokenizers`` JSON (for broadcasting)."""
+    from tokenizers import Tokenizer
+
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=Tokenizer.from_str(text),
+        pad_token=PAD_TOKEN,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        padding_side="right",
+    )
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with a model; a pad token is added (as eos) when the tokenizer has none."""
+    _require_dir(path, what="tokenizer")
+    try:
+        tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(  # type: ignore[no-untyped-call]
+            str(path), local_files_only=True
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: no loadable tokenizer ({exc})") from exc
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(f"{path}: tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def build_causal_lm(spec: dict[str, Any], *, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A freshly initialised causal LM from ``{"arch": "llama", "hidden_size": 64, ...}``.
+
+    Every key except ``arch`` is passed to the architecture's config class; the vocabulary
+    size and special-token ids come from ``tokenizer`` so the two always agree.
+    """
+    fields = dict(spec)
+    arch = str(fields.pop("arch", "llama")).lower()
+    arch = _ARCH_ALIASES.get(arch, arch)
+    fields.setdefault("vocab_size", len(tokenizer))
+    fields.setdefault("pad_token_id", tokenizer.pad_token_id)
+    fields.setdefault("bos_token_id", tokenizer.bos_token_id)
+    fields.setdefault("eos_token_id", tokenizer.eos_token_id)
+    try:
+        config = AutoConfig.for_model(arch, **fields)
+    except (ValueError, TypeError) as exc:
+        raise ModelError(f"hyperparameters.model: cannot build {arch!r}: {exc}") from exc
+    if int(config.vocab_size) < len(tokenizer):
+        raise ModelError(
+            f"hyperparameters.model.vocab_size: {config.vocab_size} is smaller than "
+            f"the tokenizer's vocabulary ({len(tokenizer)})"
+        )
+    model: PreTrainedModel = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    return model
+
+
+def load_causal_lm(path: Path, *, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """A causal LM from a local save_pretrained folder."""
+    _require_dir(path, what="model")
+    try:
+        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+            str(path), local_files_only=True, dtype=dtype or torch.float32
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: not a loadable causal LM ({exc})") from exc
+    return model
+
+
+def load_reward_model(path: Path, *, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
+    """A reward model: a sequence classifier with one output, scoring the last non-pad token.
+
+    ``path`` may hold a trained reward model or a causal LM; from a causal LM the backbone
+    weights are reused and a new scalar head is initialised (transformers logs which).
+    """
+    _require_dir(path, what="reward model")
+    try:
+        model: PreTrainedModel = AutoModelForSequenceClassification.from_pretrained(
+            str(path), local_files_only=True, num_labels=1, dtype=torch.float32
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot load as a reward model ({exc})") from exc
+    if tokenizer is not None and model.config.pad_token_id is None:
+        # Sequence classifiers find the last real token through the pad id.
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dest: Path) -> Path:
+    """Write model and tokenizer as one folder that plain transformers loads."""
+    dest.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(dest), safe_serialization=True)
+    tokenizer.save_pretrained(str(dest))
+    return dest
+
+
+def _require_dir(path: Path, *, what: str) -> None:
+    if not Path(path).is_dir():
+        raise ModelError(f"{what}: {path} is not a local directory (hub names are never downloaded)")
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+# Which model classes take transformers' ``logits_to_keep``; inspecting a signature each step is wasteful.
+_LOGITS_TO_KEEP_SUPPORT: dict[type[nn.Module], bool] = {}
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    target: nn.Module = getattr(model, "module", model)  # a DDP wrapper forwards its kwargs to .module
+    kind = type(target)
+    if kind not in _LOGITS_TO_KEEP_SUPPORT:
+        _LOGITS_TO_KEEP_SUPPORT[kind] = "logits_to_keep" in inspect.signature(kind.forward).parameters
+    return _LOGITS_TO_KEEP_SUPPORT[kind]
+
+
+def completion_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """Logits for the positions that predict completion tokens, and the offset of the first one.
+
+    The LM head is the widest matrix multiply of a small model (vocab x hidden per position);
+    positions before the earliest completion token in the batch predict only prompt tokens, so
+    they are skipped through transformers' ``logits_to_keep`` where the model supports it.
+    Returns logits (B, T - 1 - offset, V) aligned with ``input_ids[:, offset + 1:]``.
+    """
+    seq_len = input_ids.shape[1]
+    offset = 0
+    kwargs: dict[str, Any] = {}
+    if _accepts_logits_to_keep(model):
+        has_completion = completion_mask.any(dim=0).nonzero()
+        first = int(has_completion[0]) if has_completion.numel() else seq_len - 1
+        # Logit at position p predicts token p + 1: keep positions first - 1 .. seq_len - 2.
+        offset = max(first - 1, 0)
+        kwargs["logits_to_keep"] = seq_len - offset
+    logits: torch.Tensor = model(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
+    ).logits
+    return logits[:, : seq_len - 1 - offset], offset  # (B, T-1-offset, V): the last position predicts nothing
+
+
+def token_logps(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+) -> torch.Tensor:
+    """Per-token log-probs (B, T-1) of ``input_ids[:, 1:]``; zero wherever ``completion_mask[:, 1:]`` is 0."""
+    logits, offset = completion_logits(model, input_ids, attention_mask, completion_mask)
+    labels = input_ids[:, offset + 1 :]
+    per_token = logps_from_logits(logits, labels)
+    mask = completion_mask[:, offset + 1 :].to(per_token.dtype)
+    per_token = per_token * mask
+    if offset:
+        per_token = functional.pad(per_token, (offset, 0))
+    return per_token
+
+
+def logps_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[label] per position, in float32.
+
+    Cross-entropy fuses log-softmax and gather (no (B, T, V) log-prob tensor is kept for
+    backward) and is stable for any logit scale.
+    """
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    return -functional.cross_entropy(flat, labels.reshape(-1), reduction="none").view(labels.shape)
+
+
+def sequence_logps(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+) -> torch.Tensor:
+    """Sum of log-probs of the completion tokens of each sequence: (B,).
+
+    ``completion_mask`` is 1 on completion tokens (the ones whose likelihood counts) and 0 on
+    prompt and padding; the prediction of token t comes from the logits at t - 1.
+    """
+    return token_logps(model, input_ids, attention_mask, completion_mask).sum(dim=-1)
+
+
+def reward_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar reward of each sequence (B,), as transformers pools it (the last non-pad token)."""
+    logits: torch.Tensor = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return logits.squeeze(-1).float()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
