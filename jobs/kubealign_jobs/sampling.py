@@ -1,0 +1,186 @@
+"""Batched sampling from a causal LM with a KV cache: the rollouts of generate, ppo and evaluate.
+
+Prompts are left-padded so every row's next token is generated at the same position (the
+layout ``model.generate`` and its KV cache expect); completions come back right-padded, with
+a mask that covers each completion up to and including its first end-of-sequence token.
+Everything after that token is padding, whatever the model emitted there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn import functional
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. ``temperature == 0`` means greedy decoding."""
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k: must be >= 0, got {self.top_k}")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        if self.temperature == 0:
+            return {"do_sample": False}
+        # top_k=0 disables HF's default top-k of 50: sampling is from the full (top-p) distribution,
+        # which is the policy whose log-probs PPO and the KL estimates use.
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+
+
+@dataclass(frozen=True)
+class Samples:
+    """One completion per prompt row. Prompts left-padded, completions right-padded.
+
+    prompt_ids, prompt_mask:          (B, P) long
+    completion_ids, completion_mask:  (B, C) long; the mask is 1 up to and including the first EOS
+    """
+
+    prompts: list[str]
+    completions: list[str]
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """Prompt and completion in one (B, P + C) tensor, as the scoring forward pass takes them."""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
+    """1 on each token up to and including the first ``eos_token_id`` of its row, 0 after it."""
+    if eos_token_id is None:
+        return torch.ones_like(completion_ids)
+    is_eos = (completion_ids == eos_token_id).long()
+    eos_before = torch.cumsum(is_eos, dim=1) - is_eos
+    return (eos_before == 0).long()
+
+
+def concat_samples(parts: Sequence[Samples], *, pad_token_id: int) -> Samples:
+    """Join sample batches, re-padding prompts on the left and completions on the right."""
+    if not parts:
+        raise ValueError("concat_samples: nothing to join")
+    prompt_width = max(part.prompt_ids.shape[1] for part in parts)
+    completion_width = max(part.completion_ids.shape[1] for part in parts)
+
+    def left(tensor: torch.Tensor, value: int) -> torch.Tensor:
+        return functional.pad(tensor, (prompt_width - tensor.shape[1], 0), value=value)
+
+    def right(tensor: torch.Tensor, value: int) -> torch.Tensor:
+        return functional.pad(tensor, (0, completion_width - tensor.shape[1]), value=value)
+
+    return Samples(
+        prompts=[prompt for part in parts for prompt in part.prompts],
+        completions=[completion for part in parts for completion in part.completions],
+        prompt_ids=torch.cat([left(part.prompt_ids, pad_token_id) for part in parts]),
+        prompt_mask=torch.cat([left(part.prompt_mask, 0) for part in parts]),
+        completion_ids=torch.cat([right(part.completion_ids, pad_token_id) for part in parts]),
+        completion_mask=torch.cat([right(part.completion_mask, 0) for part in parts]),
+    )
+
+
+@torch.no_grad()
+def sample(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    params: SamplingParams,
+    *,
+    batch_size: int = 64,
+    max_prompt_tokens: int | None = None,
+) -> Samples:
+    """Sample one completion per prompt, ``batch_size`` prompts per ``generate`` call.
+
+    Uses the global torch RNG, so callers seed it (per step and rank) for reproducible rollouts.
+    ``max_prompt_tokens`` keeps the prompt's last tokens: the end of a prompt is what the
+    completion continues.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("sampling: the tokenizer has no pad token; set one when building the model")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    parts = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            prompt_ids, prompt_mask = _encode_left_padded(tokenizer, chunk, max_prompt_tokens)
+            prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+            output = model.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                max_new_tokens=params.max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                use_cache=True,
+                **params.generate_kwargs(),
+            )
+            completion_ids = output[:, prompt_ids.shape[1] :]
+            mask = completion_mask(completion_ids, tokenizer.eos_token_id)
+            completion_ids = torch.where(
+                mask > 0, completion_ids, torch.full_like(completion_ids, tokenizer.pad_token_id)
+            )
+            parts.append(
+                Samples(
+                    prompts=chunk,
+                    completions=_decode(tokenizer, completion_ids, mask),
+                    prompt_ids=prompt_ids,
+                    prompt_mask=prompt_mask,
+                    completion_ids=completion_ids,
+                    completion_mask=mask,
+                )
+            )
+    finally:
+        model.train(was_training)
+    return concat_samples(parts, pad_token_id=tokenizer.pad_token_id)
+
+
+def _encode_left_padded(
+    tokenizer: Any, prompts: list[str], max_prompt_tokens: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = [tokenizer(prompt, add_special_tokens=True)["input_ids"] for prompt in prompts]
+    if max_prompt_tokens is not None:
+        rows = [row[-max_prompt_tokens:] for row in rows]
+    for prompt, row in zip(prompts, rows, strict=True):
+        if not row:
+            raise ValueError(f"sampling: prompt {prompt!r} encodes to no tokens")
+    width = max(len(row) for row in rows)
+    ids = torch.tensor(
+        [[tokenizer.pad_token_id] * (width - len(row)) + row for row in rows], dtype=torch.long
+    )
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], dtype=torch.long)
+    return ids, mask
+
+
+def _decode(tokenizer: Any, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    lengths = mask.sum(dim=1).tolist()
+    return [
+        tokenizer.decode(row[: int(length)].tolist(), skip_special_tokens=True)
+        for row, length in zip(completion_ids, lengths, strict=True)
+    ]
