@@ -1,0 +1,219 @@
+"""Unit tests of tools/cluster's helpers (tools/localcluster.py) and of its commands that need no
+control plane: version parsing, port picking, stale state detection and clean-up, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import localcluster
+from localcluster import ClusterState, Component
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CLUSTER_TOOL = REPO_ROOT / "tools" / "cluster"
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(CLUSTER_TOOL), *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        ("go version go1.26.8 linux/amd64", (1, 26, 8)),
+        ("go version go1.26 darwin/arm64", (1, 26, 0)),
+        ("go version go1.22.1 linux/amd64", (1, 22, 1)),
+        ("command not found", None),
+    ],
+)
+def test_parse_go_version(output: str, expected: tuple[int, ...] | None) -> None:
+    assert localcluster.parse_go_version(output) == expected
+
+
+def test_go_mod_requirement_reads_single_line_and_block_forms() -> None:
+    go_mod = (
+        "module x\n\ngo 1.26.0\n\nrequire sigs.k8s.io/kwok v0.8.0\n\n"
+        "require (\n\tk8s.io/api v0.35.4 // indirect\n)\n"
+    )
+    assert localcluster.go_mod_requirement(go_mod, "sigs.k8s.io/kwok") == "v0.8.0"
+    assert localcluster.go_mod_requirement(go_mod, "k8s.io/api") == "v0.35.4"
+    assert localcluster.go_mod_go_version(go_mod) == (1, 26, 0)
+    with pytest.raises(localcluster.ClusterError, match=r"does not require k8s\.io/apim"):
+        localcluster.go_mod_requirement(go_mod, "k8s.io/apim")
+
+
+def test_binaries_are_cached_by_the_versions_the_wrapper_modules_pin(tmp_path: Path) -> None:
+    apiserver = localcluster.BINARY_BY_NAME["kube-apiserver"]
+    assert apiserver.path(tmp_path) == tmp_path / "bin" / "kubernetes-v1.35.4" / "kube-apiserver"
+    assert localcluster.BINARY_BY_NAME["etcd"].path(tmp_path).parent.name == "etcd-v3.6.16"
+    assert localcluster.required_go_version() >= (1, 26)
+    assert "-X k8s.io/component-base/version.gitVersion=v1.35.4" in apiserver.ldflags()
+    assert localcluster.BINARY_BY_NAME["kwok"].ldflags() == "-s -w"
+
+
+def test_built_kubectl_reports_the_pinned_version() -> None:
+    kubectl = localcluster.BINARY_BY_NAME["kubectl"]
+    if not kubectl.path().is_file():
+        pytest.skip("kubectl not built (tools/cluster build)")
+    result = subprocess.run(
+        [str(kubectl.path()), "version", "--client", "--output=json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(result.stdout)["clientVersion"]["gitVersion"] == kubectl.version()
+
+
+def test_picked_ports_are_distinct_and_free() -> None:
+    ports = localcluster.pick_free_ports(6)
+    assert len(set(ports)) == 6
+    assert not any(localcluster.port_in_use(port) for port in ports)
+
+
+def test_port_in_use_sees_a_listener() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert localcluster.port_in_use(port)
+    assert not localcluster.port_in_use(port)
+
+
+def test_process_alive_checks_the_program_not_just_the_pid() -> None:
+    sleep = shutil.which("sleep")
+    assert sleep is not None
+    process = subprocess.Popen([sleep, "30"])
+    try:
+        assert localcluster.process_alive(process.pid, sleep)
+        # A reused PID running some other program is not ours.
+        assert not localcluster.process_alive(process.pid, "/nonexistent/etcd")
+    finally:
+        process.kill()
+        process.wait()
+    assert not localcluster.process_alive(process.pid, sleep)
+
+
+def state_with(tmp_path: Path, components: tuple[Component, ...]) -> ClusterState:
+    return ClusterState(
+        state_dir=str(tmp_path),
+        kubeconfig=str(tmp_path / "kubeconfig"),
+        server="https://127.0.0.1:1",
+        nodes=4,
+        gpus_per_node=8,
+        components=components,
+    )
+
+
+def test_dead_components_names_the_ones_that_exited(tmp_path: Path) -> None:
+    sleep = shutil.which("sleep")
+    assert sleep is not None
+    finished = subprocess.Popen([sleep, "0"])
+    finished.wait()
+    running = subprocess.Popen([sleep, "30"])
+    try:
+        state = state_with(
+            tmp_path,
+            (
+                Component(name="etcd", pid=finished.pid, exe=sleep, port=1, log="etcd.log"),
+                Component(name="kwok", pid=running.pid, exe=sleep, port=None, log="kwok.log"),
+            ),
+        )
+        assert localcluster.dead_components(state) == ["etcd"]
+        assert ClusterState.from_json(state.to_json()) == state
+    finally:
+        running.kill()
+        running.wait()
+
+
+def write_state(state_dir: Path, state: ClusterState) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / localcluster.MARKER_FILE).write_text("")
+    localcluster.save_state(state)
+
+
+def test_down_cleans_up_a_stale_state_dir_and_stops_survivors(tmp_path: Path) -> None:
+    sleep = shutil.which("sleep")
+    assert sleep is not None
+    state_dir = tmp_path / "state"
+    finished = subprocess.Popen([sleep, "0"])
+    finished.wait()
+    survivor = subprocess.Popen([sleep, "300"], start_new_session=True)
+    state = state_with(
+        state_dir,
+        (
+            Component(name="etcd", pid=finished.pid, exe=sleep, port=1, log="etcd.log"),
+            Component(name="kwok", pid=survivor.pid, exe=sleep, port=None, log="kwok.log"),
+        ),
+    )
+    write_state(state_dir, state)
+
+    status = run_tool("status", "--state-dir", str(state_dir))
+    down = run_tool("down", "--state-dir", str(state_dir))
+
+    assert status.returncode == 1
+    assert "etcd" in status.stdout and "NO" in status.stdout
+    assert down.returncode == 0, down.stderr
+    assert survivor.wait(timeout=15) == -15  # SIGTERM
+    assert not state_dir.exists()
+
+
+def test_down_without_a_cluster_is_a_no_op(tmp_path: Path) -> None:
+    result = run_tool("down", "--state-dir", str(tmp_path / "nothing"))
+    assert result.returncode == 0
+    assert "nothing to stop" in result.stderr
+
+
+def test_down_refuses_to_delete_a_directory_it_did_not_create(tmp_path: Path) -> None:
+    state_dir = tmp_path / "precious"
+    state = state_with(state_dir, ())
+    state_dir.mkdir()
+    localcluster.save_state(state)
+
+    with pytest.raises(localcluster.ClusterError, match="refusing to delete"):
+        localcluster.down(state_dir=state_dir)
+    assert (state_dir / localcluster.STATE_FILE).exists()
+
+
+def test_up_refuses_a_foreign_non_empty_state_dir(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(localcluster.ClusterError, match="not a tools/cluster state directory"):
+        localcluster.prepare_state_dir(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_status_without_a_cluster_says_so(tmp_path: Path) -> None:
+    result = run_tool("status", "--state-dir", str(tmp_path / "nothing"))
+    assert result.returncode == 3
+    assert "no cluster" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("context", "allowed"),
+    [
+        ("kind-kubealign", True),
+        ("kwok-kubealign", True),
+        ("my-test-cluster", True),
+        ("throwaway", True),
+        ("prod-eu-west-1", False),
+        ("arn:aws:eks:us-east-1:1:cluster/main", False),
+        ("minikube", False),
+    ],
+)
+def test_only_throwaway_contexts_may_be_used_by_tests(context: str, allowed: bool) -> None:
+    assert localcluster.is_throwaway_context(context) is allowed
+
+
+def test_fake_nodes_advertise_gpus_and_are_played_by_our_kwok() -> None:
+    node = localcluster.fake_node(2, gpus=8)
+    assert node["metadata"]["name"] == "kwok-gpu-2"
+    assert node["metadata"]["annotations"] == {localcluster.KWOK_NODE_ANNOTATION: "fake"}
+    assert node["status"]["allocatable"]["nvidia.com/gpu"] == "8"
+    assert node["metadata"]["labels"]["nvidia.com/gpu.present"] == "true"

@@ -1,0 +1,1487 @@
+"""A real local Kubernetes control plane for kubealign's tests, run by `tools/cluster`.
+
+It builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok and helm
+from source with plain `go build` (wrapper modules in tools/go/, binaries cached outside the repo
+by version), then starts them on free 127.0.0.1 ports with TLS, client-certificate auth, RBAC and
+service-account signing keys, and lets kwok play the kubelet for N fake GPU nodes.
+
+Standard library only: it has to run before the project's virtualenv exists.
+
+Subcommands:
+  build                      build the binaries, or find them cached
+  up [--nodes N] [--gpus-per-node G] [--state-dir DIR] [--apiserver-port P]
+                             start the control plane (idempotent); last stdout line = kubeconfig
+  down [--state-dir DIR]     stop what `up` started (by PID) and remove the state directory
+  status [--state-dir DIR]   component, pid, alive, port, resident memory
+  kubeconfig [--state-dir DIR]  print the kubeconfig path of a running cluster
+  which NAME                 print the cached path of a binary (kubectl, helm, ...)
+  kubectl ARGS...            run the cached kubectl against the cluster
+
+Environment:
+  KUBEALIGN_CACHE_DIR   binaries and state live here (default ~/.cache/kubealign)
+  KUBEALIGN_STATE_DIR   default state directory (default <cache>/state/<hash of this checkout>)
+
+Fake node behaviour (kwok Stages that `up` installs; pod annotations):
+  Pods scheduled onto a kwok node go Running at once.  A pod whose restartPolicy is Never or
+  OnFailure (every Job pod) then ends Succeeded with exit code 0; restartPolicy Always pods
+  (Deployments) keep running.
+  kubealign.io/kwok-run-seconds: "2.5"     how long the pod stays Running first (default 1)
+  kubealign.io/kwok-fail: "true"           the pod ends Failed instead (any restartPolicy; simulated
+                                           as if it were Never), exit code 1
+  kubealign.io/kwok-exit-code: "3"         exit code of a failing pod (1-255; anything else -> 1)
+  kubealign.io/kwok-termination-message: '{"loss": 0.1}'
+                                           becomes state.terminated.message of every container
+  Deleting a pod ends it (Failed, exit code 143, unless already finished) and removes it once
+  other controllers have dropped their finalizers, as a kubelet would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GO_MODULES_DIR = REPO_ROOT / "tools" / "go"
+
+CONTEXT_NAME = "kwok-kubealign"
+STATE_FILE = "state.json"
+# Written first into every state directory: `down` and stale clean-up delete only directories
+# that carry it, so a mistyped --state-dir can never make us rm -rf someone else's files.
+MARKER_FILE = ".kubealign-cluster"
+STATE_VERSION = 1
+
+# Kubernetes records a fixed build date so that rebuilding the same version is reproducible.
+K8S_BUILD_DATE = "2026-01-01T00:00:00Z"
+SERVICE_CIDR = "10.96.0.0/16"
+POD_CIDR = "10.244.0.0/16"
+KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+NOT_READY_TAINT = "node.kubernetes.io/not-ready"
+
+# The controllers a training operator exercises, plus what keeps a cluster coherent (service
+# accounts, namespaces, node health). Listed explicitly: the full default set costs memory
+# and CPU on a 2-core machine for controllers (volumes, HPA, ...) nothing here uses.
+CONTROLLERS = (
+    "serviceaccount-token-controller",
+    "serviceaccount-controller",
+    "root-ca-certificate-publisher-controller",
+    "clusterrole-aggregation-controller",
+    "namespace-controller",
+    "garbage-collector-controller",
+    "job-controller",
+    "cronjob-controller",
+    "ttl-after-finished-controller",
+    "pod-garbage-collector-controller",
+    "node-lifecycle-controller",
+    "deployment-controller",
+    "replicaset-controller",
+    "statefulset-controller",
+    "daemonset-controller",
+    "endpointslice-controller",
+    "resourcequota-controller",
+    "disruption-controller",
+    "certificatesigningrequest-signing-controller",
+    "certificatesigningrequest-approving-controller",
+    "certificatesigningrequest-cleaner-controller",
+)
+
+
+class ClusterError(Exception):
+    """A failure with a message meant for the person at the terminal, not a traceback."""
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr so that stdout carries only results (the kubeconfig path)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+# ---------------------------------------------------------------------------------------------
+# Locations
+
+
+def cache_dir() -> Path:
+    override = os.environ.get("KUBEALIGN_CACHE_DIR")
+    if override:
+        return Path(override).expanduser().resolve()
+    return Path.home() / ".cache" / "kubealign"
+
+
+def default_state_dir() -> Path:
+    override = os.environ.get("KUBEALIGN_STATE_DIR")
+    if override:
+        return Path(override).expanduser().resolve()
+    # One cluster per checkout: two clones on one machine never share (or stop) each other's.
+    checkout = hashlib.sha256(str(REPO_ROOT).encode()).hexdigest()[:12]
+    return cache_dir() / "state" / checkout
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+@dataclass(frozen=True)
+class Binary:
+    """One executable built from a wrapper module under tools/go/."""
+
+    name: str
+    module_dir: str  # directory under tools/go/
+    upstream: str  # the module whose version keys the cache directory
+    package: str  # what `go build` builds, relative to the wrapper module
+
+    def version(self) -> str:
+        go_mod = (GO_MODULES_DIR / self.module_dir / "go.mod").read_text()
+        return go_mod_requirement(go_mod, self.upstream)
+
+    def path(self, cache: Path | None = None) -> Path:
+        root = cache if cache is not None else cache_dir()
+        return root / "bin" / f"{self.module_dir}-{self.version()}" / self.name
+
+    def ldflags(self) -> str:
+        # -s -w strip symbol tables: the binaries are 30-40% smaller and nobody debugs them here.
+        if self.module_dir != "kubernetes":
+            return "-s -w"
+        return kubernetes_ldflags(self.version())
+
+
+BINARIES = (
+    Binary("kube-apiserver", "kubernetes", "k8s.io/kubernetes", "k8s.io/kubernetes/cmd/kube-apiserver"),
+    Binary(
+        "kube-controller-manager",
+        "kubernetes",
+        "k8s.io/kubernetes",
+        "k8s.io/kubernetes/cmd/kube-controller-manager",
+    ),
+    Binary("kube-scheduler", "kubernetes", "k8s.io/kubernetes", "k8s.io/kubernetes/cmd/kube-scheduler"),
+    Binary("kubectl", "kubernetes", "k8s.io/kubernetes", "k8s.io/kubernetes/cmd/kubectl"),
+    Binary("etcd", "etcd", "go.etcd.io/etcd/server/v3", "."),
+    Binary("kwok", "kwok", "sigs.k8s.io/kwok", "sigs.k8s.io/kwok/cmd/kwok"),
+    Binary("helm", "helm", "helm.sh/helm/v3", "helm.sh/helm/v3/cmd/helm"),
+)
+BINARY_BY_NAME = {binary.name: binary for binary in BINARIES}
+KWOK_STAGE_CRD = "kwok.x-k8s.io_stages.yaml"
+
+
+def go_mod_requirement(go_mod: str, module: str) -> str:
+    """The version `go.mod` requires for `module`, in either `require x v` or block form."""
+    pattern = re.compile(r"^\s*(?:require\s+)?" + re.escape(module) + r"\s+(v[^\s]+)", re.MULTILINE)
+    match = pattern.search(go_mod)
+    if match is None:
+        raise ClusterError(f"go.mod does not require {module}")
+    return match.group(1)
+
+
+def go_mod_go_version(go_mod: str) -> tuple[int, ...]:
+    """The `go 1.N[.P]` directive of a go.mod as a comparable tuple."""
+    match = re.search(r"^go\s+(\d+(?:\.\d+)*)\s*$", go_mod, re.MULTILINE)
+    if match is None:
+        raise ClusterError("go.mod has no `go` directive")
+    return tuple(int(part) for part in match.group(1).split("."))
+
+
+def required_go_version() -> tuple[int, ...]:
+    """The newest `go` directive among the wrapper modules: the toolchain must be at least this."""
+    return max(go_mod_go_version((module / "go.mod").read_text()) for module in GO_MODULES_DIR.iterdir())
+
+
+def parse_go_version(output: str) -> tuple[int, ...] | None:
+    """`go version go1.26.8 linux/amd64` -> (1, 26, 8); None when the output is not recognised."""
+    match = re.search(r"\bgo(\d+)\.(\d+)(?:\.(\d+))?", output)
+    if match is None:
+        return None
+    return tuple(int(part) for part in match.groups(default="0"))
+
+
+def kubernetes_ldflags(version: str) -> str:
+    """Stamp the real version so `kubectl version` and /version report it, as release builds do."""
+    match = re.fullmatch(r"v(\d+)\.(\d+)\.\d+", version)
+    if match is None:
+        raise ClusterError(f"unexpected Kubernetes version {version!r}")
+    major, minor = match.groups()
+    stamps = {
+        "k8s.io/component-base/version.gitVersion": version,
+        "k8s.io/component-base/version.gitMajor": major,
+        "k8s.io/component-base/version.gitMinor": minor,
+        "k8s.io/component-base/version.gitTreeState": "clean",
+        "k8s.io/client-go/pkg/version.gitVersion": version,
+        "k8s.io/client-go/pkg/version.gitMajor": major,
+        "k8s.io/client-go/pkg/version.gitMinor": minor,
+        "k8s.io/component-base/version.buildDate": K8S_BUILD_DATE,
+    }
+    return " ".join(["-s -w", *(f"-X {key}={value}" for key, value in stamps.items())])
+
+
+def check_go() -> str:
+    """Return the go executable, or explain precisely what is wrong with the toolchain."""
+    needed = ".".join(str(part) for part in required_go_version())
+    go = shutil.which("go")
+    if go is None:
+        raise ClusterError(
+            f"Go toolchain not found on PATH. Building the control plane needs Go >= {needed} "
+            "(the wrapper modules in tools/go/ declare it); install it from https://go.dev/dl/ "
+            "and put its bin/ directory on PATH."
+        )
+    result = subprocess.run([go, "version"], capture_output=True, text=True, check=False)
+    found = parse_go_version(result.stdout)
+    if result.returncode != 0 or found is None:
+        raise ClusterError(f"`{go} version` failed or was not understood: {result.stdout}{result.stderr}")
+    if found < required_go_version():
+        raise ClusterError(
+            f"Go {needed} or newer is needed to build the control plane; found `{result.stdout.strip()}` "
+            f"at {go}. Install a newer Go from https://go.dev/dl/."
+        )
+    return go
+
+
+def go_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # Never let go fetch a different toolchain behind our back: check_go() already said what's needed.
+    env["GOTOOLCHAIN"] = "local"
+    return env
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return f"(no log at {path})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def build_binary(go: str, binary: Binary, index: int, total: int) -> None:
+    target = binary.path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logs = cache_dir() / "build-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{binary.name}-{binary.version()}.log"
+    # Link to a temporary name and rename: an interrupted build never leaves a file that a later
+    # run would mistake for a cached binary.
+    partial = target.with_name(f".{binary.name}.partial-{os.getpid()}")
+    command = [go, "build", "-trimpath", "-ldflags", binary.ldflags(), "-o", str(partial), binary.package]
+    log(f"[{index}/{total}] building {binary.name} {binary.version()} (log: {log_path})")
+    started = time.monotonic()
+    next_report = started + 30
+    with log_path.open("w") as log_file:
+        log_file.write(f"$ cd {GO_MODULES_DIR / binary.module_dir} && {' '.join(command)}\n")
+        log_file.flush()
+        process = subprocess.Popen(
+            command,
+            cwd=GO_MODULES_DIR / binary.module_dir,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=go_env(),
+        )
+        try:
+            while process.poll() is None:
+                time.sleep(1)
+                if time.monotonic() >= next_report:
+                    log(f"      still building {binary.name}: {format_seconds(time.monotonic() - started)}")
+                    next_report += 30
+        except BaseException:
+            process.kill()
+            process.wait()
+            partial.unlink(missing_ok=True)
+            raise
+    elapsed = time.monotonic() - started
+    if process.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise ClusterError(
+            f"building {binary.name} failed (exit {process.returncode}) after {format_seconds(elapsed)}; "
+            f"last lines of the go output (full log: {log_path}):\n{tail(log_path)}"
+        )
+    os.replace(partial, target)
+    size = target.stat().st_size / 2**20
+    log(f"      built {binary.name} in {format_seconds(elapsed)} ({size:.1f} MiB)")
+
+
+def kwok_stage_crd_path() -> Path:
+    return BINARY_BY_NAME["kwok"].path().parent / "crd" / KWOK_STAGE_CRD
+
+
+def fetch_kwok_stage_crd(go: str) -> None:
+    """Keep kwok's Stage CRD beside the kwok binary, so `up` never needs Go or the module cache."""
+    kwok = BINARY_BY_NAME["kwok"]
+    result = subprocess.run(
+        [go, "mod", "download", "-json", f"{kwok.upstream}@{kwok.version()}"],
+        cwd=GO_MODULES_DIR / kwok.module_dir,
+        capture_output=True,
+        text=True,
+        env=go_env(),
+        check=False,
+    )
+    if result.returncode != 0:
+        raise ClusterError(f"`go mod download {kwok.upstream}` failed:\n{result.stdout}{result.stderr}")
+    source = Path(json.loads(result.stdout)["Dir"]) / "kustomize" / "crd" / "bases" / KWOK_STAGE_CRD
+    target = kwok_stage_crd_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+
+
+def missing_binaries() -> list[Binary]:
+    return [binary for binary in BINARIES if not binary.path().is_file()]
+
+
+def build() -> None:
+    missing = missing_binaries()
+    for binary in BINARIES:
+        if binary not in missing:
+            log(f"{binary.name} {binary.version()}: cached at {binary.path()}")
+    if not missing and kwok_stage_crd_path().is_file():
+        log("all binaries cached; nothing to build")
+        return
+    go = check_go()
+    if missing:
+        log(
+            f"building {len(missing)} binaries with {go} (a cold build takes tens of minutes "
+            "on 2 cores; the go build cache makes later ones faster)"
+        )
+    started = time.monotonic()
+    for index, binary in enumerate(missing, start=1):
+        build_binary(go, binary, index, len(missing))
+    if not kwok_stage_crd_path().is_file():
+        fetch_kwok_stage_crd(go)
+    log(f"build finished in {format_seconds(time.monotonic() - started)}")
+
+
+def require_built() -> None:
+    missing = missing_binaries()
+    if missing or not kwok_stage_crd_path().is_file():
+        names = ", ".join(binary.name for binary in missing) or KWOK_STAGE_CRD
+        raise ClusterError(
+            f"not built yet: {names} (cache: {cache_dir()}). Run `tools/cluster build` first; "
+            "a cold build takes tens of minutes on 2 cores."
+        )
+
+
+def is_throwaway_context(name: str) -> bool:
+    """Whether tests may use an existing cluster's context: only names that say it is disposable."""
+    lowered = name.lower()
+    return lowered.startswith(("kind-", "kwok-")) or "throwaway" in lowered or "test" in lowered
+
+
+# ---------------------------------------------------------------------------------------------
+# Ports and processes
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def pick_free_ports(count: int) -> list[int]:
+    """Distinct ports that are free on 127.0.0.1 right now (the kernel picks; we hold all at once)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def process_alive(pid: int, exe: str) -> bool:
+    """True if `pid` runs and is still the program we started (PIDs get reused)."""
+    proc = Path("/proc") / str(pid)
+    if not Path("/proc/self").exists():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    try:
+        stat = (proc / "stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    # Field 3, after the parenthesised command name, is the state; Z is a zombie: exited.
+    if stat.rsplit(")", 1)[1].split()[0] == "Z":
+        return False
+    try:
+        running = os.readlink(proc / "exe").removesuffix(" (deleted)")
+    except OSError:
+        try:
+            running = (proc / "cmdline").read_bytes().split(b"\0", 1)[0].decode()
+        except OSError:
+            return False
+    return os.path.realpath(running) == os.path.realpath(exe)
+
+
+def resident_bytes(pid: int) -> int:
+    try:
+        status = (Path("/proc") / str(pid) / "status").read_text()
+    except OSError:
+        return 0
+    match = re.search(r"^VmRSS:\s+(\d+)\s+kB", status, re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else 0
+
+
+@dataclass(frozen=True)
+class Component:
+    """One process `up` started."""
+
+    name: str
+    pid: int
+    exe: str
+    port: int | None
+    log: str
+
+    def alive(self) -> bool:
+        return process_alive(self.pid, self.exe)
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    """What `up` writes to <state dir>/state.json, and what `down`/`status` read back."""
+
+    state_dir: str
+    kubeconfig: str
+    server: str
+    nodes: int
+    gpus_per_node: int
+    components: tuple[Component, ...] = ()
+    binaries: dict[str, str] = field(default_factory=dict)
+
+    def with_component(self, component: Component) -> ClusterState:
+        return ClusterState(
+            state_dir=self.state_dir,
+            kubeconfig=self.kubeconfig,
+            server=self.server,
+            nodes=self.nodes,
+            gpus_per_node=self.gpus_per_node,
+            components=(*self.components, component),
+            binaries=self.binaries,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "state_dir": self.state_dir,
+            "kubeconfig": self.kubeconfig,
+            "context": CONTEXT_NAME,
+            "server": self.server,
+            "nodes": self.nodes,
+            "gpus_per_node": self.gpus_per_node,
+            "components": [dataclasses.asdict(component) for component in self.components],
+            "binaries": self.binaries,
+        }
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> ClusterState:
+        return ClusterState(
+            state_dir=str(data["state_dir"]),
+            kubeconfig=str(data["kubeconfig"]),
+            server=str(data["server"]),
+            nodes=int(data["nodes"]),
+            gpus_per_node=int(data["gpus_per_node"]),
+            components=tuple(Component(**item) for item in data["components"]),
+            binaries={str(key): str(value) for key, value in data.get("binaries", {}).items()},
+        )
+
+
+def dead_components(state: ClusterState, alive: Callable[[Component], bool] = Component.alive) -> list[str]:
+    """Names of the recorded components that no longer run (the state is stale if any)."""
+    return [component.name for component in state.components if not alive(component)]
+
+
+def load_state(state_dir: Path) -> ClusterState | None:
+    path = state_dir / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return ClusterState.from_json(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as error:
+        raise ClusterError(f"{path} is unreadable ({error}); remove {state_dir} by hand") from error
+
+
+def save_state(state: ClusterState) -> None:
+    path = Path(state.state_dir) / STATE_FILE
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(state.to_json(), indent=2) + "\n")
+    os.replace(partial, path)
+
+
+def stop_components(components: Sequence[Component], *, grace_seconds: float = 10.0) -> None:
+    """SIGTERM in reverse start order, then SIGKILL whatever is still there after the grace period."""
+    running = [component for component in reversed(components) if component.alive()]
+    for component in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(component.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    while time.monotonic() < deadline and any(component.alive() for component in running):
+        time.sleep(0.1)
+    for component in running:
+        if component.alive():
+            log(f"{component.name} (pid {component.pid}) ignored SIGTERM; sending SIGKILL")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(component.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(component.alive() for component in running):
+        time.sleep(0.1)
+
+
+def remove_state_dir(state_dir: Path) -> None:
+    if not (state_dir / MARKER_FILE).exists():
+        raise ClusterError(f"{state_dir} has no {MARKER_FILE} marker; refusing to delete it")
+    shutil.rmtree(state_dir)
+
+
+@contextlib.contextmanager
+def state_lock(state_dir: Path) -> Iterator[None]:
+    """Serialise up/down on one state directory (the lock file lives beside it, so it survives down)."""
+    state_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = state_dir.parent / f".{state_dir.name}.lock"
+    with lock_path.open("w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# Certificates and kubeconfigs
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    result = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise ClusterError(f"openssl {' '.join(args)} failed:\n{result.stderr}")
+
+
+def new_key(pki: Path, name: str) -> None:
+    # ECDSA P-256: keys generate in milliseconds, and every component here accepts them.
+    openssl(
+        "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", f"{name}.key", cwd=pki
+    )
+
+
+def issue_certificate(pki: Path, name: str, subject: str, extensions: str) -> None:
+    """A leaf certificate for `name`.key signed by the local CA."""
+    new_key(pki, name)
+    (pki / f"{name}.ext").write_text(f"[v3]\n{extensions}\n")
+    openssl("req", "-new", "-key", f"{name}.key", "-subj", subject, "-out", f"{name}.csr", cwd=pki)
+    openssl(
+        "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-set_serial", "0x" + secrets.token_hex(16), "-days", "365", "-sha256",
+        "-extfile", f"{name}.ext", "-extensions", "v3", "-out", f"{name}.crt",
+        cwd=pki,
+    )  # fmt: skip
+
+
+CLIENT_EXTENSIONS = (
+    "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth"
+)
+
+
+def make_pki(pki: Path) -> None:
+    pki.mkdir(parents=True)
+    new_key(pki, "ca")
+    (pki / "ca.cnf").write_text(
+        "[req]\ndistinguished_name=dn\nx509_extensions=v3\nprompt=no\n[dn]\nCN=kubealign-local-ca\n"
+        "[v3]\nbasicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign,digitalSignature\n"
+        "subjectKeyIdentifier=hash\n"
+    )
+    openssl(
+        "req", "-x509", "-new", "-key", "ca.key", "-config", "ca.cnf", "-days", "365", "-sha256",
+        "-out", "ca.crt",
+        cwd=pki,
+    )  # fmt: skip
+    serving_names = (
+        "DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,"
+        "DNS:kubernetes.default.svc.cluster.local,IP:127.0.0.1,IP:10.96.0.1"
+    )
+    issue_certificate(
+        pki,
+        "apiserver",
+        "/CN=kube-apiserver",
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+        f"extendedKeyUsage=serverAuth\nsubjectAltName={serving_names}",
+    )
+    # The admin user is in system:masters, the group RBAC never restricts.
+    issue_certificate(pki, "admin", "/O=system:masters/CN=kubealign-admin", CLIENT_EXTENSIONS)
+    # The controller manager and scheduler use the identities the RBAC bootstrap policy expects.
+    issue_certificate(pki, "controller-manager", "/CN=system:kube-controller-manager", CLIENT_EXTENSIONS)
+    issue_certificate(pki, "scheduler", "/CN=system:kube-scheduler", CLIENT_EXTENSIONS)
+    issue_certificate(pki, "kwok", "/O=system:masters/CN=kwok-controller", CLIENT_EXTENSIONS)
+    new_key(pki, "sa")
+    openssl("pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+
+
+def kubeconfig_text(*, server: str, pki: Path, user: str) -> str:
+    def b64(name: str) -> str:
+        return base64.b64encode((pki / name).read_bytes()).decode()
+
+    # Certificates are embedded so the file works on its own (helm, the Python client, copies).
+    return (
+        "apiVersion: v1\n"
+        "kind: Config\n"
+        "clusters:\n"
+        f"- name: {CONTEXT_NAME}\n"
+        "  cluster:\n"
+        f"    server: {server}\n"
+        f"    certificate-authority-data: {b64('ca.crt')}\n"
+        "users:\n"
+        f"- name: {user}\n"
+        "  user:\n"
+        f"    client-certificate-data: {b64(user + '.crt')}\n"
+        f"    client-key-data: {b64(user + '.key')}\n"
+        "contexts:\n"
+        f"- name: {CONTEXT_NAME}\n"
+        "  context:\n"
+        f"    cluster: {CONTEXT_NAME}\n"
+        f"    user: {user}\n"
+        f"current-context: {CONTEXT_NAME}\n"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Talking to the API server (stdlib HTTPS with the admin client certificate)
+
+
+class ApiClient:
+    def __init__(self, server: str, pki: Path) -> None:
+        self.server = server
+        self.context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        self.context.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+
+    def request(
+        self, method: str, path: str, body: dict[str, Any] | None = None, *, timeout: float = 10
+    ) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.server + path, data=data, method=method)
+        request.add_header("Accept", "application/json")
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, context=self.context, timeout=timeout) as response:
+                payload = response.read()
+                status = response.status
+        except urllib.error.HTTPError as error:
+            payload = error.read()
+            status = error.code
+        try:
+            return status, json.loads(payload) if payload else None
+        except ValueError:
+            return status, payload.decode(errors="replace")
+
+    def create(self, path: str, body: dict[str, Any]) -> None:
+        status, reply = self.request("POST", path, body)
+        # 409: it already exists, which is what we wanted.
+        if status not in (200, 201, 202, 409):
+            raise ClusterError(f"POST {path} -> HTTP {status}: {reply}")
+
+    def ready(self) -> bool:
+        try:
+            status, _ = self.request("GET", "/readyz", timeout=2)
+        except (OSError, ssl.SSLError):
+            return False
+        return status == 200
+
+
+def http_ok(url: str, *, insecure: bool = False) -> bool:
+    """GET url -> 2xx. `insecure` for the self-signed health endpoints of the controllers."""
+    context = None
+    if insecure:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(url, context=context, timeout=2) as response:
+            code: int = response.status
+    except (OSError, ssl.SSLError):
+        return False
+    return 200 <= code < 300
+
+
+# ---------------------------------------------------------------------------------------------
+# kwok: fake GPU nodes and the Stages that play the kubelet
+
+
+def fake_node(index: int, *, gpus: int) -> dict[str, Any]:
+    name = f"kwok-gpu-{index}"
+    resources = {
+        "cpu": "32",
+        "memory": "256Gi",
+        "pods": "110",
+        "ephemeral-storage": "1Ti",
+        "nvidia.com/gpu": str(gpus),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            # Our kwok plays only nodes with this annotation (--manage-nodes-with-annotation-selector).
+            "annotations": {KWOK_NODE_ANNOTATION: "fake"},
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                "type": "kwok",
+                "node.kubernetes.io/instance-type": "kwok-gpu",
+                "nvidia.com/gpu.present": "true",
+                "nvidia.com/gpu.count": str(gpus),
+                "nvidia.com/gpu.product": "kwok-fake-gpu",
+            },
+        },
+        "spec": {},
+        # The API server keeps the status of a created Node; kwok's node stage leaves capacity alone.
+        "status": {"capacity": resources, "allocatable": resources},
+    }
+
+
+def jq(key: str, operator: str, *values: str) -> dict[str, Any]:
+    requirement: dict[str, Any] = {"key": key, "operator": operator}
+    if values:
+        requirement["values"] = list(values)
+    return {"jq": requirement}
+
+
+def stage(name: str, kind: str, selector: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kwok.x-k8s.io/v1alpha1",
+        "kind": "Stage",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "kubealign-tools-cluster"}},
+        "spec": {
+            "resourceRef": {"apiGroup": "v1", "kind": kind},
+            "selector": {"matchExpressions": selector},
+            **spec,
+        },
+    }
+
+
+def status_patch(template: str) -> list[dict[str, Any]]:
+    return [{"patch": {"subresource": "status", "root": "status", "template": template}}]
+
+
+NOT_DELETED = jq(".metadata.deletionTimestamp", "DoesNotExist")
+DELETED = jq(".metadata.deletionTimestamp", "Exists")
+FAIL_ANNOTATION = '.metadata.annotations["kubealign.io/kwok-fail"]'
+# How long a pod stays Running: the annotation is seconds; kwok wants a Go duration string.
+RUN_DELAY = {
+    "durationMilliseconds": 1000,
+    "durationFrom": {
+        "jq": {"expression": '(.metadata.annotations["kubealign.io/kwok-run-seconds"] // empty) + "s"'}
+    },
+}
+
+NODE_READY_TEMPLATE = """\
+{{ $now := Now }}
+{{ $since := or .metadata.creationTimestamp $now }}
+conditions:
+{{ range NodeConditions }}
+- lastHeartbeatTime: {{ $now | Quote }}
+  lastTransitionTime: {{ $since | Quote }}
+  message: {{ .message | Quote }}
+  reason: {{ .reason | Quote }}
+  status: {{ .status | Quote }}
+  type: {{ .type | Quote }}
+{{ end }}
+addresses:
+- address: {{ NodeIP | Quote }}
+  type: InternalIP
+- address: {{ NodeName | Quote }}
+  type: Hostname
+nodeInfo:
+  architecture: amd64
+  containerRuntimeVersion: {{ printf "kwok-%s" Version | Quote }}
+  kernelVersion: {{ printf "kwok-%s" Version | Quote }}
+  kubeProxyVersion: {{ printf "kwok-%s" Version | Quote }}
+  kubeletVersion: {{ printf "kwok-%s" Version | Quote }}
+  operatingSystem: linux
+  bootID: ""
+  machineID: ""
+  osImage: ""
+  systemUUID: ""
+phase: Running
+"""
+
+NODE_HEARTBEAT_TEMPLATE = """\
+{{ $now := Now }}
+{{ $since := or .metadata.creationTimestamp $now }}
+conditions:
+{{ range NodeConditions }}
+- lastHeartbeatTime: {{ $now | Quote }}
+  lastTransitionTime: {{ $since | Quote }}
+  message: {{ .message | Quote }}
+  reason: {{ .reason | Quote }}
+  status: {{ .status | Quote }}
+  type: {{ .type | Quote }}
+{{ end }}
+"""
+
+POD_RUNNING_TEMPLATE = """\
+{{ $now := Now }}
+conditions:
+- lastTransitionTime: {{ $now | Quote }}
+  status: "True"
+  type: Initialized
+- lastTransitionTime: {{ $now | Quote }}
+  status: "True"
+  type: Ready
+- lastTransitionTime: {{ $now | Quote }}
+  status: "True"
+  type: ContainersReady
+{{ range .spec.readinessGates }}
+- lastTransitionTime: {{ $now | Quote }}
+  status: "True"
+  type: {{ .conditionType | Quote }}
+{{ end }}
+containerStatuses:
+{{ range .spec.containers }}
+- image: {{ .image | Quote }}
+  name: {{ .name | Quote }}
+  ready: true
+  started: true
+  restartCount: 0
+  state:
+    running:
+      startedAt: {{ $now | Quote }}
+{{ end }}
+{{ with .spec.initContainers }}
+initContainerStatuses:
+{{ range . }}
+- image: {{ .image | Quote }}
+  name: {{ .name | Quote }}
+  ready: true
+  restartCount: 0
+  state:
+    terminated:
+      exitCode: 0
+      reason: Completed
+      startedAt: {{ $now | Quote }}
+      finishedAt: {{ $now | Quote }}
+{{ end }}
+{{ end }}
+hostIP: {{ NodeIPWith .spec.nodeName | Quote }}
+hostIPs:
+- ip: {{ NodeIPWith .spec.nodeName | Quote }}
+{{ $podIP := PodIPWith .spec.nodeName ( or .spec.hostNetwork false ) ( or .metadata.uid "" ) \
+( or .metadata.name "" ) ( or .metadata.namespace "" ) }}
+podIP: {{ $podIP | Quote }}
+podIPs:
+- ip: {{ $podIP | Quote }}
+phase: Running
+startTime: {{ $now | Quote }}
+"""
+
+
+def pod_finished_template(*, phase: str, reason: str, exit_code: str) -> str:
+    """Status of a pod whose containers all exited; `exit_code` is a template expression."""
+    return (
+        """\
+{{ $now := Now }}
+{{ $annotations := or .metadata.annotations dict }}
+{{ $message := index $annotations "kubealign.io/kwok-termination-message" }}
+{{ $rawCode := or ( index $annotations "kubealign.io/kwok-exit-code" ) "" }}
+{{ $started := or .status.startTime $now }}
+conditions:
+- lastTransitionTime: {{ $now | Quote }}
+  status: "False"
+  reason: PodCompleted
+  type: Ready
+- lastTransitionTime: {{ $now | Quote }}
+  status: "False"
+  reason: PodCompleted
+  type: ContainersReady
+containerStatuses:
+{{ range .spec.containers }}
+- image: {{ .image | Quote }}
+  name: {{ .name | Quote }}
+  ready: false
+  started: false
+  restartCount: 0
+  state:
+    terminated:
+"""
+        + f"      exitCode: {exit_code}\n"
+        + f"      reason: {reason}\n"
+        + """\
+      startedAt: {{ $started | Quote }}
+      finishedAt: {{ $now | Quote }}
+{{ with $message }}
+      message: {{ . | Quote }}
+{{ end }}
+{{ end }}
+"""
+        + f"phase: {phase}\n"
+    )
+
+
+# A failing pod's exit code: the annotation when it is 1-255, else 1 (Failed with 0 would be a lie).
+FAIL_EXIT_CODE = (
+    '{{ if and ( regexMatch "^[0-9]{1,3}$" $rawCode ) ( lt 0 ( atoi $rawCode ) ) '
+    "( lt ( atoi $rawCode ) 256 ) }}"
+    "{{ atoi $rawCode }}{{ else }}1{{ end }}"
+)
+
+
+def kwok_stages() -> list[dict[str, Any]]:
+    """The node and pod lifecycle kwok plays, adapted from kwok's kustomize/stage/{node,pod}/fast.
+
+    Differences from upstream: pods complete by restartPolicy rather than by Job ownership, the
+    kubealign.io/kwok-* annotations drive run time, failure, exit code and termination message,
+    and a deleted pod first reaches a terminal phase (as a kubelet reports it) so the Job
+    controller drops its tracking finalizer instead of the pod being stuck or counted wrongly.
+    """
+    node_not_ready = jq('.status.conditions.[] | select( .type == "Ready" ) | .status', "NotIn", "True")
+    node_ready = jq('.status.conditions.[] | select( .type == "Ready" ) | .status', "In", "True")
+    running = jq(".status.phase", "In", "Running")
+    return [
+        stage("kubealign-node-initialize", "Node", [node_not_ready], steps=status_patch(NODE_READY_TEMPLATE)),
+        # Leases (kwok --node-lease-duration-seconds) keep nodes healthy; conditions are refreshed
+        # every few minutes, as a kubelet does.
+        stage(
+            "kubealign-node-heartbeat",
+            "Node",
+            [jq(".status.phase", "In", "Running"), node_ready],
+            delay={"durationMilliseconds": 240000, "jitterDurationMilliseconds": 300000},
+            steps=status_patch(NODE_HEARTBEAT_TEMPLATE),
+        ),
+        stage(
+            "kubealign-pod-running",
+            "Pod",
+            [
+                NOT_DELETED,
+                jq(".status.phase", "In", "Pending"),
+                jq('.status.conditions.[] | select( .type == "Ready" ) | .status', "NotIn", "True"),
+            ],
+            steps=status_patch(POD_RUNNING_TEMPLATE),
+        ),
+        stage(
+            "kubealign-pod-succeeded",
+            "Pod",
+            [
+                NOT_DELETED,
+                running,
+                jq(".spec.restartPolicy", "In", "Never", "OnFailure"),
+                jq(FAIL_ANNOTATION, "NotIn", "true"),
+            ],
+            delay=RUN_DELAY,
+            steps=status_patch(pod_finished_template(phase="Succeeded", reason="Completed", exit_code="0")),
+        ),
+        stage(
+            "kubealign-pod-failed",
+            "Pod",
+            [NOT_DELETED, running, jq(FAIL_ANNOTATION, "In", "true")],
+            delay=RUN_DELAY,
+            steps=status_patch(
+                pod_finished_template(phase="Failed", reason="Error", exit_code=FAIL_EXIT_CODE)
+            ),
+        ),
+        # A deleted pod that still runs gets SIGTERM from a kubelet and exits 143.
+        stage(
+            "kubealign-pod-terminated",
+            "Pod",
+            [DELETED, jq(".status.phase", "NotIn", "Succeeded", "Failed")],
+            steps=status_patch(pod_finished_template(phase="Failed", reason="Error", exit_code="143")),
+            immediateNextStage=True,
+        ),
+        # Then the kubelet's final delete (grace period 0); the object goes once finalizers are gone.
+        stage(
+            "kubealign-pod-delete",
+            "Pod",
+            [DELETED, jq(".status.phase", "In", "Succeeded", "Failed")],
+            steps=[{"delete": True}],
+        ),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# up / down / status
+
+
+def wait_for(
+    what: str,
+    check: Callable[[], bool],
+    *,
+    timeout: float,
+    watch: Sequence[tuple[Component, subprocess.Popen[bytes]]] = (),
+    interval: float = 0.2,
+) -> None:
+    """Poll `check`; fail fast (with its log) if one of the processes in `watch` exits meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for component, process in watch:
+            if process.poll() is not None:
+                raise ClusterError(died_message(component, process.returncode))
+        if check():
+            return
+        if time.monotonic() > deadline:
+            logs = "".join(
+                f"\n--- last lines of {component.log}:\n{tail(Path(component.log), 20)}"
+                for component, _ in watch
+            )
+            raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}{logs}")
+        time.sleep(interval)
+
+
+def died_message(component: Component, code: int | None) -> str:
+    text = tail(Path(component.log), 30)
+    hint = ""
+    if "address already in use" in text:
+        hint = (
+            f"\nport {component.port} was taken by another process between picking it and starting "
+            f"{component.name}; run `tools/cluster up` again"
+        )
+    return (
+        f"{component.name} exited with code {code} during start-up; "
+        f"last lines of {component.log}:\n{text}{hint}"
+    )
+
+
+class Launcher:
+    """Starts components detached from this process and records each in state.json at once."""
+
+    def __init__(self, state: ClusterState) -> None:
+        self.state = state
+        self.processes: list[tuple[Component, subprocess.Popen[bytes]]] = []
+        self.logs = Path(state.state_dir) / "logs"
+        self.logs.mkdir(exist_ok=True)
+
+    def start(
+        self, name: str, args: list[str], *, port: int | None, env: dict[str, str] | None = None
+    ) -> tuple[Component, subprocess.Popen[bytes]]:
+        exe = args[0]
+        if port is not None and port_in_use(port):
+            raise ClusterError(f"port {port} on 127.0.0.1 (for {name}) is already in use by another process")
+        log_path = self.logs / f"{name}.log"
+        with log_path.open("ab") as log_file:
+            process = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                cwd=self.state.state_dir,
+                env=env if env is not None else component_env(),
+                # A new session: Ctrl-C in the terminal that ran `up` must not stop the cluster.
+                start_new_session=True,
+            )
+        component = Component(name=name, pid=process.pid, exe=exe, port=port, log=str(log_path))
+        self.state = self.state.with_component(component)
+        save_state(self.state)
+        self.processes.append((component, process))
+        return component, process
+
+
+def component_env() -> dict[str, str]:
+    # Components get no KUBECONFIG or proxy settings from the caller: everything is explicit flags.
+    keep = ("PATH", "HOME", "LANG", "TMPDIR")
+    return {key: os.environ[key] for key in keep if key in os.environ}
+
+
+def cluster_healthy(state: ClusterState) -> bool:
+    if dead_components(state) or len(state.components) < 5:
+        return False
+    return ApiClient(state.server, Path(state.state_dir) / "pki").ready()
+
+
+def prepare_state_dir(state_dir: Path) -> ClusterState | None:
+    """Return the running, healthy cluster in `state_dir`, or clean up what is left of an old one."""
+    state = load_state(state_dir)
+    if state is not None:
+        if cluster_healthy(state):
+            return state
+        dead = dead_components(state)
+        reason = f"not running: {', '.join(dead)}" if dead else "the API server does not answer /readyz"
+        log(f"stale state directory {state_dir} ({reason}); stopping what is left and cleaning it up")
+        stop_components(state.components)
+        remove_state_dir(state_dir)
+    elif state_dir.exists():
+        if (state_dir / MARKER_FILE).exists():
+            log(f"stale state directory {state_dir} (an earlier `up` never finished); cleaning it up")
+            remove_state_dir(state_dir)
+        elif any(state_dir.iterdir()):
+            raise ClusterError(
+                f"{state_dir} exists, is not empty and is not a tools/cluster state directory; "
+                "choose another --state-dir"
+            )
+    return None
+
+
+def node_ready(node: dict[str, Any]) -> bool:
+    conditions = node.get("status", {}).get("conditions", [])
+    ready = any(item.get("type") == "Ready" and item.get("status") == "True" for item in conditions)
+    tainted = any(item.get("key") == NOT_READY_TAINT for item in node.get("spec", {}).get("taints", []))
+    return ready and not tainted
+
+
+def up(*, state_dir: Path, nodes: int, gpus_per_node: int, apiserver_port: int | None) -> ClusterState:
+    require_built()
+    started = time.monotonic()
+    with state_lock(state_dir):
+        running = prepare_state_dir(state_dir)
+        if running is not None:
+            if (running.nodes, running.gpus_per_node) != (nodes, gpus_per_node):
+                log(
+                    f"note: the running cluster has {running.nodes} nodes x {running.gpus_per_node} GPUs; "
+                    "`tools/cluster down` first to change that"
+                )
+            log(f"cluster already up ({state_dir})")
+            return running
+        if apiserver_port is not None and port_in_use(apiserver_port):
+            raise ClusterError(f"--apiserver-port {apiserver_port}: port already in use on 127.0.0.1")
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / MARKER_FILE).write_text("created by tools/cluster up; removed by tools/cluster down\n")
+        try:
+            state = start_cluster(
+                state_dir, nodes=nodes, gpus_per_node=gpus_per_node, apiserver_port=apiserver_port
+            )
+        except BaseException:
+            failed = load_state(state_dir)
+            if failed is not None:
+                stop_components(failed.components)
+            log(f"start-up failed; logs kept in {state_dir}/logs (`tools/cluster down` removes them)")
+            raise
+    log(
+        f"cluster ready in {format_seconds(time.monotonic() - started)}: "
+        f"{nodes} nodes x {gpus_per_node} nvidia.com/gpu"
+    )
+    return state
+
+
+def start_cluster(
+    state_dir: Path, *, nodes: int, gpus_per_node: int, apiserver_port: int | None
+) -> ClusterState:
+    phase_start = time.monotonic()
+
+    def done(what: str) -> None:
+        nonlocal phase_start
+        log(f"  {what} ({format_seconds(time.monotonic() - phase_start)})")
+        phase_start = time.monotonic()
+
+    pki = state_dir / "pki"
+    make_pki(pki)
+    ports = pick_free_ports(5)
+    etcd_port, peer_port, kcm_port, scheduler_port = ports[:4]
+    api_port = apiserver_port if apiserver_port is not None else ports[4]
+    server = f"https://127.0.0.1:{api_port}"
+    kubeconfig = state_dir / "kubeconfig"
+    kubeconfig.write_text(kubeconfig_text(server=server, pki=pki, user="admin"))
+    kubeconfig.chmod(0o600)
+    for user in ("controller-manager", "scheduler", "kwok"):
+        (state_dir / f"{user}.kubeconfig").write_text(kubeconfig_text(server=server, pki=pki, user=user))
+    binaries = {binary.name: str(binary.path()) for binary in BINARIES}
+    launcher = Launcher(
+        ClusterState(
+            state_dir=str(state_dir),
+            kubeconfig=str(kubeconfig),
+            server=server,
+            nodes=nodes,
+            gpus_per_node=gpus_per_node,
+            binaries=binaries,
+        )
+    )
+    save_state(launcher.state)
+    done("certificates and kubeconfigs")
+
+    etcd_url = f"http://127.0.0.1:{etcd_port}"
+    peer_url = f"http://127.0.0.1:{peer_port}"
+    etcd = launcher.start(
+        "etcd",
+        [
+            binaries["etcd"], "--name=kubealign", f"--data-dir={state_dir / 'etcd'}",
+            f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
+            f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster=kubealign={peer_url}", "--initial-cluster-state=new",
+            # Throwaway data: skipping fsync makes every API write several times faster.
+            "--unsafe-no-fsync", "--log-level=warn",
+        ],
+        port=etcd_port,
+    )  # fmt: skip
+    wait_for("etcd /health", lambda: http_ok(f"{etcd_url}/health"), timeout=30, watch=[etcd])
+    done("etcd ready")
+
+    apiserver = launcher.start(
+        "kube-apiserver",
+        [
+            binaries["kube-apiserver"], f"--etcd-servers={etcd_url}",
+            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={api_port}",
+            f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--authorization-mode=Node,RBAC", "--allow-privileged=true",
+            # No endpoints for the `kubernetes` Service: 127.0.0.1 is not a valid endpoint address.
+            "--endpoint-reconciler-type=none",
+            f"--cert-dir={state_dir / 'apiserver'}", "--profiling=false",
+        ],
+        port=api_port,
+    )  # fmt: skip
+    api = ApiClient(server, pki)
+    wait_for("kube-apiserver /readyz", api.ready, timeout=90, watch=[etcd, apiserver])
+    done("kube-apiserver ready")
+
+    controller_manager = launcher.start(
+        "kube-controller-manager",
+        [
+            binaries["kube-controller-manager"],
+            f"--kubeconfig={state_dir / 'controller-manager.kubeconfig'}",
+            "--bind-address=127.0.0.1", f"--secure-port={kcm_port}",
+            f"--cert-dir={state_dir / 'controller-manager'}",
+            "--leader-elect=false", f"--controllers={','.join(CONTROLLERS)}",
+            f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'ca.crt'}",
+            "--use-service-account-credentials=true",
+            f"--cluster-signing-cert-file={pki / 'ca.crt'}", f"--cluster-signing-key-file={pki / 'ca.key'}",
+            # Remove the not-ready taint within a second or two of a node turning Ready.
+            "--node-monitor-period=1s",
+        ],
+        port=kcm_port,
+    )  # fmt: skip
+    scheduler = launcher.start(
+        "kube-scheduler",
+        [
+            binaries["kube-scheduler"], f"--kubeconfig={state_dir / 'scheduler.kubeconfig'}",
+            "--bind-address=127.0.0.1", f"--secure-port={scheduler_port}",
+            f"--cert-dir={state_dir / 'scheduler'}",
+            "--leader-elect=false",
+        ],
+        port=scheduler_port,
+    )  # fmt: skip
+
+    kubectl = subprocess.run(
+        [
+            binaries["kubectl"],
+            f"--kubeconfig={kubeconfig}",
+            "apply",
+            "--server-side",
+            "-f",
+            str(kwok_stage_crd_path()),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if kubectl.returncode != 0:
+        raise ClusterError(f"applying kwok's Stage CRD failed:\n{kubectl.stdout}{kubectl.stderr}")
+
+    def stage_crd_established() -> bool:
+        status, crd = api.request(
+            "GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/stages.kwok.x-k8s.io"
+        )
+        conditions = crd.get("status", {}).get("conditions", []) if status == 200 else []
+        return any(item["type"] == "Established" and item["status"] == "True" for item in conditions)
+
+    wait_for("kwok Stage CRD established", stage_crd_established, timeout=30, watch=[apiserver])
+    for item in kwok_stages():
+        api.create("/apis/kwok.x-k8s.io/v1alpha1/stages", item)
+    for index in range(nodes):
+        api.create("/api/v1/nodes", fake_node(index, gpus=gpus_per_node))
+    done(f"kwok Stages and {nodes} fake nodes created")
+
+    # HOME points into the state dir so kwok never loads a user's ~/.kwok/kwok.yaml.
+    kwok_env = {**component_env(), "HOME": str(state_dir)}
+    kwok = launcher.start(
+        "kwok",
+        [
+            binaries["kwok"], f"--kubeconfig={state_dir / 'kwok.kubeconfig'}",
+            "--manage-all-nodes=false",
+            f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
+            "--enable-crds=Stage", f"--cidr={POD_CIDR}", "--node-ip=10.240.0.1",
+            "--node-lease-duration-seconds=40",
+        ],
+        port=None,
+        env=kwok_env,
+    )  # fmt: skip
+    watch = [etcd, apiserver, controller_manager, scheduler, kwok]
+
+    def all_nodes_ready() -> bool:
+        status, reply = api.request("GET", "/api/v1/nodes")
+        items = reply.get("items", []) if status == 200 else []
+        return len(items) >= nodes and all(node_ready(node) for node in items)
+
+    wait_for(f"{nodes} nodes Ready and untainted", all_nodes_ready, timeout=90, watch=watch)
+    done("nodes Ready")
+
+    def default_service_account() -> bool:
+        return api.request("GET", "/api/v1/namespaces/default/serviceaccounts/default")[0] == 200
+
+    wait_for(
+        "the default ServiceAccount (controller manager working)",
+        default_service_account,
+        timeout=60,
+        watch=watch,
+    )
+    wait_for(
+        "kube-scheduler and kube-controller-manager /healthz",
+        lambda: (
+            http_ok(f"https://127.0.0.1:{scheduler_port}/healthz", insecure=True)
+            and http_ok(f"https://127.0.0.1:{kcm_port}/healthz", insecure=True)
+        ),
+        timeout=60,
+        watch=watch,
+    )
+    done("controllers healthy")
+    return launcher.state
+
+
+def down(*, state_dir: Path) -> None:
+    with state_lock(state_dir):
+        state = load_state(state_dir)
+        if state is None:
+            if (state_dir / MARKER_FILE).exists():
+                remove_state_dir(state_dir)
+                log(f"removed incomplete state directory {state_dir}")
+            else:
+                log(f"no cluster in {state_dir}; nothing to stop")
+            return
+        alive = [component for component in state.components if component.alive()]
+        stop_components(state.components)
+        remove_state_dir(state_dir)
+        log(f"stopped {', '.join(c.name for c in alive) or 'nothing (all had exited)'}; removed {state_dir}")
+
+
+def status(*, state_dir: Path, out: TextIO) -> int:
+    state = load_state(state_dir)
+    if state is None:
+        print(f"no cluster in {state_dir}", file=out)
+        return 3
+    print(f"{'COMPONENT':<24} {'PID':>8} {'ALIVE':<6} {'PORT':>6} {'RSS':>10}", file=out)
+    total = 0
+    for component in state.components:
+        alive = component.alive()
+        rss = resident_bytes(component.pid) if alive else 0
+        total += rss
+        port = str(component.port) if component.port is not None else "-"
+        alive_text = "yes" if alive else "NO"
+        print(
+            f"{component.name:<24} {component.pid:>8} {alive_text:<6} {port:>6} {rss / 2**20:>7.0f} MiB",
+            file=out,
+        )
+    print(f"{'total resident memory':<48} {total / 2**20:>7.0f} MiB", file=out)
+    print(f"server: {state.server}  nodes: {state.nodes} x {state.gpus_per_node} nvidia.com/gpu", file=out)
+    print(f"kubeconfig: {state.kubeconfig}", file=out)
+    return 0 if not dead_components(state) else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="tools/cluster",
+        description=__doc__.split("\n\n", 1)[0] if __doc__ else None,
+        epilog=__doc__.split("Subcommands:", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = root.add_subparsers(dest="command", required=True)
+    commands.add_parser("build", help="build the binaries, or find them cached")
+    state_option = argparse.ArgumentParser(add_help=False)
+    state_option.add_argument(
+        "--state-dir",
+        type=lambda text: Path(text).expanduser().resolve(),
+        default=None,
+        help="where PIDs, ports, certificates, logs and the kubeconfig live "
+        "(default: $KUBEALIGN_STATE_DIR or <cache>/state/<hash of this checkout>)",
+    )
+    start = commands.add_parser("up", parents=[state_option], help="start the control plane (idempotent)")
+    start.add_argument("--nodes", type=positive, default=4, help="fake GPU nodes (default 4)")
+    start.add_argument(
+        "--gpus-per-node", type=positive, default=8, help="nvidia.com/gpu per node (default 8)"
+    )
+    start.add_argument(
+        "--apiserver-port", type=positive, default=None, help="fixed API server port (default: a free one)"
+    )
+    commands.add_parser("down", parents=[state_option], help="stop the control plane and remove its state")
+    commands.add_parser(
+        "status", parents=[state_option], help="what runs: component, pid, alive, port, memory"
+    )
+    commands.add_parser(
+        "kubeconfig", parents=[state_option], help="print the kubeconfig path of a running cluster"
+    )
+    which = commands.add_parser("which", help="print the cached path of a binary")
+    which.add_argument("name", choices=sorted(BINARY_BY_NAME))
+    commands.add_parser(
+        "kubectl", help="kubectl ARGS... against the cluster (cached kubectl)", add_help=False
+    )
+    return root
+
+
+def exec_kubectl(args: list[str]) -> int:
+    state_dir = default_state_dir()
+    if args[:1] == ["--state-dir"] and len(args) >= 2:
+        state_dir, args = Path(args[1]).expanduser().resolve(), args[2:]
+    state = load_state(state_dir)
+    if state is None:
+        raise ClusterError(f"no cluster in {state_dir}; run `tools/cluster up` first")
+    kubectl = str(BINARY_BY_NAME["kubectl"].path())
+    os.execv(kubectl, [kubectl, f"--kubeconfig={state.kubeconfig}", *args])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else argv
+    try:
+        if args_list[:1] == ["kubectl"]:
+            return exec_kubectl(args_list[1:])
+        args = parser().parse_args(args_list)
+        state_dir: Path = getattr(args, "state_dir", None) or default_state_dir()
+        if args.command == "build":
+            build()
+        elif args.command == "up":
+            state = up(
+                state_dir=state_dir,
+                nodes=args.nodes,
+                gpus_per_node=args.gpus_per_node,
+                apiserver_port=args.apiserver_port,
+            )
+            print(state.kubeconfig, flush=True)
+        elif args.command == "down":
+            down(state_dir=state_dir)
+        elif args.command == "status":
+            return status(state_dir=state_dir, out=sys.stdout)
+        elif args.command == "kubeconfig":
+            recorded = load_state(state_dir)
+            if recorded is None:
+                raise ClusterError(f"no cluster in {state_dir}; run `tools/cluster up` first")
+            print(recorded.kubeconfig)
+        elif args.command == "which":
+            path = BINARY_BY_NAME[args.name].path()
+            if not path.is_file():
+                raise ClusterError(f"{args.name} is not built yet ({path}); run `tools/cluster build`")
+            print(path)
+    except ClusterError as error:
+        log(f"error: {error}")
+        return 1
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    return 0
