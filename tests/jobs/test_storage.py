@@ -22,7 +22,7 @@ def _make_tree(root: Path) -> Path:
 @pytest.fixture(params=["s3", "file"])
 def base_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "s3":
-        bucket = request.getfixturevalue("jobs_bucket")
+        bucket = request.getfixturevalue("bucket")
         storage.configure(StorageSettings())
         return f"s3://{bucket}/run/stage"
     return f"file://{tmp_path / 'store'}"
@@ -119,7 +119,7 @@ def test_delete_prefix_and_small_objects(base_uri: str, tmp_path: Path) -> None:
 
 @pytest.mark.s3
 def test_multipart_upload_and_download(
-    jobs_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # S3's smallest part is 5 MiB; lower the threshold so an 11 MiB file goes up in three parts.
     monkeypatch.setattr(storage, "_MULTIPART_BYTES", 5 * 1024 * 1024)
@@ -128,23 +128,23 @@ def test_multipart_upload_and_download(
     src.mkdir()
     payload = bytes(range(251)) * (11 * 1024 * 1024 // 251)
     (src / "big.bin").write_bytes(payload)
-    uri = f"s3://{jobs_bucket}/big"
+    uri = f"s3://{bucket}/big"
     storage.publish_dir(src, uri)
-    head = storage._s3().head_object(Bucket=jobs_bucket, Key="big/big.bin")
+    head = storage._s3().head_object(Bucket=bucket, Key="big/big.bin")
     assert head["ETag"].strip('"').endswith("-3")  # a multipart ETag carries the part count
     local = storage.fetch_dir(uri, tmp_path / "dest")
     assert (local / "big.bin").read_bytes() == payload
 
 
 @pytest.mark.s3
-def test_fetch_single_object_and_missing(jobs_bucket: str, tmp_path: Path) -> None:
+def test_fetch_single_object_and_missing(bucket: str, tmp_path: Path) -> None:
     storage.configure(StorageSettings())
-    uri = f"s3://{jobs_bucket}/data/train.jsonl"
+    uri = f"s3://{bucket}/data/train.jsonl"
     storage.write_text(uri, json.dumps({"text": "hi"}) + "\n")
     path = storage.fetch(uri, tmp_path)
     assert path.read_text().startswith('{"text"')
     with pytest.raises(StorageError, match="no such file, object or prefix"):
-        storage.fetch(f"s3://{jobs_bucket}/nothing", tmp_path)
+        storage.fetch(f"s3://{bucket}/nothing", tmp_path)
 
 
 def test_local_publish_is_a_rename(tmp_path: Path) -> None:

@@ -1,0 +1,191 @@
+"""Resumable checkpoints, published atomically under ``<output>/checkpoints/step-%08d/``.
+
+A checkpoint folder holds:
+
+    model/               save_pretrained weights + tokenizer (loadable by plain transformers)
+    trainer_state.pt     step, optimizer, scheduler, data position, RNG states of every rank,
+                         the stage config and any stage-specific extras
+    _MANIFEST.json       written last by `storage.publish_dir`; no manifest, no checkpoint
+
+`latest_checkpoint` walks the checkpoints newest first and returns the first one that is
+complete, matches its checksums and loads; anything else (a preemption mid-upload, a
+truncated or corrupted file) is skipped with a warning, so the run falls back to the previous
+good checkpoint instead of crashing or resuming from garbage. Pruning keeps the newest K
+complete checkpoints and never deletes the newest good one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kubealign_jobs import storage
+
+log = logging.getLogger(__name__)
+
+STEP_PREFIX = "step-"
+MODEL_DIR = "model"
+STATE_FILE = "trainer_state.pt"
+_STEP_RE = re.compile(r"step-(\d{8,})$")
+
+
+def step_uri(checkpoints_uri: str, step: int) -> str:
+    return storage.join(checkpoints_uri, f"{STEP_PREFIX}{step:08d}")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is present but unusable."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A fetched, verified checkpoint: its step, local model folder and trainer state."""
+
+    uri: str
+    step: int
+    model_dir: Path
+    state: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------- RNG
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's RNG states, in types ``torch.load(weights_only=True)`` accepts."""
+    python_state = random.getstate()
+    numpy_state: tuple[Any, ...] = tuple(np.random.get_state())
+    state: dict[str, Any] = {
+        "python": [python_state[0], list(python_state[1]), python_state[2]],
+        "numpy": {
+            "key": torch.from_numpy(np.asarray(numpy_state[1]).astype(np.int64)),
+            "pos": int(numpy_state[2]),
+            "has_gauss": int(numpy_state[3]),
+            "cached_gaussian": float(numpy_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            numpy_state["key"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------- save / load
+
+
+def save_checkpoint(
+    *,
+    checkpoints_uri: str,
+    step: int,
+    write_model: Any,
+    state: dict[str, Any],
+    scratch: Path,
+    keep_last: int,
+) -> str:
+    """Write and publish checkpoint ``step``; prune old ones; return its URI. Rank 0 only.
+
+    ``write_model(dest)`` saves the model and tokenizer into ``dest`` (save_pretrained);
+    ``state`` is everything else (optimizer, scheduler, data position, RNG, config, extras).
+    """
+    uri = step_uri(checkpoints_uri, step)
+    local = scratch / f"{STEP_PREFIX}{step:08d}"
+    if local.exists():
+        shutil.rmtree(local)
+    local.mkdir(parents=True)
+    try:
+        write_model(local / MODEL_DIR)
+        torch.save({**state, "step": step}, local / STATE_FILE)
+        # A leftover of an interrupted attempt at this same step is replaced; a complete one
+        # means this step was already saved by an earlier attempt and is kept as it is.
+        if storage.is_complete(uri):
+            log.info("checkpoint %s already complete", uri)
+        else:
+            storage.publish_dir(local, uri, metadata={"step": step})
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    prune_checkpoints(checkpoints_uri, keep_last=keep_last)
+    return uri
+
+
+def list_checkpoints(checkpoints_uri: str) -> list[tuple[int, str]]:
+    """(step, uri) of every step folder, complete or not, oldest first."""
+    found = []
+    for uri in storage.list_prefixes(checkpoints_uri):
+        match = _STEP_RE.search(uri)
+        if match:
+            found.append((int(match.group(1)), uri))
+    return sorted(found)
+
+
+def load_checkpoint(uri: str, scratch: Path) -> Checkpoint:
+    """Fetch and verify one checkpoint; `storage.StorageError` or `CheckpointError` when it is bad."""
+    local = storage.fetch_dir(uri, scratch / uri.rstrip("/").rsplit("/", 1)[-1], require_manifest=True)
+    try:
+        state = torch.load(local / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unpickling failure means the file is unusable
+        raise CheckpointError(f"{uri}: {STATE_FILE} does not load: {exc}") from exc
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{uri}: {STATE_FILE} holds no step")
+    if not (local / MODEL_DIR / "config.json").is_file():
+        raise CheckpointError(f"{uri}: no {MODEL_DIR}/config.json")
+    return Checkpoint(uri=uri, step=int(state["step"]), model_dir=local / MODEL_DIR, state=state)
+
+
+def latest_checkpoint(checkpoints_uri: str, scratch: Path) -> Checkpoint | None:
+    """The newest checkpoint that is complete, verified and loadable; None if there is none."""
+    for step, uri in reversed(list_checkpoints(checkpoints_uri)):
+        try:
+            checkpoint = load_checkpoint(uri, scratch)
+        except (storage.StorageError, CheckpointError) as exc:
+            log.warning("ignoring checkpoint at step %d: %s", step, exc)
+            continue
+        log.info("resuming from %s", uri)
+        return checkpoint
+    return None
+
+
+def prune_checkpoints(checkpoints_uri: str, *, keep_last: int) -> list[str]:
+    """Delete all but the newest ``keep_last`` complete checkpoints; return what was deleted.
+
+    Incomplete folders older than the newest complete checkpoint are garbage from interrupted
+    attempts and go too; newer incomplete ones are left for the attempt that may own them.
+    """
+    keep_last = max(keep_last, 1)
+    entries = list_checkpoints(checkpoints_uri)
+    complete = [(step, uri) for step, uri in entries if storage.is_complete(uri)]
+    if not complete:
+        return []
+    keep = {uri for _, uri in complete[-keep_last:]}
+    newest_good = complete[-1][0]
+    deleted = []
+    for step, uri in entries:
+        if uri in keep or step > newest_good:
+            continue
+        storage.delete_prefix(uri)
+        deleted.append(uri)
+    return deleted

@@ -1,0 +1,458 @@
+"""Datasets: reading rows, validating them, tokenising, collating, and a resumable sampler.
+
+Inputs are JSONL, JSON arrays, Parquet or plain text, as one file or a prefix/directory of
+them, local or on S3. Row formats:
+
+- text (pretrain):   ``{"text": ...}`` rows, or the lines of a ``.txt`` file
+- SFT:               ``{"instruction", "input"?, "output"}``, ``{"prompt", "completion"}``,
+                     or chat ``{"messages": [{"role", "content"}, ...]}`` ending with the assistant
+- preference:        ``{"prompt" | "question", "chosen", "rejected"}``
+- ranked:            ``{"prompt" | "question", "responses": [best, ..., worst]}``
+- prompts (RL):      ``{"prompt" | "question"}`` or ``{"instruction", "input"?}``
+
+A malformed row raises `DataError` naming the file, the 1-based line (JSONL) or row
+(Parquet, JSON arrays) and the field. JSONL is parsed line by line for exactly that reason;
+Parquet goes through ``datasets``.
+
+Sequences are token lists ``[bos] + prompt + completion + [eos]``: prompt and completion are
+tokenised separately, so the boundary between them is exact and BPE merges never straddle it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from kubealign_jobs import storage
+
+T = TypeVar("T")
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+
+# The Alpaca layout, which the DPO slides' {"instruction", "input", "output"} rows come from.
+INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+INSTRUCTION_INPUT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+# Used for chat rows when the tokenizer carries no chat template of its own.
+CHAT_TURN_TEMPLATE = "<|{role}|>\n{content}\n"
+CHAT_GENERATION_PROMPT = "<|assistant|>\n"
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A dataset is missing or malformed; the message names the file, line or row, and field."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One raw row and where it came from, so errors can point at it."""
+
+    source: str
+    number: int  # 1-based line (JSONL, text) or row (Parquet, JSON array)
+    unit: str  # "line" or "row"
+    fields: dict[str, Any]
+
+    def where(self, field: str | None = None) -> str:
+        at = f"{self.source}: {self.unit} {self.number}"
+        return f"{at}: field {field!r}" if field else at
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    prompt: str
+    completion: str
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+@dataclass(frozen=True)
+class RankedExample:
+    prompt: str
+    responses: tuple[str, ...]  # best first
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def data_files(uri: str, scratch: Path) -> list[tuple[str, Path]]:
+    """Fetch ``uri`` (a file or a prefix of files) and return (display name, local path) per data file."""
+    try:
+        local = storage.fetch(uri, scratch)
+    except storage.StorageError as exc:
+        raise DataError(f"{uri}: cannot read dataset: {exc}") from exc
+    if local.is_file():
+        return [(uri, local)]
+    found = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
+    if not found:
+        raise DataError(f"{uri}: no data files ({', '.join(DATA_SUFFIXES)}) found")
+    return [(storage.join(uri, p.relative_to(local).as_posix()), p) for p in found]
+
+
+def read_rows(uri: str, scratch: Path) -> list[Row]:
+    """Every row of every data file under ``uri``, in file order."""
+    rows: list[Row] = []
+    for source, path in data_files(uri, scratch):
+        rows.extend(_read_file(source, path))
+    if not rows:
+        raise DataError(f"{uri}: dataset is empty")
+    return rows
+
+
+def _read_file(source: str, path: Path) -> Iterator[Row]:
+    if path.suffix == ".txt":
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    yield Row(source, number, "line", {"text": line.rstrip("\n")})
+        return
+    if path.suffix == ".parquet":
+        import datasets
+
+        table = datasets.Dataset.from_parquet(str(path), cache_dir=str(path.parent / ".hf-cache"))
+        for number, fields in enumerate(table, start=1):
+            yield Row(source, number, "row", dict(fields))
+        return
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{source}: line {exc.lineno}: not valid JSON: {exc.msg}") from exc
+        for number, fields in enumerate(items, start=1):
+            if not isinstance(fields, dict):
+                raise DataError(f"{source}: row {number}: expected a JSON object")
+            yield Row(source, number, "row", fields)
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            fields = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{source}: line {number}: not valid JSON: {exc.msg} (column {exc.colno})"
+            ) from exc
+        if not isinstance(fields, dict):
+            raise DataError(f"{source}: line {number}: expected a JSON object, got {type(fields).__name__}")
+        yield Row(source, number, "line", fields)
+
+
+def _string(row: Row, field: str, *, allow_empty: bool = False) -> str:
+    value = row.fields.get(field)
+    if value is None:
+        raise DataError(f"{row.where(field)}: missing")
+    if not isinstance(value, str):
+        raise DataError(f"{row.where(field)}: expected a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{row.where(field)}: empty")
+    return value
+
+
+def _prompt_field(row: Row) -> str:
+    field = "prompt" if "prompt" in row.fields else "question" if "question" in row.fields else None
+    if field is None:
+        raise DataError(f"{row.where('prompt')}: missing (or 'question')")
+    return _string(row, field)
+
+
+def _instruction_prompt(row: Row) -> str:
+    instruction = _string(row, "instruction")
+    extra = row.fields.get("input")
+    if extra is None or extra == "":
+        return INSTRUCTION_TEMPLATE.format(instruction=instruction)
+    return INSTRUCTION_INPUT_TEMPLATE.format(instruction=instruction, input=_string(row, "input"))
+
+
+ChatFormatter = Callable[[list[dict[str, str]], bool], str]
+
+
+def default_chat_format(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    """Render chat turns for tokenizers without a chat template of their own."""
+    text = "".join(CHAT_TURN_TEMPLATE.format(role=m["role"], content=m["content"]) for m in messages)
+    return text + (CHAT_GENERATION_PROMPT if add_generation_prompt else "")
+
+
+def tokenizer_chat_format(tokenizer: Any) -> ChatFormatter:
+    """The tokenizer's own chat template when it has one, else `default_chat_format`."""
+    if not getattr(tokenizer, "chat_template", None):
+        return default_chat_format
+
+    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        text: str = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return text
+
+    return render
+
+
+def _chat(row: Row, chat_format: ChatFormatter) -> SFTExample:
+    messages = row.fields["messages"]
+    if not isinstance(messages, list) or len(messages) < 2:
+        raise DataError(f"{row.where('messages')}: expected a list of at least two turns")
+    turns: list[dict[str, str]] = []
+    for index, turn in enumerate(messages):
+        field = f"messages[{index}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{row.where(field)}: expected an object with 'role' and 'content'")
+        role, content = turn.get("role"), turn.get("content")
+        if role not in CHAT_ROLES:
+            raise DataError(f"{row.where(field + '.role')}: {role!r} is not one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str):
+            raise DataError(f"{row.where(field + '.content')}: expected a string")
+        turns.append({"role": role, "content": content})
+    if turns[-1]["role"] != "assistant":
+        raise DataError(f"{row.where(f'messages[{len(turns) - 1}].role')}: the last turn must be 'assistant'")
+    prompt = chat_format(turns[:-1], True)
+    full = chat_format(turns, False)
+    if not full.startswith(prompt):
+        raise DataError(f"{row.where('messages')}: chat template does not render the prompt as a prefix")
+    return SFTExample(prompt=prompt, completion=full[len(prompt) :])
+
+
+def sft_example(row: Row, chat_format: ChatFormatter = default_chat_format) -> SFTExample:
+    """Normalise one SFT row (instruction/input/output, prompt/completion or messages)."""
+    if "messages" in row.fields:
+        return _chat(row, chat_format)
+    if "instruction" in row.fields:
+        return SFTExample(prompt=_instruction_prompt(row), completion=_string(row, "output"))
+    if "prompt" in row.fields or "question" in row.fields:
+        return SFTExample(prompt=_prompt_field(row), completion=_string(row, "completion"))
+    raise DataError(
+        f"{row.where()}: not an SFT row: expected 'instruction' + 'output', "
+        "'prompt' + 'completion' or 'messages'"
+    )
+
+
+def preference_example(row: Row) -> PreferenceExample:
+    return PreferenceExample(
+        prompt=_prompt_field(row), chosen=_string(row, "chosen"), rejected=_string(row, "rejected")
+    )
+
+
+def ranked_example(row: Row) -> RankedExample:
+    """A ranking, best first; a preference pair is a ranking of two."""
+    if "responses" not in row.fields:
+        if "chosen" in row.fields or "rejected" in row.fields:
+            pair = preference_example(row)
+            return RankedExample(prompt=pair.prompt, responses=(pair.chosen, pair.rejected))
+        raise DataError(f"{row.where('responses')}: missing (or 'chosen' and 'rejected')")
+    responses = row.fields["responses"]
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise DataError(f"{row.where('responses')}: expected a list of at least two answers, best first")
+    for index, response in enumerate(responses):
+        if not isinstance(response, str) or not response.strip():
+            raise DataError(f"{row.where(f'responses[{index}]')}: expected a non-empty string")
+    return RankedExample(prompt=_prompt_field(row), responses=tuple(responses))
+
+
+def prompt_text(row: Row) -> str:
+    """The prompt of an RL row: ``prompt``/``question``, or an instruction (with optional input)."""
+    if "instruction" in row.fields:
+        return _instruction_prompt(row)
+    return _prompt_field(row)
+
+
+def text_of(row: Row) -> str:
+    return _string(row, "text")
+
+
+def load(uri: str, scratch: Path, parse: Callable[[Row], T]) -> list[T]:
+    """Read every row under ``uri`` and normalise it with ``parse`` (e.g. `preference_example`)."""
+    return [parse(row) for row in read_rows(uri, scratch)]
+
+
+# ---------------------------------------------------------------------------- tokenising
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A tokenised sequence; ``prompt_length`` tokens of prompt, then the completion."""
+
+    ids: tuple[int, ...]
+    prompt_length: int
+
+
+def _special(token_id: int | None) -> list[int]:
+    return [] if token_id is None else [int(token_id)]
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def encode_prompt_completion(tokenizer: Any, prompt: str, completion: str, *, max_length: int) -> Encoded:
+    """``[bos] prompt completion [eos]``, truncated to ``max_length`` tokens.
+
+    Truncation keeps the end of the prompt (the part next to the answer) and at least half of
+    ``max_length`` for the completion, whose tail is cut last.
+    """
+    prompt_ids = _special(tokenizer.bos_token_id) + encode_text(tokenizer, prompt)
+    completion_ids = encode_text(tokenizer, completion) + _special(tokenizer.eos_token_id)
+    if len(prompt_ids) + len(completion_ids) > max_length:
+        prompt_budget = max(max_length - len(completion_ids), max_length // 2)
+        prompt_ids = prompt_ids[-prompt_budget:] if prompt_budget > 0 else []
+        completion_ids = completion_ids[: max_length - len(prompt_ids)]
+    return Encoded(ids=tuple(prompt_ids + completion_ids), prompt_length=len(prompt_ids))
+
+
+def encode_sft(tokenizer: Any, examples: Sequence[SFTExample], *, max_length: int) -> list[Encoded]:
+    return [
+        encode_prompt_completion(tokenizer, e.prompt, e.completion, max_length=max_length) for e in examples
+    ]
+
+
+@dataclass(frozen=True)
+class EncodedRanking:
+    """A prompt and K answers, each as a full ``[bos] prompt answer [eos]`` sequence (best first)."""
+
+    sequences: tuple[Encoded, ...]
+
+
+def encode_ranking(
+    tokenizer: Any, prompt: str, responses: Sequence[str], *, max_length: int
+) -> EncodedRanking:
+    return EncodedRanking(
+        tuple(encode_prompt_completion(tokenizer, prompt, r, max_length=max_length) for r in responses)
+    )
+
+
+def encode_preferences(
+    tokenizer: Any, examples: Sequence[PreferenceExample], *, max_length: int
+) -> list[EncodedRanking]:
+    return [
+        encode_ranking(tokenizer, e.prompt, (e.chosen, e.rejected), max_length=max_length) for e in examples
+    ]
+
+
+def pack_texts(tokenizer: Any, texts: Sequence[str], *, block_size: int) -> torch.Tensor:
+    """Concatenate ``[bos] text [eos]`` documents and cut the stream into (N, block_size) blocks.
+
+    Packing wastes no compute on padding; the incomplete tail block is dropped.
+    """
+    stream: list[int] = []
+    bos, eos = _special(tokenizer.bos_token_id), _special(tokenizer.eos_token_id)
+    for text in texts:
+        stream.extend(bos + encode_text(tokenizer, text) + eos)
+    blocks = len(stream) // block_size
+    if blocks == 0:
+        raise DataError(f"corpus has {len(stream)} tokens, fewer than one block of block_size={block_size}")
+    return torch.tensor(stream[: blocks * block_size], dtype=torch.long).view(blocks, block_size)
+
+
+# ---------------------------------------------------------------------------- collating
+
+
+@dataclass(frozen=True)
+class CompletionBatch:
+    """Right-padded sequences. ``completion_mask`` marks tokens whose likelihood counts. All (B, T)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    completion_mask: torch.Tensor
+
+    def to(self, device: torch.device) -> CompletionBatch:
+        return CompletionBatch(
+            self.input_ids.to(device, non_blocking=True),
+            self.attention_mask.to(device, non_blocking=True),
+            self.completion_mask.to(device, non_blocking=True),
+        )
+
+    @property
+    def num_completion_tokens(self) -> int:
+        """Tokens that are predicted (a completion token at position 0 has no prediction)."""
+        return int(self.completion_mask[:, 1:].sum())
+
+
+def collate(
+    sequences: Sequence[Encoded], *, pad_token_id: int, pad_to_multiple_of: int = 1
+) -> CompletionBatch:
+    """Pad to the longest sequence (rounded up to ``pad_to_multiple_of``)."""
+    longest = max(len(s.ids) for s in sequences)
+    width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        n = len(seq.ids)
+        input_ids[row, :n] = torch.tensor(seq.ids, dtype=torch.long)
+        attention_mask[row, :n] = 1
+        completion_mask[row, seq.prompt_length : n] = 1
+    return CompletionBatch(input_ids, attention_mask, completion_mask)
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """How far training has read: examples consumed in ``epoch`` (across all ranks)."""
+
+    epoch: int = 0
+    index: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> DataPosition:
+        return cls(epoch=int(value["epoch"]), index=int(value["index"]))
+
+
+class EpochSampler:
+    """Deterministic shuffled batches that resume exactly where a checkpoint left off.
+
+    Each epoch is a permutation seeded by (seed, epoch), so any process can recompute the
+    order from a `DataPosition` alone; the incomplete last batch of an epoch is dropped so
+    every step sees the same global batch size.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, *, seed: int, shuffle: bool = True) -> None:
+        if batch_size < 1:
+            raise DataError(f"batch_size: must be >= 1, got {batch_size}")
+        if num_examples < batch_size:
+            raise DataError(f"dataset has {num_examples} examples, fewer than one batch of {batch_size}")
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self._epoch = -1
+        self._order: list[int] = []
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_examples // self.batch_size
+
+    def _order_of(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            if self.shuffle:
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._order = torch.randperm(self.num_examples, generator=generator).tolist()
+            else:
+                self._order = list(range(self.num_examples))
+            self._epoch = epoch
+        return self._order
+
+    def next_batch(self, position: DataPosition) -> tuple[list[int], DataPosition]:
+        """The global batch of example indices at ``position`` and the position after it."""
+        if position.index + self.batch_size > self.num_examples:
+            position = DataPosition(epoch=position.epoch + 1, index=0)
+        order = self._order_of(position.epoch)
+        batch = order[position.index : position.index + self.batch_size]
+        return batch, DataPosition(epoch=position.epoch, index=position.index + self.batch_size)
+
+
+def shard(indices: Sequence[int], *, rank: int, world_size: int) -> list[int]:
+    """This rank's contiguous share of a global batch (the batch size is a multiple of the world size)."""
+    per_rank = len(indices) // world_size
+    return list(indices[rank * per_rank : (rank + 1) * per_rank])

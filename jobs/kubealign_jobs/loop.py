@@ -1,0 +1,340 @@
+"""The training loop every training stage shares: batches, accumulation, checkpoints, resume, logging.
+
+A stage describes its task (examples, how to collate them, the loss of a micro-batch) and
+this loop does the rest, the same way for pretrain, sft, reward and dpo:
+
+    for step in start+1 .. total_steps:
+        global batch of example indices  <- EpochSampler at the saved DataPosition
+        this rank's share, split into micro-batches; backward on each (DDP syncs on the last)
+        loss normalised by the global count of loss units (tokens or examples) in the step,
+        so 1 process and N processes, with or without accumulation, take the same step
+        clip, optimizer step, LR schedule; log every `log_every`; checkpoint every `checkpoint_every`
+
+Resuming restores the model, optimizer, scheduler, RNG and data position of the newest
+complete checkpoint, so the step count continues and no example is drawn twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import torch
+from torch import nn
+
+from kubealign_jobs import checkpoint as checkpoints
+from kubealign_jobs.config import ConfigError
+from kubealign_jobs.data import DataPosition, EpochSampler, shard
+from kubealign_jobs.runtime import StageContext, require_choice
+
+log = logging.getLogger(__name__)
+
+E = TypeVar("E")
+B = TypeVar("B")
+
+LR_SCHEDULES = ("cosine", "linear", "constant")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainingHyperparameters:
+    """Defaults shared by all training stages; each stage extends this with its own."""
+
+    max_steps: int = 0  # 0: train for `epochs` epochs
+    epochs: float = 1.0
+    batch_size: int = 8  # global: examples per optimizer step across all processes
+    micro_batch_size: int = 0  # per process and forward pass; 0: batch_size / processes (no accumulation)
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    warmup_steps: int = 0
+    lr_schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    min_lr_ratio: float = 0.1  # cosine/linear decay to this fraction of learning_rate
+    grad_clip: float = 1.0  # 0 disables clipping
+    max_length: int = 512  # tokens per sequence (prompt + completion)
+    log_every: int = 10
+    checkpoint_every: int = 100  # 0 disables checkpoints
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # 0: evaluate only at the end
+    mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it) | no | bf16 | fp16
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "max_length", "log_every", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"hyperparameters.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "micro_batch_size", "warmup_steps", "checkpoint_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"hyperparameters.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.max_steps == 0 and self.epochs <= 0:
+            raise ConfigError("hyperparameters.epochs: must be > 0 when max_steps is 0")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"hyperparameters.learning_rate: must be > 0, got {self.learning_rate}")
+        require_choice("hyperparameters.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        require_choice("hyperparameters.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """The loss of one micro-batch.
+
+    loss_sum:    sum of the per-unit losses (units: tokens or examples), carrying gradients
+    metric_sums: per-example sums of things to report (detached), averaged over the step's examples
+    """
+
+    loss_sum: torch.Tensor
+    metric_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Task(Generic[E, B]):
+    """What a stage trains on and how.
+
+    examples:   the whole (tokenised) training set, indexed by the sampler
+    collate:    a micro-batch of examples -> a batch on the CPU
+    to_device:  moves a batch to the training device
+    units:      how many loss units (tokens or examples) a batch holds, to normalise the loss
+    loss:       (model, batch) -> LossOutput
+    """
+
+    examples: Sequence[E]
+    collate: Callable[[Sequence[E]], B]
+    to_device: Callable[[B, torch.device], B]
+    units: Callable[[B], int]
+    loss: Callable[[nn.Module, B], LossOutput]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    metrics: dict[str, float]
+
+
+def total_steps(hp: TrainingHyperparameters, steps_per_epoch: int) -> int:
+    if hp.max_steps:
+        return hp.max_steps
+    return max(1, math.ceil(hp.epochs * steps_per_epoch))
+
+
+def micro_batch_size(hp: TrainingHyperparameters, world_size: int) -> int:
+    if hp.batch_size % world_size:
+        raise ConfigError(
+            f"hyperparameters.batch_size: {hp.batch_size} is not divisible by the {world_size} processes"
+        )
+    per_rank = hp.batch_size // world_size
+    size = hp.micro_batch_size or per_rank
+    if per_rank % size:
+        raise ConfigError(
+            f"hyperparameters.micro_batch_size: {size} does not divide the per-process batch of {per_rank}"
+        )
+    return size
+
+
+def lr_factor(step: int, *, hp: TrainingHyperparameters, total: int) -> float:
+    """Multiplier of the base learning rate after ``step`` optimizer steps: warmup, then decay."""
+    if hp.warmup_steps and step < hp.warmup_steps:
+        return (step + 1) / hp.warmup_steps
+    if hp.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
+    linear = 1.0 - progress
+    shape = linear if hp.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return hp.min_lr_ratio + (1.0 - hp.min_lr_ratio) * shape
+
+
+def make_optimizer(model: nn.Module, hp: TrainingHyperparameters) -> torch.optim.Optimizer:
+    """AdamW; biases and norm weights (1-D parameters) are not decayed."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = torch.cuda.is_available() and all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(
+        groups, lr=hp.learning_rate, betas=(hp.adam_beta1, hp.adam_beta2), fused=fused or None
+    )
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+def find_resume_checkpoint(ctx: StageContext) -> checkpoints.Checkpoint | None:
+    """The newest good checkpoint of this stage, agreed by all ranks (rank 0 chooses)."""
+    chosen = None
+    if ctx.is_main:
+        found = checkpoints.latest_checkpoint(ctx.config.checkpoints, ctx.scratch / "resume")
+        chosen = found.uri if found else None
+    chosen = ctx.broadcast(chosen)
+    if chosen is None:
+        return None
+    # Each process loads (and verifies) its own copy: nodes share no filesystem.
+    return checkpoints.load_checkpoint(chosen, ctx.scratch / "resume")
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def train(
+    ctx: StageContext,
+    hp: TrainingHyperparameters,
+    *,
+    model: nn.Module,
+    task: Task[E, B],
+    save_model: Callable[[nn.Module, Path], None],
+    resume: checkpoints.Checkpoint | None,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    extra_state: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``task``; return the step count and the final (evaluation) metrics.
+
+    ``model`` must already hold the weights to start from (the checkpoint's when resuming).
+    ``save_model(unwrapped_model, dest)`` writes a save_pretrained folder with the tokenizer.
+    ``extra_state`` is stored in every checkpoint (e.g. a fingerprint of the data).
+    """
+    accelerator = ctx.accelerator
+    world = ctx.world_size
+    micro = micro_batch_size(hp, world)
+    sampler = EpochSampler(len(task.examples), hp.batch_size, seed=ctx.config.seed)
+    total = total_steps(hp, sampler.steps_per_epoch)
+
+    if hp.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+    optimizer = make_optimizer(model, hp)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, hp=hp, total=total))
+    # The scheduler stays outside accelerate: its wrapper would step it once per process.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+
+    step = 0
+    position = DataPosition()
+    if resume is not None:
+        state = resume.state
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+        position = DataPosition.from_dict(state["data_position"])
+        rng_states = state.get("rng", [])
+        if ctx.rank < len(rng_states):
+            checkpoints.restore_rng_state(rng_states[ctx.rank])
+        if state.get("num_examples") != len(task.examples) or state.get("batch_size") != hp.batch_size:
+            log.warning(
+                "checkpoint was written for %s examples in batches of %s; now %d in batches of %d",
+                state.get("num_examples"),
+                state.get("batch_size"),
+                len(task.examples),
+                hp.batch_size,
+            )
+        ctx.emit({"event": "resumed", "step": step, "total_steps": total, "checkpoint": resume.uri})
+
+    def save(at_step: int) -> None:
+        rng = ctx.gather(checkpoints.capture_rng_state())
+        if ctx.is_main:
+            state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "data_position": position.to_dict(),
+                "rng": rng,
+                "num_examples": len(task.examples),
+                "batch_size": hp.batch_size,
+                "hyperparameters": asdict(hp),
+                "config": ctx.config.to_dict(),
+                **(extra_state or {}),
+            }
+            uri = checkpoints.save_checkpoint(
+                checkpoints_uri=ctx.config.checkpoints,
+                step=at_step,
+                write_model=lambda dest: save_model(accelerator.unwrap_model(model), dest),
+                state=state,
+                scratch=ctx.scratch / "checkpoint",
+                keep_last=hp.keep_checkpoints,
+            )
+            ctx.emit({"event": "checkpoint", "step": at_step, "uri": uri})
+        ctx.barrier()
+
+    device = ctx.device
+    window_loss = torch.zeros((), dtype=torch.float64, device=device)
+    window_metrics: dict[str, torch.Tensor] = {}
+    window_units = 0
+    window_examples = 0
+    window_start = time.perf_counter()
+    window_steps = 0
+    last_logged: dict[str, float] = {}
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    while step < total:
+        indices, position = sampler.next_batch(position)
+        mine = [task.examples[i] for i in shard(indices, rank=ctx.rank, world_size=world)]
+        batches = [task.collate(mine[start : start + micro]) for start in range(0, len(mine), micro)]
+        units = sum(task.units(b) for b in batches)
+        global_units = int(ctx.sum_across_ranks({"units": units})["units"]) if world > 1 else units
+        # DDP averages gradients over processes; multiplying by `world` turns that into a sum,
+        # so the step's gradient is exactly d(sum of losses)/d(theta) / (global units).
+        scale = world / max(global_units, 1)
+        for index, batch in enumerate(batches):
+            sync = index == len(batches) - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                out = task.loss(model, task.to_device(batch, device))
+                accelerator.backward(out.loss_sum * scale)
+            window_loss += out.loss_sum.detach().double()
+            for name, value in out.metric_sums.items():
+                window_metrics[name] = window_metrics.get(name, 0) + value.detach().double()
+        grad_norm = accelerator.clip_grad_norm_(params, hp.grad_clip) if hp.grad_clip > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_units += global_units
+        window_examples += hp.batch_size
+        window_steps += 1
+
+        if step % hp.log_every == 0 or step == total:
+            sums = {"loss": float(window_loss), **{k: float(v) for k, v in window_metrics.items()}}
+            sums = ctx.sum_across_ranks(sums)
+            elapsed = time.perf_counter() - window_start
+            last_logged = {
+                "loss": sums.pop("loss") / max(window_units, 1),
+                **{k: v / window_examples for k, v in sums.items()},
+            }
+            record: dict[str, Any] = {
+                "step": step,
+                "total_steps": total,
+                **last_logged,
+                "lr": scheduler.get_last_lr()[0],
+                "epoch": round(position.epoch + position.index / len(task.examples), 4),
+                "steps_per_s": round(window_steps / elapsed, 3) if elapsed > 0 else None,
+            }
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            ctx.emit(record)
+            window_loss.zero_()
+            window_metrics = {}
+            window_units = window_examples = window_steps = 0
+            window_start = time.perf_counter()
+
+        if hp.checkpoint_every and step % hp.checkpoint_every == 0:
+            save(step)
+        if evaluate is not None and hp.eval_every and step % hp.eval_every == 0 and step < total:
+            ctx.emit({"event": "eval", "step": step, **_evaluate(model, evaluate)})
+
+    final = {f"train_{k}": v for k, v in last_logged.items()}
+    if evaluate is not None:
+        eval_metrics = _evaluate(model, evaluate)
+        ctx.emit({"event": "eval", "step": step, **eval_metrics})
+        final.update(eval_metrics)
+    final["steps"] = float(step)
+    return TrainResult(steps=step, metrics=final)
+
+
+def _evaluate(model: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return evaluate(model)
+    finally:
+        model.train()

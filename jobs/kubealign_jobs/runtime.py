@@ -1,0 +1,447 @@
+"""The stage runner every ``python -m kubealign_jobs.<stage> --config <path or URI>`` goes through.
+
+It reads the stage config, checks whether the stage's artifact already exists (then it exits
+0 at once: a retried pod must not redo finished work), validates the hyperparameters against
+the stage's typed defaults, starts torch.distributed through accelerate, runs the stage and
+reports the result.
+
+Distributed: the operator sets ``MASTER_ADDR``, ``MASTER_PORT``, ``NNODES``, ``NODE_RANK`` and
+``NPROC_PER_NODE`` in each pod. Started plainly with a world size above one, the stage
+re-launches itself under ``torchrun`` with those values; under torchrun (``LOCAL_RANK`` set)
+accelerate wraps the model in DDP, with NCCL on GPUs and gloo on CPUs.
+
+Output contract (what the operator and the local runner read):
+
+- stdout: one JSON object per line, from rank 0 only. Progress records carry
+  ``{"stage", "type", "step", "total_steps", "loss", ...metrics}``; other records carry an
+  ``"event"`` (``resumed``, ``checkpoint``, ``eval``, ``done``, ``already_complete``, ``error``).
+- ``<output>/metrics.json``: the final metrics, written before the artifact's manifest.
+- the termination message (``KUBEALIGN_TERMINATION_LOG``, else ``/dev/termination-log`` when
+  writable): compact JSON of at most 4 KB, ``{"status": "succeeded" | "failed", ...}``.
+- exit codes: 0 success (or already complete), 2 bad config or data, 3 storage failure,
+  1 anything else (the traceback goes to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kubealign_jobs import storage
+from kubealign_jobs.config import (
+    METRICS_FILE,
+    TERMINATION_MESSAGE_LIMIT,
+    TERMINATION_MESSAGE_PATH,
+    ConfigError,
+    StageConfig,
+)
+
+log = logging.getLogger("kubealign_jobs")
+
+H = TypeVar("H")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_STORAGE = 3
+
+TERMINATION_ENV = "KUBEALIGN_TERMINATION_LOG"
+SCRATCH_ENV = "KUBEALIGN_SCRATCH"
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def load_config(where: str) -> StageConfig:
+    """Read the stage document from a local path or a storage URI."""
+    try:
+        text = storage.read_text(where)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"--config: {where} does not exist") from exc
+    return StageConfig.from_json(text)
+
+
+def parse_hyperparameters(kind: type[H], values: dict[str, Any]) -> H:
+    """Build the stage's frozen hyperparameter dataclass from the config, checking names and types.
+
+    An unknown name or a value of the wrong type is a `ConfigError` naming
+    ``hyperparameters.<name>``; numbers given for a float field are accepted as floats.
+    """
+    hints = typing.get_type_hints(kind)
+    fields = {f.name for f in dataclasses.fields(kind)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(
+            f"hyperparameters.{unknown[0]}: unknown hyperparameter for this stage "
+            f"(known: {', '.join(sorted(fields))})"
+        )
+    checked = {
+        name: _check_type(f"hyperparameters.{name}", value, hints[name]) for name, value in values.items()
+    }
+    try:
+        return kind(**checked)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _check_type(where: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(where, value, option)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected an object, got {value!r}")
+        return dict(value)
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = (typing.get_args(hint) or (Any,))[0]
+        checked = [_check_type(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
+        return tuple(checked) if origin is tuple else checked
+    return value
+
+
+def require_choice(where: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+
+
+# ---------------------------------------------------------------------------- reporting
+
+
+def emit(record: dict[str, Any]) -> None:
+    """One JSON line on stdout, flushed at once so a watcher sees progress as it happens."""
+    sys.stdout.write(json.dumps(record, sort_keys=True, default=_json_default) + "\n")
+    sys.stdout.flush()
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def compact_message(record: dict[str, Any], *, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
+    """JSON of ``record`` in at most ``limit`` bytes: long strings are cut, then whole keys dropped.
+
+    The operator parses the termination message, so it must stay valid JSON however large
+    the metrics or the error are.
+    """
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"), default=_json_default)
+    if len(text.encode()) <= limit:
+        return text
+    trimmed = {
+        k: (v[:1000] + "...") if isinstance(v, str) and len(v) > 1000 else v for k, v in record.items()
+    }
+    priority = ("status", "stage", "error", "exit_code", "artifact", "steps", "loss", "truncated")
+    ordered = sorted(trimmed, key=lambda k: (k not in priority, priority.index(k) if k in priority else 0, k))
+    kept: dict[str, Any] = {"truncated": True}
+    for key in ordered:
+        candidate = {**kept, key: trimmed[key]}
+        if (
+            len(json.dumps(candidate, sort_keys=True, separators=(",", ":"), default=_json_default).encode())
+            < limit
+        ):
+            kept = candidate
+    return json.dumps(kept, sort_keys=True, separators=(",", ":"), default=_json_default)
+
+
+def write_termination_message(record: dict[str, Any]) -> None:
+    """Write the compact result where Kubernetes (or the local runner) picks it up."""
+    path = os.environ.get(TERMINATION_ENV) or TERMINATION_MESSAGE_PATH
+    target = Path(path)
+    if not os.environ.get(TERMINATION_ENV) and not (target.exists() and os.access(target, os.W_OK)):
+        return  # outside a pod, and no override: nobody is listening
+    try:
+        target.write_text(compact_message(record))
+    except OSError as exc:
+        log.warning("cannot write termination message to %s: %s", target, exc)
+
+
+# ---------------------------------------------------------------------------- the context
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a running stage needs besides its hyperparameters."""
+
+    config: StageConfig
+    accelerator: Any  # accelerate.Accelerator
+    scratch: Path  # this process's local scratch directory
+    started: float
+
+    @property
+    def is_main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+    @property
+    def is_local_main(self) -> bool:
+        return bool(self.accelerator.is_local_main_process)
+
+    @property
+    def rank(self) -> int:
+        return int(self.accelerator.process_index)
+
+    @property
+    def world_size(self) -> int:
+        return int(self.accelerator.num_processes)
+
+    @property
+    def device(self) -> Any:
+        return self.accelerator.device
+
+    def emit(self, record: dict[str, Any]) -> None:
+        """A JSON line on stdout from rank 0 (every record is tagged with the stage)."""
+        if self.is_main:
+            emit({"stage": self.config.stage, "type": self.config.type, **record})
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (any picklable object)."""
+        if self.world_size == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        box = [value]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [value]
+        from accelerate.utils import gather_object
+
+        return list(gather_object([value]))
+
+    def sum_across_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        """Element-wise sum of a dict of numbers over all ranks (same keys on every rank)."""
+        if self.world_size == 1:
+            return dict(values)
+        import torch
+
+        keys = sorted(values)
+        tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return dict(zip(keys, tensor.tolist(), strict=True))
+
+
+# ---------------------------------------------------------------------------- launching
+
+
+def _world_from_env(config: StageConfig) -> tuple[int, int]:
+    nnodes = int(os.environ.get("NNODES") or config.distributed.nnodes)
+    nproc = int(os.environ.get("NPROC_PER_NODE") or config.distributed.nproc_per_node)
+    return nnodes, nproc
+
+
+def _torchrun_command(module: str, argv: list[str], nnodes: int, nproc: int) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--nnodes={nnodes}",
+    ]
+    if nnodes == 1 and not os.environ.get("MASTER_ADDR"):
+        command.append("--standalone")
+    else:
+        command += [
+            f"--node-rank={os.environ.get('NODE_RANK', '0')}",
+            f"--master-addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}",
+            f"--master-port={os.environ.get('MASTER_PORT', '29500')}",
+        ]
+    return [*command, "-m", module, *argv]
+
+
+def _make_accelerator(mixed_precision: str) -> Any:
+    from datetime import timedelta
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    cuda = torch.cuda.is_available()
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    if cuda:
+        # TF32 matmuls: ~2x on Ampere+ at a precision loss far below bf16 autocast's.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    handler = InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+    return Accelerator(cpu=not cuda, mixed_precision=mixed_precision, kwargs_handlers=[handler])
+
+
+def _scratch_dir(rank: int) -> Path:
+    base = os.environ.get(SCRATCH_ENV)
+    root = Path(base) if base else Path(tempfile.gettempdir()) / "kubealign"
+    path = root / f"rank-{rank}-{os.getpid()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _configure_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    # Rank 0 speaks for the job; the others only report problems.
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _existing_metrics(config: StageConfig) -> dict[str, Any]:
+    try:
+        value = storage.read_json(storage.join(config.output, METRICS_FILE))
+    except (FileNotFoundError, storage.StorageError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def run_stage(
+    stage_type: str,
+    train: Callable[[StageContext, H], dict[str, Any]],
+    hyperparameters: type[H],
+    argv: list[str] | None = None,
+) -> int:
+    """Run one stage end to end and return the process exit code (see the module docstring)."""
+    from kubealign_jobs.data import DataError
+    from kubealign_jobs.model import ModelError
+
+    parser = argparse.ArgumentParser(prog=f"python -m kubealign_jobs.{stage_type}")
+    parser.add_argument(
+        "--config", required=True, help="stage config: a local path or an s3:// / file:// URI"
+    )
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(args_list)
+    rank = int(os.environ.get("RANK", "0"))
+    _configure_logging(rank)
+    stage = stage_type
+    started = time.time()
+    try:
+        config = load_config(args.config)
+        stage = config.stage
+        if config.type != stage_type:
+            raise ConfigError(f"type: this is the {stage_type!r} trainer, the config is for {config.type!r}")
+        hp = parse_hyperparameters(hyperparameters, config.hyperparameters)
+        storage.configure(config.storage)
+        if storage.is_complete(config.artifact):
+            if rank == 0:
+                emit(
+                    {
+                        "stage": stage,
+                        "type": stage_type,
+                        "event": "already_complete",
+                        "artifact": config.artifact,
+                    }
+                )
+                log.info("%s: artifact %s is already complete; nothing to do", stage, config.artifact)
+                metrics = _existing_metrics(config)
+                write_termination_message(
+                    {"status": "succeeded", "stage": stage, "already_complete": True, **metrics}
+                )
+            return EXIT_OK
+        nnodes, nproc = _world_from_env(config)
+        if nnodes * nproc > 1 and "LOCAL_RANK" not in os.environ:
+            command = _torchrun_command(f"kubealign_jobs.{stage_type}", args_list, nnodes, nproc)
+            log.info("launching %d x %d processes: %s", nnodes, nproc, " ".join(command))
+            return subprocess.call(command)
+
+        accelerator = _make_accelerator(getattr(hp, "mixed_precision", "auto"))
+        from accelerate.utils import set_seed
+
+        set_seed(config.seed)
+        ctx = StageContext(
+            config=config, accelerator=accelerator, scratch=_scratch_dir(rank), started=started
+        )
+        try:
+            metrics = train(ctx, hp)
+            ctx.barrier()
+        finally:
+            shutil.rmtree(ctx.scratch, ignore_errors=True)
+        if ctx.is_main:
+            result = {"status": "succeeded", "stage": stage, "artifact": config.artifact, **metrics}
+            ctx.emit({"event": "done", **metrics, "elapsed_s": round(time.time() - started, 3)})
+            write_termination_message(result)
+        accelerator.end_training()
+        return EXIT_OK
+    except (ConfigError, DataError, ModelError) as exc:
+        return _fail(stage, stage_type, exc, EXIT_BAD_INPUT)
+    except storage.StorageError as exc:
+        return _fail(stage, stage_type, exc, EXIT_STORAGE)
+    except Exception as exc:
+        log.exception("%s failed", stage)
+        return _fail(stage, stage_type, exc, EXIT_FAILED)
+
+
+def _fail(stage: str, stage_type: str, exc: BaseException, code: int) -> int:
+    message = f"{type(exc).__name__}: {exc}"
+    print(f"error: {stage}: {message}", file=sys.stderr, flush=True)
+    emit({"stage": stage, "type": stage_type, "event": "error", "error": message, "exit_code": code})
+    write_termination_message({"status": "failed", "stage": stage, "error": message, "exit_code": code})
+    return code
+
+
+def write_metrics(ctx: StageContext, metrics: dict[str, Any]) -> None:
+    """``<output>/metrics.json`` (rank 0); written before the artifact so a finished stage always has it."""
+    if ctx.is_main:
+        storage.write_json(storage.join(ctx.config.output, METRICS_FILE), metrics)
+
+
+def publish_artifact(ctx: StageContext, write: Callable[[Path], None], *, metadata: dict[str, Any]) -> None:
+    """Rank 0 writes the artifact folder with ``write(dest)`` and publishes it (manifest last)."""
+    if ctx.is_main:
+        local = ctx.scratch / "artifact"
+        shutil.rmtree(local, ignore_errors=True)
+        local.mkdir(parents=True)
+        write(local)
+        storage.publish_dir(local, ctx.config.artifact, metadata=metadata)
+        log.info("published %s", ctx.config.artifact)
+    ctx.barrier()

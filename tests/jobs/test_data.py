@@ -1,0 +1,169 @@
+"""Data: row formats, errors that name file/line/field, tokenisation boundaries, resumable sampling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from trainer_toys import preference_rows, sentences, write_jsonl
+
+from kubealign_jobs import data, storage
+from kubealign_jobs import model as models
+from kubealign_jobs.data import DataError, DataPosition, EpochSampler
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> object:
+    return models.train_tokenizer(sentences(200), vocab_size=300)
+
+
+def test_sft_row_formats(tmp_path: Path) -> None:
+    rows = [
+        {"instruction": "Say hi", "output": "hi"},
+        {"instruction": "Translate", "input": "chat", "output": "cat"},
+        {"prompt": "2+2=", "completion": "4"},
+        {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]},
+    ]
+    examples = data.load(str(write_jsonl(tmp_path / "sft.jsonl", rows)), tmp_path, data.sft_example)
+    assert examples[0] == data.SFTExample("### Instruction:\nSay hi\n\n### Response:\n", "hi")
+    assert examples[1].prompt == "### Instruction:\nTranslate\n\n### Input:\nchat\n\n### Response:\n"
+    assert examples[2] == data.SFTExample("2+2=", "4")
+    assert examples[3] == data.SFTExample("<|user|>\nhello\n<|assistant|>\n", "hi there\n")
+
+
+def test_preference_and_ranked_rows(tmp_path: Path) -> None:
+    rows = [
+        {"question": "What is your name?", "chosen": "My name is Mary", "rejected": "Whats it to you?"},
+        {"prompt": "q", "responses": ["a", "b", "c"]},
+    ]
+    path = str(write_jsonl(tmp_path / "prefs.jsonl", rows))
+    pair = data.load(path, tmp_path, data.ranked_example)
+    assert pair[0] == data.RankedExample("What is your name?", ("My name is Mary", "Whats it to you?"))
+    assert pair[1].responses == ("a", "b", "c")
+    with pytest.raises(DataError, match=r"prefs\.jsonl: line 2: field 'chosen': missing"):
+        data.load(path, tmp_path, data.preference_example)
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (
+            ['{"prompt": "a", "chosen": "b", "rejected": "c"}', '{"prompt": "a", "chosen": '],
+            r"line 2: not valid JSON",
+        ),
+        (['{"prompt": "a", "chosen": "b"}'], r"line 1: field 'rejected': missing"),
+        (
+            ['{"prompt": "a", "chosen": 3, "rejected": "c"}'],
+            r"line 1: field 'chosen': expected a string, got int",
+        ),
+        (['{"chosen": "b", "rejected": "c"}'], r"line 1: field 'prompt': missing \(or 'question'\)"),
+        (["", '{"prompt": " ", "chosen": "b", "rejected": "c"}'], r"line 2: field 'prompt': empty"),
+        (['["a"]'], r"line 1: expected a JSON object, got list"),
+    ],
+)
+def test_malformed_preference_rows_name_file_line_and_field(
+    tmp_path: Path, lines: list[str], message: str
+) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"bad\.jsonl: {message}"):
+        data.load(str(path), tmp_path, data.preference_example)
+
+
+def test_malformed_chat_and_ranking(tmp_path: Path) -> None:
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}
+    with pytest.raises(DataError, match=r"line 1: field 'messages\[1\]\.role': 'robot' is not one of"):
+        data.load(str(write_jsonl(tmp_path / "chat.jsonl", [chat])), tmp_path, data.sft_example)
+    ranked = {"prompt": "q", "responses": ["a", ""]}
+    with pytest.raises(DataError, match=r"line 1: field 'responses\[1\]': expected a non-empty string"):
+        data.load(str(write_jsonl(tmp_path / "rank.jsonl", [ranked])), tmp_path, data.ranked_example)
+
+
+def test_parquet_rows_and_errors(tmp_path: Path) -> None:
+    import datasets
+
+    datasets.Dataset.from_list([{"text": "hello"}, {"text": ""}]).to_parquet(str(tmp_path / "corpus.parquet"))
+    with pytest.raises(DataError, match=r"corpus\.parquet: row 2: field 'text': empty"):
+        data.load(str(tmp_path / "corpus.parquet"), tmp_path, data.text_of)
+
+
+@pytest.mark.s3
+def test_prefix_of_files_on_s3(bucket: str, tmp_path: Path) -> None:
+    uri = f"s3://{bucket}/data"
+    storage.write_text(f"{uri}/a.jsonl", "".join(json.dumps(r) + "\n" for r in preference_rows(3)))
+    storage.write_text(f"{uri}/b.jsonl", "".join(json.dumps(r) + "\n" for r in preference_rows(2, seed=1)))
+    assert len(data.load(uri, tmp_path, data.preference_example)) == 5
+    storage.write_text(f"{uri}/c.jsonl", '{"prompt": "x"}\n')
+    with pytest.raises(DataError, match=rf"s3://{bucket}/data/c\.jsonl: line 1: field 'chosen': missing"):
+        data.load(uri, tmp_path / "again", data.preference_example)
+
+
+def test_prompt_completion_encoding_masks_the_prompt(tokenizer: object) -> None:
+    encoded = data.encode_prompt_completion(tokenizer, "Review the plot:", " it was good.", max_length=64)
+    prompt_ids = [
+        tokenizer.bos_token_id,
+        *tokenizer("Review the plot:", add_special_tokens=False)["input_ids"],
+    ]  # type: ignore[attr-defined]
+    assert list(encoded.ids[: encoded.prompt_length]) == prompt_ids
+    assert encoded.ids[-1] == tokenizer.eos_token_id  # type: ignore[attr-defined]
+    batch = data.collate([encoded, data.Encoded((1, 5, 6), 2)], pad_token_id=0)
+    assert batch.completion_mask[0].tolist() == [0] * encoded.prompt_length + [1] * (
+        len(encoded.ids) - encoded.prompt_length
+    )
+    assert batch.completion_mask[1].tolist()[:3] == [0, 0, 1]
+    assert batch.attention_mask[1].sum() == 3 and batch.input_ids[1, 3:].eq(0).all()
+
+
+def test_truncation_keeps_prompt_end_and_completion_start(tokenizer: object) -> None:
+    long_prompt = " ".join(["the movie was good"] * 40)
+    encoded = data.encode_prompt_completion(tokenizer, long_prompt, " it was dull.", max_length=24)
+    assert len(encoded.ids) == 24
+    completion = tokenizer(" it was dull.", add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    assert list(encoded.ids[encoded.prompt_length :]) == [*completion, tokenizer.eos_token_id]  # type: ignore[attr-defined]
+
+
+def test_pack_texts_blocks(tokenizer: object) -> None:
+    blocks = data.pack_texts(tokenizer, sentences(30), block_size=16)
+    assert blocks.shape[1] == 16 and blocks.shape[0] >= 10
+    assert int((blocks == tokenizer.eos_token_id).sum()) >= 29  # type: ignore[attr-defined]
+    with pytest.raises(DataError, match="fewer than one block"):
+        data.pack_texts(tokenizer, ["hi"], block_size=512)
+
+
+def test_sampler_resumes_exactly_and_never_repeats_within_an_epoch() -> None:
+    sampler = EpochSampler(23, 5, seed=7)
+    assert sampler.steps_per_epoch == 4
+    position = DataPosition()
+    straight = []
+    for _ in range(10):
+        batch, position = sampler.next_batch(position)
+        straight.append(batch)
+    first_epoch = [i for batch in straight[:4] for i in batch]
+    assert len(set(first_epoch)) == 20  # 3 examples dropped, none repeated
+    assert straight[4] != straight[0]  # a new permutation each epoch
+
+    resumed_position = DataPosition()
+    for _ in range(6):
+        _, resumed_position = EpochSampler(23, 5, seed=7).next_batch(resumed_position)
+    restored = DataPosition.from_dict(json.loads(json.dumps(resumed_position.to_dict())))
+    fresh = EpochSampler(23, 5, seed=7)  # a restarted process: nothing but the position survives
+    rest = []
+    for _ in range(4):
+        batch, restored = fresh.next_batch(restored)
+        rest.append(batch)
+    assert rest == straight[6:]
+
+
+def test_shard_splits_global_batch() -> None:
+    assert data.shard([5, 6, 7, 8], rank=1, world_size=2) == [7, 8]
+    with pytest.raises(DataError, match="fewer than one batch"):
+        EpochSampler(3, 4, seed=0)
+
+
+def test_collate_pads_to_multiple() -> None:
+    batch = data.collate([data.Encoded((1, 2, 3), 1)], pad_token_id=9, pad_to_multiple_of=8)
+    assert batch.input_ids.shape == (1, 8)
+    assert batch.num_completion_tokens == 2
+    assert torch.equal(batch.input_ids[0, 3:], torch.full((5,), 9))
