@@ -1,0 +1,124 @@
+"""The ``kubealign`` command.
+
+    kubealign operator --namespace team-a [--namespace team-b ...]   # or --all-namespaces
+    kubealign crd | kubectl apply -f -                               # the AlignmentRun CRD
+    kubealign validate run.yaml [...]                                # check manifests offline
+
+Run the operator from a checkout against the current kubeconfig context::
+
+    kubectl apply -f crds/
+    kubealign operator --namespace default
+
+Subcommands are registered in ``COMMANDS``; each adds its own argparse subparser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kubealign import api
+
+
+def _add_operator(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "operator",
+        help="run the AlignmentRun operator in the foreground",
+        description="Watch AlignmentRuns and run their stages as Jobs. Stops on SIGINT or SIGTERM.",
+    )
+    scope = parser.add_mutually_exclusive_group(required=True)
+    scope.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="serve this namespace (repeatable)",
+    )
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="serve every namespace")
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then $KUBECONFIG)")
+    parser.add_argument("--context", help="kubeconfig context (default: the current one)")
+    parser.add_argument(
+        "--resync-seconds", type=float, default=30.0, help="re-check every run this often (default: 30)"
+    )
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    parser.set_defaults(handler=_run_operator)
+
+
+def _run_operator(args: argparse.Namespace) -> int:
+    from kubealign.handlers import serve
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(
+        serve(
+            namespaces=args.namespace,
+            clusterwide=args.all_namespaces,
+            kubeconfig=args.kubeconfig,
+            context=args.context,
+            resync_seconds=args.resync_seconds,
+        )
+    )
+    return 0
+
+
+def _add_crd(subparsers: Any) -> None:
+    parser = subparsers.add_parser("crd", help="print the AlignmentRun CustomResourceDefinition")
+    parser.set_defaults(handler=lambda _args: _print(api.crd_text()))
+
+
+def _print(text: str) -> int:
+    sys.stdout.write(text)
+    return 0
+
+
+def _add_validate(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "validate",
+        help="check AlignmentRun manifests against the API's schema and rules",
+        description="Exit status 1 if any manifest is invalid; each error names file, line and field.",
+    )
+    parser.add_argument("manifests", nargs="+", type=Path, metavar="MANIFEST")
+    parser.set_defaults(handler=_validate)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    failed = False
+    for path in args.manifests:
+        try:
+            documents = api.load_manifests(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            print(f"{path}: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        for document in documents:
+            for error in api.validate(document.body):
+                print(f"{path}:{document.line_of(error.path)}: {error}", file=sys.stderr)
+                failed = True
+    return 1 if failed else 0
+
+
+COMMANDS: list[Callable[[Any], None]] = [_add_operator, _add_crd, _add_validate]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kubealign", description=__doc__.split("\n\n")[0])
+    subparsers = parser.add_subparsers(required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(subparsers)
+    args = parser.parse_args(argv)
+    code: int = args.handler(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

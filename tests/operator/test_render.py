@@ -1,0 +1,284 @@
+"""kubealign.render: the children of one stage attempt, as pure dicts. Table-driven where it pays."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from run_builders import IMAGE, STORAGE, UID, manifest, run, src, stage, uri
+
+from kubealign import render
+from kubealign_jobs.config import StageConfig
+
+
+def _env(job: dict[str, Any]) -> dict[str, Any]:
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def _container(job: dict[str, Any]) -> dict[str, Any]:
+    container: dict[str, Any] = job["spec"]["template"]["spec"]["containers"][0]
+    return container
+
+
+@pytest.mark.parametrize(
+    ("run_name", "stage_name", "attempt", "expected"),
+    [
+        ("demo", "sft", 1, "demo-sft-1"),
+        ("demo", "sft", 12, "demo-sft-12"),
+        ("a" * 30, "b" * 19, 1, "a" * 30 + "-" + "b" * 19 + "-1"),  # 52 characters: kept whole
+    ],
+)
+def test_job_name_is_deterministic(run_name: str, stage_name: str, attempt: int, expected: str) -> None:
+    assert render.job_name(run_name, stage_name, attempt) == expected
+
+
+def test_long_job_names_are_hashed_within_the_limit_and_stay_distinct() -> None:
+    names = {render.job_name("r" * 63, "s" * 40, attempt) for attempt in range(1, 12)}
+    names |= {render.job_name("r" * 63, "t" * 40, 1)}
+    assert len(names) == 12
+    for name in names:
+        assert len(name) <= render.MAX_JOB_NAME
+        assert name[0].isalpha() and name[-1].isalnum() and "--" not in name
+    assert render.job_name("r" * 63, "s" * 40, 7).endswith("-7")
+
+
+def test_stage_config_resolves_inputs_outputs_and_resume() -> None:
+    config = render.stage_config(run(), run().spec.stage("ppo"))
+    prefix = f"{STORAGE}/team-a/demo"
+    assert config.output == f"{prefix}/ppo"
+    assert config.resume == f"{prefix}/ppo/checkpoints"
+    assert config.inputs.model == f"{prefix}/sft/artifact"
+    assert config.inputs.reference == config.inputs.model  # defaults to the model input
+    assert config.inputs.reward_model == f"{prefix}/reward/artifact"
+    assert config.inputs.data == "s3://data/prompts"
+    evaluate = render.stage_config(run(), run().spec.stage("evaluate"))
+    assert evaluate.inputs.policies == {
+        "dpo": f"{prefix}/dpo/artifact",
+        "ppo": f"{prefix}/ppo/artifact",
+        "base": "s3://models/base",
+    }
+
+
+def test_configmap_holds_the_stage_config_the_trainer_parses() -> None:
+    alr = run(manifest(storage={"uri": "s3://b/p/", "endpoint": "http://minio:9000", "region": "eu-1"}))
+    cm = render.build_configmap(alr, alr.spec.stage("sft"), 2)
+    assert cm["metadata"]["name"] == "demo-sft-2"
+    parsed = StageConfig.from_json(cm["data"]["stage.json"])
+    assert parsed.output == "s3://b/p/team-a/demo/sft"
+    assert (parsed.storage.endpoint, parsed.storage.region) == ("http://minio:9000", "eu-1")
+    assert parsed == render.stage_config(alr, alr.spec.stage("sft"))
+
+
+def test_job_metadata_labels_and_owner() -> None:
+    alr = run()
+    job = render.build_job(alr, alr.spec.stage("dpo"), 3)
+    meta = job["metadata"]
+    assert meta["name"] == "demo-dpo-3"
+    assert meta["labels"] == {
+        "app.kubernetes.io/name": "kubealign",
+        "app.kubernetes.io/instance": "demo",
+        "app.kubernetes.io/component": "dpo",
+        "app.kubernetes.io/managed-by": "kubealign-operator",
+        "kubealign.io/run": "demo",
+        "kubealign.io/stage": "dpo",
+        "kubealign.io/attempt": "3",
+    }
+    assert meta["ownerReferences"] == [
+        {
+            "apiVersion": "kubealign.io/v1alpha1",
+            "kind": "AlignmentRun",
+            "name": "demo",
+            "uid": UID,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+    assert job["spec"]["template"]["metadata"]["labels"] == meta["labels"]
+
+
+def test_single_node_job_spec() -> None:
+    alr = run(manifest([stage("sft", "sft", inputs={"data": uri("s3://d")}, resources={"gpusPerNode": 1})]))
+    job = render.build_job(alr, alr.spec.stage("sft"), 1)
+    spec = job["spec"]
+    assert (spec["backoffLimit"], spec["completions"], spec["parallelism"], spec["suspend"]) == (
+        0,
+        1,
+        1,
+        False,
+    )
+    assert "completionMode" not in spec
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert pod["automountServiceAccountToken"] is False
+    assert "subdomain" not in pod
+    container = _container(job)
+    assert container["image"] == IMAGE
+    assert container["command"] == [
+        "python",
+        "-m",
+        "kubealign_jobs.sft",
+        "--config",
+        "/etc/kubealign/stage.json",
+    ]
+    assert container["resources"] == {"requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}
+    assert container["terminationMessagePath"] == "/dev/termination-log"
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def test_pod_security_and_volumes() -> None:
+    alr = run()
+    job = render.build_job(alr, alr.spec.stage("sft"), 1)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 1000
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    container = _container(job)
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts == {
+        "/etc/kubealign": "stage-config",
+        "/scratch": "scratch",
+        "/tmp": "tmp",
+        "/dev/shm": "dshm",
+    }
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["stage-config"]["configMap"]["name"] == "demo-sft-1"
+    assert volumes["scratch"] == {"name": "scratch", "emptyDir": {}}
+    env = _env(job)
+    assert (env["HOME"], env["HF_HOME"]) == ("/scratch", "/scratch/huggingface")
+
+
+def test_credentials_come_from_the_secret_by_reference_only() -> None:
+    alr = run(
+        manifest(storage={"uri": STORAGE, "endpoint": "http://s3.local:9000", "secretRef": {"name": "s3"}})
+    )
+    job = render.build_job(alr, alr.spec.stage("sft"), 1)
+    env = _env(job)
+    assert env["AWS_ACCESS_KEY_ID"] == {
+        "secretKeyRef": {"name": "s3", "key": "AWS_ACCESS_KEY_ID", "optional": False}
+    }
+    assert env["AWS_SECRET_ACCESS_KEY"]["secretKeyRef"]["name"] == "s3"
+    assert env["AWS_SESSION_TOKEN"]["secretKeyRef"]["optional"] is True
+    assert env["AWS_ENDPOINT_URL"] == "http://s3.local:9000"
+    assert "AWS_ACCESS_KEY_ID" not in _env(render.build_job(run(), run().spec.stage("sft"), 1))
+
+
+def test_multi_node_stage_is_an_indexed_job_with_a_headless_service() -> None:
+    alr = run(
+        manifest(
+            [stage("sft", "sft", inputs={"data": uri("s3://d")}, resources={"nodes": 4, "gpusPerNode": 8})]
+        )
+    )
+    sft = alr.spec.stage("sft")
+    children = render.build_children(alr, sft, 1)
+    assert [c["kind"] for c in children] == ["ConfigMap", "Service", "Job"]
+    service, job = children[1], children[2]
+    assert service["metadata"]["name"] == "demo-sft-1"
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": "demo-sft-1"}
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 4, 4)
+    assert spec["template"]["spec"]["subdomain"] == "demo-sft-1"
+    env = _env(job)
+    assert env["MASTER_ADDR"] == "demo-sft-1-0.demo-sft-1"
+    assert (env["MASTER_PORT"], env["NNODES"], env["NPROC_PER_NODE"]) == ("29500", "4", "8")
+    assert env["NODE_RANK"] == {
+        "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+    }
+    assert _container(job)["command"][:6] == [
+        "torchrun",
+        "--nnodes=$(NNODES)",
+        "--node-rank=$(NODE_RANK)",
+        "--nproc-per-node=$(NPROC_PER_NODE)",
+        "--master-addr=$(MASTER_ADDR)",
+        "--master-port=$(MASTER_PORT)",
+    ]
+    assert _container(job)["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    config = json.loads(children[0]["data"]["stage.json"])
+    assert config["distributed"] == {"nnodes": 4, "nproc_per_node": 8}
+
+
+@pytest.mark.parametrize(
+    ("resources", "command_head", "nproc"),
+    [
+        ({}, ["python", "-m"], 1),
+        ({"gpusPerNode": 1}, ["python", "-m"], 1),
+        ({"gpusPerNode": 4}, ["torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=4"], 4),
+        ({"nodes": 2}, ["torchrun", "--nnodes=$(NNODES)"], 1),
+    ],
+)
+def test_command_by_topology(resources: dict[str, int], command_head: list[str], nproc: int) -> None:
+    alr = run(manifest([stage("sft", "sft", inputs={"data": uri("s3://d")}, resources=resources)]))
+    job = render.build_job(alr, alr.spec.stage("sft"), 1)
+    assert _container(job)["command"][: len(command_head)] == command_head
+    assert render.stage_config(alr, alr.spec.stage("sft")).distributed.nproc_per_node == nproc
+
+
+def test_kueue_queue_label_and_created_suspended() -> None:
+    alr = run(manifest(queueName="gpu-queue"))
+    job = render.build_job(alr, alr.spec.stage("sft"), 1)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert job["spec"]["suspend"] is True
+
+
+def test_scheduling_and_annotations_are_copied() -> None:
+    toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    sft = stage(
+        "sft",
+        "sft",
+        inputs={"data": uri("s3://d")},
+        image="custom:1",
+        nodeSelector={"gpu": "a100"},
+        tolerations=[toleration],
+        podAnnotations={"kubealign.io/kwok-run-seconds": "2", "team": "stage"},
+        resources={"cpu": 4, "memory": "16Gi"},
+    )
+    alr = run(
+        manifest(
+            [sft],
+            podAnnotations={"team": "run", "log": "on"},
+            serviceAccountName="trainer",
+            priorityClassName="high",
+        )
+    )
+    job = render.build_job(alr, alr.spec.stage("sft"), 1)
+    template = job["spec"]["template"]
+    assert template["metadata"]["annotations"] == {
+        "kubealign.io/kwok-run-seconds": "2",
+        "team": "stage",
+        "log": "on",
+    }
+    pod = template["spec"]
+    assert (pod["nodeSelector"], pod["tolerations"]) == ({"gpu": "a100"}, [toleration])
+    assert (pod["serviceAccountName"], pod["priorityClassName"]) == ("trainer", "high")
+    assert _container(job)["image"] == "custom:1"
+    assert _container(job)["resources"] == {
+        "requests": {"cpu": "4", "memory": "16Gi"},
+        "limits": {"memory": "16Gi"},
+    }
+
+
+def test_single_node_stage_has_no_service() -> None:
+    alr = run(manifest([stage("sft", "sft", inputs={"data": uri("s3://d")})]))
+    assert render.build_service(alr, alr.spec.stage("sft"), 1) is None
+    assert [c["kind"] for c in render.build_children(alr, alr.spec.stage("sft"), 1)] == ["ConfigMap", "Job"]
+
+
+def test_from_inputs_point_at_the_upstream_artifact() -> None:
+    alr = run(
+        manifest(
+            [
+                stage("a", "sft", inputs={"data": uri("s3://d")}),
+                stage("b", "dpo", inputs={"model": src("a"), "data": uri("s3://p")}),
+            ]
+        )
+    )
+    assert render.stage_config(alr, alr.spec.stage("b")).inputs.model == f"{STORAGE}/team-a/demo/a/artifact"
