@@ -3,6 +3,7 @@
     kubealign operator --namespace team-a [--namespace team-b ...]   # or --all-namespaces
     kubealign crd | kubectl apply -f -                               # the AlignmentRun CRD
     kubealign validate run.yaml [...]                                # check manifests offline
+    kubealign run run.yaml --local [--workdir DIR]                   # run the stages on this machine
 
 Run the operator from a checkout against the current kubeconfig context::
 
@@ -24,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from kubealign import api
+from kubealign import api, local
 
 
 def _add_operator(subparsers: Any) -> None:
@@ -107,7 +108,7 @@ def _validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-COMMANDS: list[Callable[[Any], None]] = [_add_operator, _add_crd, _add_validate]
+COMMANDS: list[Callable[[Any], None]] = [_add_operator, _add_crd, _add_validate, local.add_parser]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
