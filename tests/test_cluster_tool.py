@@ -217,3 +217,78 @@ def test_fake_nodes_advertise_gpus_and_are_played_by_our_kwok() -> None:
     assert node["metadata"]["annotations"] == {localcluster.KWOK_NODE_ANNOTATION: "fake"}
     assert node["status"]["allocatable"]["nvidia.com/gpu"] == "8"
     assert node["metadata"]["labels"]["nvidia.com/gpu.present"] == "true"
+
+
+def fake_go(directory: Path, script: str) -> Path:
+    go = directory / "go"
+    go.write_text("#!/bin/sh\n" + script)
+    go.chmod(0o755)
+    return go
+
+
+def test_missing_go_is_reported_with_the_version_needed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(localcluster.ClusterError, match=r"Go toolchain not found on PATH.*Go >= 1\.26"):
+        localcluster.check_go()
+
+
+def test_too_old_go_is_reported_with_what_was_found(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake_go(tmp_path, 'echo "go version go1.22.1 linux/amd64"\n')
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(
+        localcluster.ClusterError, match=r"Go 1\.26\.0 or newer.*found `go version go1\.22\.1"
+    ):
+        localcluster.check_go()
+
+
+def test_a_failing_build_names_the_component_and_shows_the_go_output(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("KUBEALIGN_CACHE_DIR", str(tmp_path / "cache"))
+    go = fake_go(
+        tmp_path, 'echo "# k8s.io/kubernetes/cmd/kube-scheduler"; echo "undefined: frobnicate"; exit 2\n'
+    )
+    scheduler = localcluster.BINARY_BY_NAME["kube-scheduler"]
+
+    with pytest.raises(localcluster.ClusterError) as failure:
+        localcluster.build_binary(str(go), scheduler, 1, 1)
+
+    assert "building kube-scheduler failed (exit 2)" in str(failure.value)
+    assert "undefined: frobnicate" in str(failure.value)
+    assert not scheduler.path().exists()
+    assert list(scheduler.path().parent.iterdir()) == []  # no half-written binary left behind
+
+
+def test_a_build_moves_the_binary_into_the_cache_only_when_it_succeeds(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("KUBEALIGN_CACHE_DIR", str(tmp_path / "cache"))
+    # Stands in for `go build ... -o OUT PKG`: writes OUT.
+    go = fake_go(tmp_path, 'while [ $# -gt 0 ]; do [ "$1" = -o ] && out=$2; shift; done; echo built >"$out"')
+    etcd = localcluster.BINARY_BY_NAME["etcd"]
+
+    localcluster.build_binary(str(go), etcd, 1, 1)
+
+    assert etcd.path().read_text() == "built\n"
+    log = (tmp_path / "cache" / "build-logs" / f"etcd-{etcd.version()}.log").read_text()
+    assert "-trimpath -ldflags -s -w -o" in log
+
+
+def test_a_component_dying_at_start_fails_fast_with_its_log(tmp_path: Path) -> None:
+    log_path = tmp_path / "etcd.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            ["sh", "-c", "echo 'listen tcp 127.0.0.1:2379: bind: address already in use'; exit 1"],
+            stdout=log_file,
+        )
+    component = Component(name="etcd", pid=process.pid, exe="/bin/sh", port=2379, log=str(log_path))
+
+    with pytest.raises(localcluster.ClusterError) as failure:
+        localcluster.wait_for("etcd /health", lambda: False, timeout=30, watch=[(component, process)])
+
+    message = str(failure.value)
+    assert "etcd exited with code 1 during start-up" in message
+    assert "address already in use" in message
+    assert "port 2379 was taken by another process" in message

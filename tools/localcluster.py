@@ -370,7 +370,8 @@ def build() -> None:
 
 
 def require_built() -> None:
-    missing = missing_binaries()
+    """`up` needs every binary but helm, and kwok's Stage CRD."""
+    missing = [binary for binary in missing_binaries() if binary.name != "helm"]
     if missing or not kwok_stage_crd_path().is_file():
         names = ", ".join(binary.name for binary in missing) or KWOK_STAGE_CRD
         raise ClusterError(
@@ -533,22 +534,27 @@ def save_state(state: ClusterState) -> None:
 
 
 def stop_components(components: Sequence[Component], *, grace_seconds: float = 10.0) -> None:
-    """SIGTERM in reverse start order, then SIGKILL whatever is still there after the grace period."""
-    running = [component for component in reversed(components) if component.alive()]
-    for component in running:
+    """Stop in reverse start order, each with SIGTERM and then SIGKILL after the grace period.
+
+    One at a time: the API server shuts down cleanly only while etcd still answers.
+    """
+    for component in reversed(components):
+        if not component.alive():
+            continue
         with contextlib.suppress(ProcessLookupError):
             os.kill(component.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_seconds
-    while time.monotonic() < deadline and any(component.alive() for component in running):
-        time.sleep(0.1)
-    for component in running:
+        deadline = time.monotonic() + grace_seconds
+        while time.monotonic() < deadline and component.alive():
+            time.sleep(0.05)
         if component.alive():
-            log(f"{component.name} (pid {component.pid}) ignored SIGTERM; sending SIGKILL")
+            log(
+                f"{component.name} (pid {component.pid}) ignored SIGTERM for {grace_seconds:.0f}s; killing it"
+            )
             with contextlib.suppress(ProcessLookupError):
                 os.kill(component.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(component.alive() for component in running):
-        time.sleep(0.1)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and component.alive():
+                time.sleep(0.05)
 
 
 def remove_state_dir(state_dir: Path) -> None:
@@ -1271,14 +1277,7 @@ def start_cluster(
     )  # fmt: skip
 
     kubectl = subprocess.run(
-        [
-            binaries["kubectl"],
-            f"--kubeconfig={kubeconfig}",
-            "apply",
-            "--server-side",
-            "-f",
-            str(kwok_stage_crd_path()),
-        ],
+        [*kubectl_command(state_dir), "apply", "--server-side", f"--filename={kwok_stage_crd_path()}"],
         capture_output=True,
         text=True,
         check=False,
@@ -1290,7 +1289,7 @@ def start_cluster(
         status, crd = api.request(
             "GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/stages.kwok.x-k8s.io"
         )
-        conditions = crd.get("status", {}).get("conditions", []) if status == 200 else []
+        conditions = (crd.get("status") or {}).get("conditions") or [] if status == 200 else []
         return any(item["type"] == "Established" and item["status"] == "True" for item in conditions)
 
     wait_for("kwok Stage CRD established", stage_crd_established, timeout=30, watch=[apiserver])
@@ -1436,6 +1435,15 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+def kubectl_command(state_dir: Path) -> list[str]:
+    # Discovery cache in the state dir: nothing lands in ~/.kube, and it goes away with `down`.
+    return [
+        str(BINARY_BY_NAME["kubectl"].path()),
+        f"--kubeconfig={state_dir / 'kubeconfig'}",
+        f"--cache-dir={state_dir / 'kubectl-cache'}",
+    ]
+
+
 def exec_kubectl(args: list[str]) -> int:
     state_dir = default_state_dir()
     if args[:1] == ["--state-dir"] and len(args) >= 2:
@@ -1443,8 +1451,8 @@ def exec_kubectl(args: list[str]) -> int:
     state = load_state(state_dir)
     if state is None:
         raise ClusterError(f"no cluster in {state_dir}; run `tools/cluster up` first")
-    kubectl = str(BINARY_BY_NAME["kubectl"].path())
-    os.execv(kubectl, [kubectl, f"--kubeconfig={state.kubeconfig}", *args])
+    command = kubectl_command(Path(state.state_dir))
+    os.execv(command[0], [*command, *args])
 
 
 def main(argv: list[str] | None = None) -> int:
