@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch.nn import functional
 
+from kubealign_jobs import data
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -161,19 +163,29 @@ def sample(
     return concat_samples(parts, pad_token_id=tokenizer.pad_token_id)
 
 
+def encode_prompt(tokenizer: Any, prompt: str, *, max_prompt_tokens: int | None = None) -> list[int]:
+    """``[bos] prompt`` exactly as `data.encode_prompt_completion` starts a training sequence.
+
+    Sampling from the same prefix the SFT, reward and DPO stages trained on keeps the
+    completions in-distribution and lets a reward model score them token for token.
+    """
+    ids = ([] if tokenizer.bos_token_id is None else [int(tokenizer.bos_token_id)]) + data.encode_text(
+        tokenizer, prompt
+    )
+    if max_prompt_tokens is not None:
+        ids = ids[-max_prompt_tokens:]
+    if not ids:
+        raise ValueError(f"sampling: prompt {prompt!r} encodes to no tokens")
+    return ids
+
+
 def _encode_left_padded(
     tokenizer: Any, prompts: list[str], max_prompt_tokens: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = [tokenizer(prompt, add_special_tokens=True)["input_ids"] for prompt in prompts]
-    if max_prompt_tokens is not None:
-        rows = [row[-max_prompt_tokens:] for row in rows]
-    for prompt, row in zip(prompts, rows, strict=True):
-        if not row:
-            raise ValueError(f"sampling: prompt {prompt!r} encodes to no tokens")
+    rows = [encode_prompt(tokenizer, prompt, max_prompt_tokens=max_prompt_tokens) for prompt in prompts]
     width = max(len(row) for row in rows)
-    ids = torch.tensor(
-        [[tokenizer.pad_token_id] * (width - len(row)) + row for row in rows], dtype=torch.long
-    )
+    pad = int(tokenizer.pad_token_id)
+    ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], dtype=torch.long)
     mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], dtype=torch.long)
     return ids, mask
 

@@ -9,16 +9,26 @@ it labels preference pairs for the reward model and measures what the policies r
   its lexicon inside the package, so it runs offline.
 - ``word_fraction``: the fraction of the completion's words found in ``words``; a reward whose
   optimum is known exactly, for toy tasks and tests.
+
+`RewardModelScorer` gives a reward stage's artifact the same interface, so the stages treat
+a learned reward and a ground-truth one alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 
-class ScorerError(ValueError):
+from kubealign_jobs import data, storage
+from kubealign_jobs import model as models
+from kubealign_jobs.config import ConfigError
+
+
+class ScorerError(ConfigError):
     """An unknown scorer name or bad options; the message names the hyperparameter at fault."""
 
 
@@ -61,6 +71,61 @@ class WordFractionScorer:
             tokens = text.split()
             scores.append(sum(token in self.words for token in tokens) / len(tokens) if tokens else 0.0)
         return scores
+
+
+class RewardModelScorer:
+    """Scores with a reward model, batched, on ``[bos] prompt completion [eos]`` as it was trained.
+
+    The texts are re-tokenised with the reward model's own tokenizer exactly the way the
+    reward stage encodes preference rows (`data.encode_prompt_completion`), so the policy may
+    use a different tokenizer and the score does not depend on how the policy split its text.
+    """
+
+    name = "reward_model"
+
+    def __init__(
+        self, reward_model: Any, tokenizer: Any, *, batch_size: int = 64, max_length: int = 512
+    ) -> None:
+        self.reward_model = reward_model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        _check_lengths(prompts, completions)
+        device = next(self.reward_model.parameters()).device
+        scores: list[float] = []
+        for start in range(0, len(prompts), self.batch_size):
+            encoded = [
+                data.encode_prompt_completion(self.tokenizer, prompt, completion, max_length=self.max_length)
+                for prompt, completion in zip(
+                    prompts[start : start + self.batch_size],
+                    completions[start : start + self.batch_size],
+                    strict=True,
+                )
+            ]
+            batch = data.collate(encoded, pad_token_id=int(self.tokenizer.pad_token_id)).to(device)
+            scores.extend(
+                models.reward_scores(self.reward_model, batch.input_ids, batch.attention_mask).tolist()
+            )
+        return scores
+
+
+def load_reward_model_scorer(
+    uri: str, scratch: Path, *, device: Any, batch_size: int = 64, max_length: int = 512
+) -> RewardModelScorer:
+    """Fetch a reward stage's artifact (or any reward-model folder) and wrap it as a scorer."""
+    folder = storage.fetch_dir(uri, scratch / "reward_model")
+    tokenizer = models.load_tokenizer(folder)
+    reward_model = models.load_reward_model(folder, tokenizer=tokenizer).to(device)
+    reward_model.requires_grad_(False)
+    return RewardModelScorer(reward_model, tokenizer, batch_size=batch_size, max_length=max_length)
+
+
+def score_tensor(scorer: Scorer, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+    """Scores as a float32 (B,) tensor on the CPU."""
+    return torch.tensor(scorer.score(prompts, completions), dtype=torch.float32)
 
 
 def _check_lengths(prompts: Sequence[str], completions: Sequence[str]) -> None:

@@ -1,0 +1,596 @@
+"""PPO stage: optimise a policy against a reward under a KL penalty to a frozen reference.
+
+The RLHF half of the DPO paper's comparison (Ziegler et al. 2019; Stiennon et al. 2020).
+Each step:
+
+1. rollout: sample one completion per prompt from the current policy (KV-cache generation);
+   one forward pass of the policy gives log pi and the value estimates (a small head on the
+   policy's last hidden state), one of the frozen reference gives log pi_ref;
+2. reward: the sequence score from a reward-model stage (``inputs.reward_model``) or a named
+   ground-truth scorer (``hyperparameters.scorer``), added at the last completion token to
+   the per-token KL penalty ``-beta * (log pi - log pi_ref)``;
+3. GAE advantages (whitened) and returns;
+4. ``ppo_epochs`` passes over shuffled minibatches: clipped policy loss + clipped value loss,
+   gradient clipping, one optimizer step per minibatch (gradients all-reduced across ranks);
+5. beta is fixed, or adapted towards ``target_kl`` (Ziegler et al.'s controller).
+
+Run it:
+
+    python -m kubealign_jobs.ppo --config stage.json
+    torchrun --nproc_per_node 2 -m kubealign_jobs.ppo --config stage.json   # data-parallel
+
+The artifact is the policy as a plain ``save_pretrained`` causal LM (transformers loads it
+as any other), with the value head beside it in ``value_head.safetensors``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kubealign_jobs import checkpoint as checkpoints
+from kubealign_jobs import data, rl, runtime, scorers, storage
+from kubealign_jobs import model as models
+from kubealign_jobs.config import ConfigError
+from kubealign_jobs.loop import MIXED_PRECISION, find_resume_checkpoint
+from kubealign_jobs.runtime import StageContext, require_choice
+from kubealign_jobs.sampling import Samples, SamplingParams, sample
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """Defaults follow TRL's PPO and Ziegler et al.; ``hyperparameters.<name>`` overrides each."""
+
+    # The reward: a named ground-truth scorer, or (when None) the inputs.reward_model artifact.
+    scorer: str | None = None
+    scorer_options: dict[str, Any] = field(default_factory=dict)
+    reward_max_length: int = 512  # tokens of prompt + completion the reward model sees
+
+    # Rollouts.
+    steps: int = 100  # PPO steps, each one rollout batch and its update
+    rollout_batch_size: int = 16  # prompts per rank per step
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # the policy is pi(.)^(1/T); log-probs are taken at the same T
+    top_p: float = 1.0
+    max_prompt_tokens: int = 128
+    forward_batch_size: int = 64  # rows per no-grad forward pass while scoring a rollout
+    missing_eos_penalty: float | None = None  # subtracted from the score of completions cut at max_new_tokens
+
+    # PPO update.
+    ppo_epochs: int = 4
+    mini_batch_size: int = 8  # rows per optimizer step, per rank
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    value_loss_coef: float = 0.1
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_rewards: bool = False
+
+    # The KL penalty: fixed beta, or adaptive towards target_kl (nats per sequence) when set.
+    init_kl_coef: float = 0.05
+    target_kl: float | None = None
+    kl_horizon: int = 10000
+    kl_estimator: str = "k1"
+
+    # Bookkeeping.
+    log_every: int = 1
+    checkpoint_every: int = 50  # 0 disables checkpoints
+    keep_checkpoints: int = 2
+    mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it) | no | bf16 | fp16
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "rollout_batch_size", "mini_batch_size", "ppo_epochs", "forward_batch_size")
+        for name in (*positive, "log_every", "keep_checkpoints", "kl_horizon", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"hyperparameters.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ConfigError(
+                f"hyperparameters.mini_batch_size: {self.mini_batch_size} does not divide "
+                f"rollout_batch_size ({self.rollout_batch_size})"
+            )
+        if self.temperature <= 0:
+            raise ConfigError(
+                f"hyperparameters.temperature: PPO samples, so it must be > 0, got {self.temperature}"
+            )
+        if self.learning_rate <= 0:
+            raise ConfigError(f"hyperparameters.learning_rate: must be > 0, got {self.learning_rate}")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise ConfigError(
+                f"hyperparameters.target_kl: must be > 0 (or null for a fixed beta), got {self.target_kl}"
+            )
+        if self.init_kl_coef < 0:
+            raise ConfigError(f"hyperparameters.init_kl_coef: must be >= 0, got {self.init_kl_coef}")
+        if self.checkpoint_every < 0 or self.warmup_steps < 0:
+            raise ConfigError("hyperparameters.checkpoint_every and warmup_steps: must be >= 0")
+        if self.whiten_rewards and self.rollout_batch_size < 2:
+            raise ConfigError("hyperparameters.whiten_rewards: needs rollout_batch_size >= 2")
+        require_choice("hyperparameters.kl_estimator", self.kl_estimator, rl.KL_ESTIMATORS)
+        require_choice("hyperparameters.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        self.sampling()  # checks top_p and max_new_tokens
+
+    def sampling(self) -> SamplingParams:
+        try:
+            return SamplingParams(
+                max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p
+            )
+        except ValueError as exc:
+            raise ConfigError(f"hyperparameters.{exc}") from exc
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+class PolicyWithValueHead(nn.Module):
+    """A causal LM and a scalar value head on its last hidden state, trained together.
+
+    Sharing the backbone makes the critic nearly free: one forward pass yields both the
+    token log-probs and the values, where a separate value model would double the compute.
+    """
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+        hidden_size = int(policy.get_output_embeddings().in_features)  # type: ignore[operator]
+        self.value_head = nn.Linear(hidden_size, 1)
+        # A small init: early value estimates near zero keep the first advantages close to the rewards.
+        nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden_size + 1))
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, C, V) predicting the last ``C`` tokens of ``input_ids`` and values (B, C).
+
+        ``values[:, t]`` estimates the return from the state that emits completion token t. Only
+        the ``C + 1`` last positions go through the LM head (prompt positions predict nothing
+        we train on). Positions count real tokens only, as in generation with left padding.
+        """
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        output = self.policy(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=completion_width + 1,
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        hidden = output.hidden_states[-1][:, -completion_width - 1 : -1]  # (B, C, H)
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        return output.logits[:, :-1], values
+
+    def save_value_head(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
+            str(folder / VALUE_HEAD_FILE),
+        )
+
+    def load_value_head(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        self.value_head.load_state_dict(load_file(str(folder / VALUE_HEAD_FILE)))
+
+
+def disable_dropout(module: nn.Module) -> None:
+    """PPO's ratio pi/pi_old must be exactly 1 before the first update; dropout would make it noise."""
+    for child in module.modules():
+        if isinstance(child, nn.Dropout):
+            child.p = 0.0
+
+
+def reference_logits(
+    reference: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int
+) -> torch.Tensor:
+    """The reference's logits (B, C, V) for the last ``width`` tokens, positions as in generation."""
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    logits: torch.Tensor = reference(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=width + 1,
+        use_cache=False,
+    ).logits
+    return logits[:, :-1]
+
+
+# ---------------------------------------------------------------------------- rollouts
+
+
+ScoreFn = Callable[[Samples], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One rollout batch and everything the update needs. Sequences (B, P + C), the rest (B, C)."""
+
+    prompts: list[str]
+    completions: list[str]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    mask: torch.Tensor  # float, 1 on real completion tokens
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    scores: torch.Tensor  # (B,) sequence scores, after any missing-EOS penalty
+    kl: torch.Tensor  # (B,) per-sequence KL estimate
+    entropy: torch.Tensor  # scalar, mean per-token entropy of the sampling policy
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@torch.no_grad()
+def collect_rollout(
+    *,
+    model: PolicyWithValueHead,
+    reference: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    score_fn: ScoreFn,
+    beta: float,
+    hp: Hyperparameters,
+) -> Rollout:
+    """Sample from the current policy and score the samples: steps 1-3 of the module docstring."""
+    samples = sample(
+        model.policy,
+        tokenizer,
+        prompts,
+        hp.sampling(),
+        batch_size=hp.forward_batch_size,
+        max_prompt_tokens=hp.max_prompt_tokens,
+    )
+    input_ids, attention_mask = samples.input_ids, samples.attention_mask
+    completion_ids = samples.completion_ids
+    width = completion_ids.shape[1]
+    mask = samples.completion_mask.float()
+    was_training = model.training
+    model.eval()
+    logprobs, ref_logprobs, values, entropies = [], [], [], []
+    for start in range(0, len(samples), hp.forward_batch_size):
+        rows = slice(start, start + hp.forward_batch_size)
+        logits, value = model(input_ids[rows], attention_mask[rows], width)
+        logits = logits / hp.temperature
+        logprobs.append(models.logps_from_logits(logits, completion_ids[rows]))
+        entropies.append(rl.entropy_from_logits(logits))
+        values.append(value.float())
+        ref = reference_logits(reference, input_ids[rows], attention_mask[rows], width) / hp.temperature
+        ref_logprobs.append(models.logps_from_logits(ref, completion_ids[rows]))
+    model.train(was_training)
+    logprob, ref_logprob = torch.cat(logprobs) * mask, torch.cat(ref_logprobs) * mask
+    value = torch.cat(values) * mask
+
+    scores = score_fn(samples).to(logprob.device, torch.float32)
+    if hp.missing_eos_penalty is not None and tokenizer.eos_token_id is not None:
+        ended = ((completion_ids == tokenizer.eos_token_id) & (samples.completion_mask > 0)).any(dim=1)
+        scores = torch.where(ended, scores, scores - hp.missing_eos_penalty)
+    rewards, kl = rl.kl_penalized_rewards(
+        scores=scores,
+        logprobs=logprob,
+        ref_logprobs=ref_logprob,
+        mask=mask,
+        beta=beta,
+        estimator=hp.kl_estimator,
+    )
+    if hp.whiten_rewards:
+        rewards = rl.whiten(rewards, mask, shift_mean=False)
+    advantages, returns = rl.gae(rewards, value, mask, gamma=hp.gamma, lam=hp.lam)
+    advantages = rl.whiten(advantages, mask)
+    return Rollout(
+        prompts=samples.prompts,
+        completions=samples.completions,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        completion_ids=completion_ids,
+        mask=mask,
+        logprobs=logprob,
+        ref_logprobs=ref_logprob,
+        values=value,
+        advantages=advantages,
+        returns=returns,
+        scores=scores,
+        kl=kl.sum(dim=1),
+        entropy=rl.masked_mean(torch.cat(entropies), mask),
+    )
+
+
+# ---------------------------------------------------------------------------- the update
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    """Means over every minibatch of every PPO epoch of one step."""
+
+    policy_loss: float
+    value_loss: float
+    clip_fraction: float
+    value_clip_fraction: float
+    approx_kl: float  # KL(pi_old || pi) estimate between rollout and updated policy
+    grad_norm: float
+
+
+def ppo_update(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    rollout: Rollout,
+    hp: Hyperparameters,
+    generator: torch.Generator,
+    backward: Callable[[torch.Tensor], None],
+    clip_grad_norm: Callable[[float], torch.Tensor],
+) -> UpdateStats:
+    """``ppo_epochs`` passes of clipped-objective minibatch SGD over one rollout (step 4).
+
+    ``model`` is the (possibly data-parallel wrapped) `PolicyWithValueHead`; ``backward`` and
+    ``clip_grad_norm`` come from accelerate, so gradients are all-reduced across ranks.
+    """
+    model.train()
+    width = rollout.completion_ids.shape[1]
+    totals = torch.zeros(6)
+    updates = 0
+    for _ in range(hp.ppo_epochs):
+        order = torch.randperm(len(rollout), generator=generator)
+        for start in range(0, len(rollout), hp.mini_batch_size):
+            rows = order[start : start + hp.mini_batch_size]
+            mask = rollout.mask[rows]
+            logits, values = model(rollout.input_ids[rows], rollout.attention_mask[rows], width)
+            logits = logits / hp.temperature
+            logprobs = models.logps_from_logits(logits, rollout.completion_ids[rows])
+            policy_loss, clip_fraction = rl.clipped_policy_loss(
+                logprobs=logprobs,
+                old_logprobs=rollout.logprobs[rows],
+                advantages=rollout.advantages[rows],
+                mask=mask,
+                clip_range=hp.clip_range,
+            )
+            value_loss, value_clip_fraction = rl.clipped_value_loss(
+                values=values.float(),
+                old_values=rollout.values[rows],
+                returns=rollout.returns[rows],
+                mask=mask,
+                clip_range=hp.clip_range_value,
+            )
+            loss = policy_loss + hp.value_loss_coef * value_loss
+            if hp.entropy_coef:
+                loss = loss - hp.entropy_coef * rl.masked_entropy(logits, mask)
+            backward(loss)
+            grad_norm = clip_grad_norm(hp.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                log_ratio = logprobs - rollout.logprobs[rows]
+                approx_kl = rl.masked_mean(0.5 * log_ratio**2, mask)
+                totals += torch.stack(
+                    [
+                        policy_loss.detach(),
+                        value_loss.detach(),
+                        clip_fraction,
+                        value_clip_fraction,
+                        approx_kl,
+                        grad_norm.detach().float(),
+                    ]
+                ).cpu()
+            updates += 1
+    scheduler.step()
+    means = (totals / max(updates, 1)).tolist()
+    return UpdateStats(*means)
+
+
+# ---------------------------------------------------------------------------- the stage
+
+
+def _seed(config_seed: int, step: int, rank: int) -> int:
+    """One seed per (run, step, rank): a resumed run samples exactly what the original would have."""
+    return (config_seed * 1_000_003 + step) * 4099 + rank
+
+
+def _reward_scorers(ctx: StageContext, hp: Hyperparameters) -> tuple[scorers.Scorer, scorers.Scorer | None]:
+    """(the reward PPO maximises, a ground-truth scorer reported beside it or None).
+
+    With ``inputs.reward_model`` the learned reward is optimised, as in RLHF, and a named
+    ``scorer``, if also given, is reported as ``true_score`` to show how well the learned
+    reward tracks the real one. Without a reward model the scorer is the reward.
+    """
+    ground_truth = scorers.make_scorer(hp.scorer, hp.scorer_options) if hp.scorer else None
+    if ctx.config.inputs.reward_model:
+        reward = scorers.load_reward_model_scorer(
+            ctx.config.inputs.reward_model,
+            ctx.scratch,
+            device=ctx.device,
+            batch_size=hp.forward_batch_size,
+            max_length=hp.reward_max_length,
+        )
+        return reward, ground_truth
+    if ground_truth is None:
+        raise ConfigError(
+            "hyperparameters.scorer: the ppo stage needs a reward: set inputs.reward_model "
+            "(a reward stage's artifact) or a ground-truth scorer by name"
+        )
+    return ground_truth, None
+
+
+def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
+    """The PPO stage; `runtime.run_stage` handles config, launch, errors and the termination message."""
+    config = ctx.config
+    if not config.inputs.model:
+        raise ConfigError(
+            "inputs.model: the ppo stage needs a policy to start from (an sft stage's artifact)"
+        )
+    if not config.inputs.data:
+        raise ConfigError("inputs.data: the ppo stage needs prompts ({prompt} rows or any row with a prompt)")
+    world, rank = ctx.world_size, ctx.rank
+    accelerator = ctx.accelerator
+
+    policy_dir = storage.fetch_dir(config.inputs.model, ctx.scratch / "policy")
+    tokenizer = models.load_tokenizer(policy_dir)
+    reference_uri = config.inputs.reference or config.inputs.model
+    reference_dir = (
+        policy_dir
+        if reference_uri == config.inputs.model
+        else storage.fetch_dir(reference_uri, ctx.scratch / "reference")
+    )
+    reference = models.load_causal_lm(reference_dir).to(ctx.device).eval().requires_grad_(False)
+    reward, ground_truth = _reward_scorers(ctx, hp)
+    prompts = data.load(config.inputs.data, ctx.scratch / "data", data.prompt_text)
+    global_batch = hp.rollout_batch_size * world
+    sampler = data.EpochSampler(len(prompts), global_batch, seed=config.seed)
+
+    # Model, optimizer, schedule, KL controller, data position: fresh, or from the newest good checkpoint.
+    resume = find_resume_checkpoint(ctx)
+    policy = models.load_causal_lm(resume.model_dir if resume else policy_dir)
+    model = PolicyWithValueHead(policy)
+    if resume is not None:
+        model.load_value_head(resume.model_dir)
+    disable_dropout(model)
+    disable_dropout(reference)
+    model.to(ctx.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / hp.warmup_steps) if hp.warmup_steps else 1.0
+    )
+    # The scheduler stays outside accelerate: its wrapper would step it once per process.
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    kl_controller = rl.make_kl_controller(
+        init_kl_coef=hp.init_kl_coef, target_kl=hp.target_kl, horizon=hp.kl_horizon
+    )
+    step, position, first_score = 0, data.DataPosition(), None
+    if resume is not None:
+        state = resume.state
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+        position = data.DataPosition.from_dict(state["data_position"])
+        kl_controller = rl.kl_controller_from_state(state["kl_controller"])
+        first_score = state.get("first_score")
+        rng_states = state.get("rng", [])
+        if rank < len(rng_states):
+            checkpoints.restore_rng_state(rng_states[rank])
+        ctx.emit({"event": "resumed", "step": step, "total_steps": hp.steps, "checkpoint": resume.uri})
+
+    def write_model(dest: Path) -> None:
+        unwrapped: PolicyWithValueHead = accelerator.unwrap_model(wrapped)
+        models.save_pretrained(unwrapped.policy, tokenizer, dest)  # type: ignore[arg-type]
+        unwrapped.save_value_head(dest)
+
+    def save(at_step: int) -> None:
+        rng = ctx.gather(checkpoints.capture_rng_state())
+        if ctx.is_main:
+            uri = checkpoints.save_checkpoint(
+                checkpoints_uri=config.checkpoints,
+                step=at_step,
+                write_model=write_model,
+                state={
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "data_position": position.to_dict(),
+                    "kl_controller": kl_controller.state_dict(),
+                    "first_score": first_score,
+                    "rng": rng,
+                    "hyperparameters": asdict(hp),
+                    "config": config.to_dict(),
+                },
+                scratch=ctx.scratch / "checkpoint",
+                keep_last=hp.keep_checkpoints,
+            )
+            ctx.emit({"event": "checkpoint", "step": at_step, "uri": uri})
+        ctx.barrier()
+
+    def score_fn(samples: Samples) -> torch.Tensor:
+        return scorers.score_tensor(reward, samples.prompts, samples.completions)
+
+    unwrapped_model: PolicyWithValueHead = accelerator.unwrap_model(wrapped)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    last: dict[str, float] = {}
+    window_start = time.perf_counter()
+    while step < hp.steps:
+        indices, position = sampler.next_batch(position)
+        mine = [prompts[i] for i in data.shard(indices, rank=rank, world_size=world)]
+        seed = _seed(config.seed, step, rank)
+        torch.manual_seed(seed)
+        rollout = collect_rollout(
+            model=unwrapped_model,
+            reference=reference,
+            tokenizer=tokenizer,
+            prompts=mine,
+            score_fn=score_fn,
+            beta=kl_controller.value,
+            hp=hp,
+        )
+        stats = ppo_update(
+            model=wrapped,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            rollout=rollout,
+            hp=hp,
+            generator=torch.Generator().manual_seed(seed),
+            backward=accelerator.backward,
+            clip_grad_norm=lambda max_norm: accelerator.clip_grad_norm_(params, max_norm),
+        )
+        sums = {
+            "score": float(rollout.scores.sum()),
+            "kl": float(rollout.kl.sum()),
+            "completion_length": float(rollout.mask.sum()),
+            **{name: value * len(rollout) for name, value in asdict(stats).items()},
+            "entropy": float(rollout.entropy) * len(rollout),
+        }
+        if ground_truth is not None:
+            true_scores = scorers.score_tensor(ground_truth, rollout.prompts, rollout.completions)
+            sums["true_score"] = float(true_scores.sum())
+        means = {name: value / global_batch for name, value in ctx.sum_across_ranks(sums).items()}
+        beta = kl_controller.value
+        kl_controller = kl_controller.update(current_kl=means["kl"], n_steps=global_batch)
+        step += 1
+        if first_score is None:
+            first_score = means["score"]
+        last = {**means, "beta": beta}
+        if step % hp.log_every == 0 or step == hp.steps:
+            elapsed = time.perf_counter() - window_start
+            ctx.emit(
+                {
+                    "step": step,
+                    "total_steps": hp.steps,
+                    **last,
+                    "lr": scheduler.get_last_lr()[0],
+                    "epoch": round(position.epoch + position.index / len(prompts), 4),
+                    "steps_per_s": round(hp.log_every / elapsed, 4) if elapsed > 0 else None,
+                }
+            )
+            window_start = time.perf_counter()
+        if hp.checkpoint_every and step % hp.checkpoint_every == 0 and step < hp.steps:
+            save(step)
+
+    metrics: dict[str, Any] = {
+        "steps": step,
+        "first_score": first_score,
+        **last,
+        "kl_coef": kl_controller.value,
+    }
+    runtime.write_metrics(ctx, metrics)
+    runtime.publish_artifact(ctx, write_model, metadata={"stage": config.stage, "type": "ppo", "steps": step})
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return runtime.run_stage("ppo", train, Hyperparameters, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
