@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from kubealign_jobs import checkpoint as checkpoints
+from kubealign_jobs import storage
 from kubealign_jobs.config import ConfigError
 from kubealign_jobs.data import DataPosition, EpochSampler, shard
 from kubealign_jobs.runtime import StageContext, require_choice
@@ -161,6 +162,20 @@ def make_optimizer(model: nn.Module, hp: TrainingHyperparameters) -> torch.optim
     )
 
 
+# ---------------------------------------------------------------------------- inputs
+
+
+def require_input(value: str | None, field: str) -> str:
+    if not value:
+        raise ConfigError(f"{field}: required for this stage")
+    return value
+
+
+def fetch_model(ctx: StageContext, uri: str, name: str = "model") -> Path:
+    """Fetch a save_pretrained folder into this process's scratch (verified when it has a manifest)."""
+    return storage.fetch_dir(uri, ctx.scratch / "inputs" / name)
+
+
 # ---------------------------------------------------------------------------- resume
 
 
@@ -186,7 +201,7 @@ def train(
     *,
     model: nn.Module,
     task: Task[E, B],
-    save_model: Callable[[nn.Module, Path], None],
+    save_model: Callable[[Any, Path], object],
     resume: checkpoints.Checkpoint | None,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     extra_state: dict[str, Any] | None = None,

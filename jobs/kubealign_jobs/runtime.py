@@ -311,8 +311,12 @@ def _make_accelerator(mixed_precision: str) -> Any:
         # TF32 matmuls: ~2x on Ampere+ at a precision loss far below bf16 autocast's.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    handler = InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
-    return Accelerator(cpu=not cuda, mixed_precision=mixed_precision, kwargs_handlers=[handler])
+    handlers = []
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # gloo on CPUs even where MPI is installed: torchrun's env:// rendezvous is what we set up.
+        backend = "nccl" if cuda else "gloo"
+        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=30)))
+    return Accelerator(cpu=not cuda, mixed_precision=mixed_precision, kwargs_handlers=handlers)
 
 
 def _scratch_dir(rank: int) -> Path:
@@ -435,7 +439,7 @@ def write_metrics(ctx: StageContext, metrics: dict[str, Any]) -> None:
         storage.write_json(storage.join(ctx.config.output, METRICS_FILE), metrics)
 
 
-def publish_artifact(ctx: StageContext, write: Callable[[Path], None], *, metadata: dict[str, Any]) -> None:
+def publish_artifact(ctx: StageContext, write: Callable[[Path], object], *, metadata: dict[str, Any]) -> None:
     """Rank 0 writes the artifact folder with ``write(dest)`` and publishes it (manifest last)."""
     if ctx.is_main:
         local = ctx.scratch / "artifact"
