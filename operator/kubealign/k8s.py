@@ -155,8 +155,15 @@ class Kube:
         obj: dict[str, Any] = self._request("GET", kind, namespace, name)
         return obj
 
-    def list(self, kind: str, namespace: str, *, selector: str) -> list[dict[str, Any]]:
-        body = self._request("GET", kind, namespace, query=[("labelSelector", selector)])
+    def list(
+        self, kind: str, namespace: str, *, selector: str = "", field_selector: str = ""
+    ) -> list[dict[str, Any]]:
+        query = [
+            (key, value)
+            for key, value in (("labelSelector", selector), ("fieldSelector", field_selector))
+            if value
+        ]
+        body = self._request("GET", kind, namespace, query=query)
         items: list[dict[str, Any]] = body.get("items") or []
         return items
 
