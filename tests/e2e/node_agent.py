@@ -557,35 +557,23 @@ class PodWorker(threading.Thread):
             raise
 
     def _materialise_volumes(self, container: Mapping[str, Any]) -> PathMap:
-        volumes_dir = self.root / "volumes"
+        """Write every volume's files under the pod's directory; map each mount path to its volume."""
         sources: dict[str, Path] = {}
         for index, volume in enumerate(self.pod["spec"].get("volumes") or []):
             name = str(volume["name"])
-            target = volumes_dir / name
+            target = self.root / "volumes" / name
             target.mkdir(parents=True, exist_ok=True)
             where = f"spec.volumes[{index}] ({name})"
             if "emptyDir" in volume:
                 pass
-            elif "configMap" in volume or "secret" in volume:
-                kind = "configMap" if "configMap" in volume else "secret"
-                ref = volume[kind]
-                ref_name = str(ref.get("name") if kind == "configMap" else ref.get("secretName"))
-                lookup = self._config_map if kind == "configMap" else self._secret
-                data = lookup(self.namespace, ref_name)
-                if data is None:
-                    if ref.get("optional"):
-                        sources[name] = target
-                        continue
-                    raise PodSpecError(f"{where}.{kind}: {ref_name!r} not found")
-                items = ref.get("items") or [{"key": key, "path": key} for key in data]
-                for item in items:
-                    if item["key"] not in data:
-                        raise PodSpecError(f"{where}.{kind}.items: key {item['key']!r} not in {ref_name!r}")
-                    path = target / str(item["path"])
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text(data[item["key"]])
+            elif "configMap" in volume or "secret" in volume or "downwardAPI" in volume:
+                self._write_source(target, volume, where)
+            elif "projected" in volume:
+                for number, source in enumerate((volume["projected"] or {}).get("sources") or []):
+                    self._write_source(target, source, f"{where}.projected.sources[{number}]")
             else:
-                raise PodSpecError(f"{where}: only emptyDir, configMap and secret volumes are supported")
+                supported = "emptyDir, configMap, secret, downwardAPI and projected"
+                raise PodSpecError(f"{where}: only {supported} volumes are supported")
             sources[name] = target
         paths = PathMap()
         for index, mount in enumerate(container.get("volumeMounts") or []):
@@ -597,6 +585,56 @@ class PodWorker(threading.Thread):
                 str(mount["mountPath"]), str(source / sub_path) if sub_path else str(source)
             )
         return paths
+
+    def _write_source(self, target: Path, source: Mapping[str, Any], where: str) -> None:
+        """One volume source (or projected source): its keys become files, as the kubelet writes them."""
+        files: dict[str, str] = {}
+        if "serviceAccountToken" in source:
+            # Like the kubelet: a token bound to this pod, from the TokenRequest API.
+            spec = source["serviceAccountToken"]
+            request = self.core.create_namespaced_service_account_token(
+                self.pod["spec"].get("serviceAccountName") or "default",
+                self.namespace,
+                {
+                    "spec": {
+                        "audiences": [spec["audience"]] if spec.get("audience") else None,
+                        "expirationSeconds": int(spec.get("expirationSeconds") or 3600),
+                        "boundObjectRef": {
+                            "apiVersion": "v1",
+                            "kind": "Pod",
+                            "name": self.pod_name,
+                            "uid": self.uid,
+                        },
+                    }
+                },
+            )
+            files[str(spec["path"])] = request.status.token
+        elif "downwardAPI" in source:
+            for item in source["downwardAPI"].get("items") or []:
+                if "fieldRef" not in item:
+                    raise PodSpecError(f"{where}.downwardAPI.items: only fieldRef items are supported")
+                try:
+                    files[str(item["path"])] = field_value(self.pod, str(item["fieldRef"].get("fieldPath")))
+                except PodSpecError as exc:
+                    raise PodSpecError(f"{where}.downwardAPI.items.{exc}") from None
+        else:
+            kind = "configMap" if "configMap" in source else "secret"
+            ref = source[kind]
+            # A volume names its Secret with secretName, a projected source with name.
+            ref_name = str(ref.get("name") or ref.get("secretName"))
+            data = (self._config_map if kind == "configMap" else self._secret)(self.namespace, ref_name)
+            if data is None:
+                if ref.get("optional"):
+                    return
+                raise PodSpecError(f"{where}.{kind}: {ref_name!r} not found")
+            for item in ref.get("items") or [{"key": key, "path": key} for key in data]:
+                if item["key"] not in data:
+                    raise PodSpecError(f"{where}.{kind}.items: key {item['key']!r} not in {ref_name!r}")
+                files[str(item["path"])] = data[item["key"]]
+        for relative, content in files.items():
+            path = target / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
 
     # -- the lifecycle -------------------------------------------------------------------------------
 
@@ -892,7 +930,9 @@ def main(argv: Iterable[str] | None = None) -> int:
         "--preempt-stage", action="append", default=[], help="kill its first pod at checkpoint 1"
     )
     args = parser.parse_args(list(argv) if argv is not None else None)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s node-agent %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s node-agent %(levelname)s %(message)s", force=True
+    )
     settings = AgentSettings(
         node_name=args.node_name,
         work_dir=args.work_dir.resolve(),
