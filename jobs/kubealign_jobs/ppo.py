@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from kubealign_jobs import checkpoint as checkpoints
-from kubealign_jobs import data, rl, runtime, scorers, storage
+from kubealign_jobs import data, loop, rl, runtime, scorers
 from kubealign_jobs import model as models
 from kubealign_jobs.config import ConfigError
 from kubealign_jobs.loop import MIXED_PRECISION, find_resume_checkpoint
@@ -430,26 +430,20 @@ def _reward_scorers(ctx: StageContext, hp: Hyperparameters) -> tuple[scorers.Sco
 def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     """The PPO stage; `runtime.run_stage` handles config, launch, errors and the termination message."""
     config = ctx.config
-    if not config.inputs.model:
-        raise ConfigError(
-            "inputs.model: the ppo stage needs a policy to start from (an sft stage's artifact)"
-        )
-    if not config.inputs.data:
-        raise ConfigError("inputs.data: the ppo stage needs prompts ({prompt} rows or any row with a prompt)")
+    model_uri = loop.require_input(config.inputs.model, "inputs.model")
+    data_uri = loop.require_input(config.inputs.data, "inputs.data")
     world, rank = ctx.world_size, ctx.rank
     accelerator = ctx.accelerator
 
-    policy_dir = storage.fetch_dir(config.inputs.model, ctx.scratch / "policy")
+    policy_dir = loop.fetch_model(ctx, model_uri, "policy")
     tokenizer = models.load_tokenizer(policy_dir)
-    reference_uri = config.inputs.reference or config.inputs.model
+    reference_uri = config.inputs.reference or model_uri
     reference_dir = (
-        policy_dir
-        if reference_uri == config.inputs.model
-        else storage.fetch_dir(reference_uri, ctx.scratch / "reference")
+        policy_dir if reference_uri == model_uri else loop.fetch_model(ctx, reference_uri, "reference")
     )
     reference = models.load_causal_lm(reference_dir).to(ctx.device).eval().requires_grad_(False)
     reward, ground_truth = _reward_scorers(ctx, hp)
-    prompts = data.load(config.inputs.data, ctx.scratch / "data", data.prompt_text)
+    prompts = data.load(data_uri, ctx.scratch / "data", data.prompt_text)
     global_batch = hp.rollout_batch_size * world
     sampler = data.EpochSampler(len(prompts), global_batch, seed=config.seed)
 

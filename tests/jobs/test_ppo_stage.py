@@ -157,7 +157,7 @@ def test_ppo_through_s3_killed_and_resumed_matches_an_uninterrupted_run(
         ({}, {"scorer": "vader", "mini_batch_size": 5}, "hyperparameters.mini_batch_size: 5 does not divide"),
         ({}, {"scorer": "sentiment"}, "hyperparameters.scorer: unknown scorer 'sentiment'"),
         ({}, {}, "hyperparameters.scorer: the ppo stage needs a reward"),
-        ({"data": None}, {"scorer": "vader"}, "inputs.data: the ppo stage needs prompts"),
+        ({"data": None}, {"scorer": "vader"}, "inputs.data: required for this stage"),
     ],
 )
 def test_bad_config_fails_with_exit_2_naming_the_field(

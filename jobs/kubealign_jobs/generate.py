@@ -1,0 +1,355 @@
+"""Generate stage: sample K answers per prompt from a policy and label them into preference data.
+
+Step 1 of the RLHF pipeline in the DPO paper ("sample completions, label preferences"): the
+labeller is a reward stage's model (``inputs.reward_model``) or a named ground-truth scorer
+(``hyperparameters.scorer``, e.g. ``vader`` for the controlled-sentiment task).
+
+    python -m kubealign_jobs.generate --config stage.json
+    torchrun --nproc_per_node 8 -m kubealign_jobs.generate --config stage.json   # each rank samples a share
+
+Inputs: ``model`` (the policy that samples, usually the SFT artifact) and ``data`` (any rows
+with a prompt). The artifact holds exactly one dataset file, in the format the reward and dpo
+stages read, with the labeller's scores kept alongside:
+
+- ``output_format: best_worst`` (default) -> ``preferences.jsonl``, one
+  ``{prompt, chosen, rejected, chosen_score, rejected_score}`` row per prompt (highest vs
+  lowest score);
+- ``all_pairs`` -> ``preferences.jsonl``, every pair whose scores differ by more than
+  ``min_margin``;
+- ``ranking`` -> ``rankings.jsonl``, ``{prompt, responses: [best, ..., worst], scores}``.
+
+Empty answers are dropped (the trainers reject empty strings), duplicates collapse to one,
+and pairs tied within ``min_margin`` carry no preference, so they are not written.
+
+Prompts are processed in chunks; each finished chunk's samples are published atomically under
+``<output>/checkpoints/chunk-XXXXXXXX/`` and a restarted stage skips them. Every chunk is
+sampled from its own seed, so a resumed run writes the same data as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubealign_jobs import data, loop, runtime, scorers, storage
+from kubealign_jobs import model as models
+from kubealign_jobs.config import ConfigError
+from kubealign_jobs.loop import MIXED_PRECISION
+from kubealign_jobs.runtime import StageContext, require_choice
+from kubealign_jobs.sampling import SamplingParams, sample
+
+OUTPUT_FORMATS = ("best_worst", "all_pairs", "ranking")
+CHUNK_PREFIX = "chunk-"
+SAMPLES_FILE = "samples.jsonl"
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """``hyperparameters.<name>`` overrides each default."""
+
+    # The labeller: a named ground-truth scorer, or (when None) the inputs.reward_model artifact.
+    scorer: str | None = None
+    scorer_options: dict[str, Any] = field(default_factory=dict)
+    reward_max_length: int = 512  # tokens of prompt + answer the reward model sees
+
+    # Sampling.
+    samples_per_prompt: int = 4  # K
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_prompt_tokens: int = 256
+    batch_size: int = 64  # sequences per generate call (prompts x K)
+    max_prompts: int = 0  # 0: every prompt in inputs.data
+
+    # What to write.
+    output_format: str = "best_worst"  # best_worst | all_pairs | ranking
+    min_margin: float = 0.0  # a pair needs chosen_score - rejected_score > min_margin
+
+    # Bookkeeping.
+    chunk_prompts: int = 256  # prompts per resumable chunk
+    mixed_precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("samples_per_prompt", "batch_size", "chunk_prompts", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"hyperparameters.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.samples_per_prompt < 2:
+            raise ConfigError(
+                "hyperparameters.samples_per_prompt: a preference needs at least 2 samples per prompt"
+            )
+        if self.max_prompts < 0 or self.min_margin < 0:
+            raise ConfigError("hyperparameters.max_prompts and min_margin: must be >= 0")
+        require_choice("hyperparameters.output_format", self.output_format, OUTPUT_FORMATS)
+        require_choice("hyperparameters.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        self.sampling()
+
+    def sampling(self) -> SamplingParams:
+        try:
+            return SamplingParams(
+                max_new_tokens=self.max_new_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"hyperparameters.{exc}") from exc
+
+    @property
+    def output_file(self) -> str:
+        return "rankings.jsonl" if self.output_format == "ranking" else "preferences.jsonl"
+
+
+# ---------------------------------------------------------------------------- labelled samples -> rows
+
+
+@dataclass(frozen=True)
+class LabelledPrompt:
+    """One prompt, its K sampled answers and their scores (sample order)."""
+
+    index: int
+    prompt: str
+    completions: list[str]
+    scores: list[float]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "index": self.index,
+                "prompt": self.prompt,
+                "completions": self.completions,
+                "scores": self.scores,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, line: str) -> LabelledPrompt:
+        doc = json.loads(line)
+        return cls(
+            index=int(doc["index"]),
+            prompt=str(doc["prompt"]),
+            completions=list(doc["completions"]),
+            scores=[float(s) for s in doc["scores"]],
+        )
+
+
+def ranked_answers(labelled: LabelledPrompt) -> list[tuple[str, float]]:
+    """Distinct non-empty answers, best first (a stable sort keeps sample order among equal scores)."""
+    seen: set[str] = set()
+    answers = []
+    for completion, score in zip(labelled.completions, labelled.scores, strict=True):
+        if completion.strip() and completion not in seen:
+            seen.add(completion)
+            answers.append((completion, score))
+    return sorted(answers, key=lambda answer: -answer[1])
+
+
+def preference_rows(
+    labelled: LabelledPrompt, *, output_format: str, min_margin: float
+) -> list[dict[str, Any]]:
+    """The dataset rows one labelled prompt contributes (possibly none)."""
+    answers = ranked_answers(labelled)
+    if len(answers) < 2:
+        return []
+    if output_format == "ranking":
+        return [
+            {
+                "prompt": labelled.prompt,
+                "responses": [text for text, _ in answers],
+                "scores": [score for _, score in answers],
+            }
+        ]
+    pairs = [(answers[0], answers[-1])] if output_format == "best_worst" else list(combinations(answers, 2))
+    return [
+        {
+            "prompt": labelled.prompt,
+            "chosen": chosen,
+            "rejected": rejected,
+            "chosen_score": chosen_score,
+            "rejected_score": rejected_score,
+        }
+        for (chosen, chosen_score), (rejected, rejected_score) in pairs
+        if chosen_score - rejected_score > min_margin
+    ]
+
+
+def dataset_stats(labelled: list[LabelledPrompt], rows: list[dict[str, Any]]) -> dict[str, float]:
+    scores = [score for item in labelled for score in item.scores]
+    margins = [row["chosen_score"] - row["rejected_score"] for row in rows if "chosen_score" in row]
+    empty = sum(1 for item in labelled for completion in item.completions if not completion.strip())
+    return {
+        "prompts": float(len(labelled)),
+        "samples": float(len(scores)),
+        "rows": float(len(rows)),
+        "mean_score": statistics.fmean(scores) if scores else math.nan,
+        "score_std": statistics.pstdev(scores) if scores else math.nan,
+        "mean_margin": statistics.fmean(margins) if margins else math.nan,
+        "empty_answers": float(empty),
+    }
+
+
+# ---------------------------------------------------------------------------- the stage
+
+
+def _chunk_uri(config_checkpoints: str, chunk: int) -> str:
+    return storage.join(config_checkpoints, f"{CHUNK_PREFIX}{chunk:08d}")
+
+
+def _labeller(ctx: StageContext, hp: Hyperparameters) -> scorers.Scorer:
+    if ctx.config.inputs.reward_model:
+        if hp.scorer:
+            raise ConfigError(
+                "hyperparameters.scorer: give either a ground-truth scorer or inputs.reward_model "
+                "as the labeller, not both"
+            )
+        return scorers.load_reward_model_scorer(
+            ctx.config.inputs.reward_model,
+            ctx.scratch,
+            device=ctx.device,
+            batch_size=hp.batch_size,
+            max_length=hp.reward_max_length,
+        )
+    if not hp.scorer:
+        raise ConfigError(
+            "hyperparameters.scorer: the generate stage needs a labeller: a ground-truth scorer by name "
+            "or inputs.reward_model"
+        )
+    return scorers.make_scorer(hp.scorer, hp.scorer_options)
+
+
+def label_prompts(
+    *,
+    policy: Any,
+    tokenizer: Any,
+    labeller: scorers.Scorer,
+    prompts: list[tuple[int, str]],
+    hp: Hyperparameters,
+) -> list[LabelledPrompt]:
+    """K samples for each (index, prompt), scored by ``labeller``."""
+    if not prompts:
+        return []
+    repeated = [prompt for _, prompt in prompts for _ in range(hp.samples_per_prompt)]
+    samples = sample(
+        policy,
+        tokenizer,
+        repeated,
+        hp.sampling(),
+        batch_size=hp.batch_size,
+        max_prompt_tokens=hp.max_prompt_tokens,
+    )
+    scores = labeller.score(samples.prompts, samples.completions)
+    k = hp.samples_per_prompt
+    return [
+        LabelledPrompt(
+            index=index,
+            prompt=prompt,
+            completions=samples.completions[i * k : (i + 1) * k],
+            scores=scores[i * k : (i + 1) * k],
+        )
+        for i, (index, prompt) in enumerate(prompts)
+    ]
+
+
+def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
+    """The generate stage (called by `runtime.run_stage`)."""
+    config = ctx.config
+    model_uri = loop.require_input(config.inputs.model, "inputs.model")
+    data_uri = loop.require_input(config.inputs.data, "inputs.data")
+    labeller = _labeller(ctx, hp)
+    prompts = data.load(data_uri, ctx.scratch / "data", data.prompt_text)
+    if hp.max_prompts:
+        prompts = prompts[: hp.max_prompts]
+    model_dir = loop.fetch_model(ctx, model_uri, "policy")
+    tokenizer = models.load_tokenizer(model_dir)
+    policy = models.load_causal_lm(model_dir).to(ctx.device).eval()
+
+    chunks = math.ceil(len(prompts) / hp.chunk_prompts)
+    done: set[int] = set()
+    if ctx.is_main:
+        done = {c for c in range(chunks) if storage.is_complete(_chunk_uri(config.checkpoints, c))}
+    done = ctx.broadcast(done)
+    if done:
+        ctx.emit({"event": "resumed", "chunks_done": len(done), "chunks": chunks})
+
+    for chunk in range(chunks):
+        if chunk in done:
+            continue
+        start = chunk * hp.chunk_prompts
+        indexed = list(enumerate(prompts))[start : start + hp.chunk_prompts]
+        torch.manual_seed((config.seed * 1_000_003 + chunk) * 4099 + ctx.rank)
+        mine = label_prompts(
+            policy=policy,
+            tokenizer=tokenizer,
+            labeller=labeller,
+            prompts=indexed[ctx.rank :: ctx.world_size],
+            hp=hp,
+        )
+        gathered = ctx.gather([item.to_json() for item in mine])
+        if ctx.is_main:
+            local = ctx.scratch / "chunk"
+            local.mkdir(parents=True, exist_ok=True)
+            lines = sorted(
+                (LabelledPrompt.from_json(line) for part in gathered for line in part), key=lambda x: x.index
+            )
+            (local / SAMPLES_FILE).write_text("".join(item.to_json() + "\n" for item in lines))
+            storage.publish_dir(local, _chunk_uri(config.checkpoints, chunk), metadata={"chunk": chunk})
+            ctx.emit({"step": chunk + 1, "total_steps": chunks, "prompts": start + len(indexed)})
+        ctx.barrier()
+
+    # Rank 0 assembles the dataset; the outcome (metrics or the reason there is no data) goes to
+    # every rank, so all of them succeed or fail together.
+    rows: list[dict[str, Any]] = []
+    outcome: tuple[dict[str, Any], str | None] = ({}, None)
+    if ctx.is_main:
+        labelled = _read_chunks(config.checkpoints, chunks, ctx.scratch / "chunks")
+        rows = [
+            row
+            for item in labelled
+            for row in preference_rows(item, output_format=hp.output_format, min_margin=hp.min_margin)
+        ]
+        outcome = (
+            {**dataset_stats(labelled, rows), "output_file": hp.output_file, "labeller": labeller.name},
+            None
+            if rows
+            else f"{data_uri}: no preference rows: every prompt's answers were empty, identical or tied "
+            f"within min_margin={hp.min_margin}",
+        )
+    metrics: dict[str, Any]
+    metrics, error = ctx.broadcast(outcome)
+    if error is not None:
+        raise data.DataError(error)
+    runtime.write_metrics(ctx, metrics)
+
+    def write(dest: Path) -> None:
+        (dest / hp.output_file).write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    runtime.publish_artifact(
+        ctx, write, metadata={"stage": config.stage, "type": "generate", "format": hp.output_format}
+    )
+    return metrics
+
+
+def _read_chunks(checkpoints_uri: str, chunks: int, scratch: Path) -> list[LabelledPrompt]:
+    labelled: list[LabelledPrompt] = []
+    for chunk in range(chunks):
+        folder = storage.fetch_dir(
+            _chunk_uri(checkpoints_uri, chunk), scratch / str(chunk), require_manifest=True
+        )
+        text = (folder / SAMPLES_FILE).read_text()
+        labelled.extend(LabelledPrompt.from_json(line) for line in text.splitlines() if line.strip())
+    return labelled
+
+
+def main(argv: list[str] | None = None) -> int:
+    return runtime.run_stage("generate", train, Hyperparameters, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
