@@ -1,6 +1,7 @@
 """The ``kubealign`` command.
 
     kubealign operator --namespace team-a [--namespace team-b ...]   # or --all-namespaces
+    kubealign operator -A --metrics-port 9090                        # Prometheus at :9090/metrics
     kubealign crd | kubectl apply -f -                               # the AlignmentRun CRD
     kubealign validate run.yaml [...]                                # check manifests offline
     kubealign run run.yaml --local [--workdir DIR]                   # run the stages on this machine
@@ -50,16 +51,25 @@ def _add_operator(subparsers: Any) -> None:
         "--resync-seconds", type=float, default=30.0, help="re-check every run this often (default: 30)"
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics at :PORT/metrics (see kubealign.metrics; default: off)",
+    )
     parser.set_defaults(handler=_run_operator)
 
 
 def _run_operator(args: argparse.Namespace) -> int:
     from kubealign.handlers import serve
+    from kubealign.metrics import OPERATOR_METRICS
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.metrics_port is not None:
+        OPERATOR_METRICS.serve(port=args.metrics_port)
     asyncio.run(
         serve(
             namespaces=args.namespace,
