@@ -274,8 +274,11 @@ def interrupted_status(status: api.RunStatus, jobs: Mapping[str, str], signal_na
     status; a rerun skips them and resumes the stopped ones from their checkpoints.
     """
     message = f"interrupted by {signal_name}; rerun to resume from the latest checkpoint"
+    now = utc_now()
     stages = tuple(
-        replace(s, phase="Failed", message=message) if jobs.get(s.name) == s.job_name and s.job_name else s
+        replace(s, phase="Failed", message=message, completion_time=s.completion_time or now)
+        if jobs.get(s.name) == s.job_name and s.job_name
+        else s
         for s in status.stages
     )
     # Condition type -> its status after the interruption (None: unchanged).
@@ -291,7 +294,7 @@ def interrupted_status(status: api.RunStatus, jobs: Mapping[str, str], signal_na
         phase="Failed",
         stages=stages,
         conditions=tuple(conditions),
-        completion_time=status.completion_time or utc_now(),
+        completion_time=status.completion_time or now,
         running_stages="",
     )
 
@@ -452,6 +455,7 @@ class LocalRunner:
             "KUBEALIGN_TERMINATION_LOG": str(termination),
             "KUBEALIGN_SCRATCH": str(self.workdir / "scratch" / stage.name),
             "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
             "PYTHONUNBUFFERED": "1",
             "OMP_NUM_THREADS": str(threads),
             "MKL_NUM_THREADS": str(threads),
@@ -470,7 +474,9 @@ class LocalRunner:
             str(self.config_path(stage)),
         ]
         log = self.log_path(stage).open("ab")
-        log.write(f"=== {utc_now()} attempt {attempt} ({name}): {' '.join(command)}\n".encode())
+        # A killed attempt may have left half a line; every header starts a line of its own.
+        separator = "\n" if log.tell() else ""
+        log.write(f"{separator}=== {utc_now()} attempt {attempt} ({name}): {' '.join(command)}\n".encode())
         log.flush()
         process = subprocess.Popen(
             command,

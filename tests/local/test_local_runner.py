@@ -1,0 +1,242 @@
+"""``kubealign run MANIFEST --local`` end to end, with real (tiny) training stages as subprocesses.
+
+- a DAG with parallel branches completes; status.json matches the CRD's status schema;
+- a rerun skips finished stages without starting a trainer;
+- a killed runner takes its stage down with it, and the rerun resumes that stage from its
+  checkpoint; Ctrl-C then stops it cleanly, keeping what was published;
+- a failing stage is retried up to maxRetries, then fails the run with the trainer's error;
+- an invalid manifest fails before anything runs, naming file, line and field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from runner_toys import Workspace, kubealign, sft_stage
+
+from kubealign import api
+
+BASE = {"uri": "file://./base"}
+RUN_TIMEOUT_S = 300
+
+
+def closed(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """The CRD's structural schema as JSON Schema: objects with declared properties allow no others
+    (as the API server prunes unknown fields), unless they preserve unknown fields."""
+    out: dict[str, Any] = {k: v for k, v in schema.items() if not k.startswith("x-kubernetes-")}
+    if "properties" in schema:
+        out["properties"] = {name: closed(child) for name, child in schema["properties"].items()}
+        if not schema.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    if "items" in schema:
+        out["items"] = closed(schema["items"])
+    return out
+
+
+def status_schema() -> dict[str, Any]:
+    return closed(api.openapi_schema()["properties"]["status"])
+
+
+def run_cli(*args: str | Path, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(kubealign(*args), capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def last_attempt_steps(log: Path) -> list[int]:
+    """The training steps the stage's latest attempt logged (the runner heads each attempt with ===)."""
+    latest = log.read_text().split("\n=== ")[-1]
+    records = [json.loads(line) for line in latest.splitlines() if line.startswith("{")]
+    return [r["step"] for r in records if "event" not in r and "step" in r]
+
+
+def lines_of(process: subprocess.Popen[str]) -> Iterator[str]:
+    assert process.stdout is not None
+    yield from iter(process.stdout.readline, "")
+
+
+def wait_for(predicate: Any, *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def processes_with(needle: str) -> list[int]:
+    """PIDs whose command line contains ``needle`` (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if needle in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def finished_run(workspace: Workspace, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """first -> (left, right): the two branches read the same stage and may run side by side."""
+    manifest = workspace.manifest(
+        "dag",
+        [
+            sft_stage("first", model=BASE, steps=3),
+            sft_stage("left", model={"from": "first"}, steps=2),
+            sft_stage("right", model={"from": "first"}, steps=2),
+        ],
+    )
+    workdir = tmp_path_factory.mktemp("dag-work")
+    result = run_cli("run", manifest, "--local", "--workdir", workdir, "--max-parallel", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return manifest, workdir, result.stdout
+
+
+def test_full_dag_completes(finished_run: tuple[Path, Path, str]) -> None:
+    _, workdir, stdout = finished_run
+    status = json.loads((workdir / "status.json").read_text())
+    assert status["phase"] == "Succeeded" and status["progress"] == "3/3"
+    for stage in status["stages"]:
+        assert stage["phase"] == "Succeeded" and stage["attempts"] == 1
+        artifact = Path(stage["output"].removeprefix("file://"))
+        assert artifact == workdir / "storage" / "default" / "dag" / stage["name"] / "artifact"
+        assert (artifact / "_MANIFEST.json").is_file() and (artifact / "config.json").is_file()
+        assert stage["metrics"]["steps"] == {"first": 3, "left": 2, "right": 2}[stage["name"]]
+    # The two branches started as soon as "first" succeeded, before either of them finished.
+    order = [line for line in stdout.splitlines() if re.match(r"^(left|right): (Running|Succeeded)", line)]
+    assert [line.split(":")[1].split(",")[0].strip().split()[0] for line in order[:2]] == [
+        "Running",
+        "Running",
+    ]
+    # The closing tables: every stage and its metrics.
+    assert re.search(r"^left\s+sft\s+Succeeded\s+1", stdout, re.M)
+    assert re.search(r"^first\s+examples\s+32", stdout, re.M)
+    # Each stage got the config document the operator would mount, with storage under the workdir.
+    config = json.loads((workdir / "configs" / "left.json").read_text())
+    assert config["inputs"]["model"] == (workdir / "storage/default/dag/first/artifact").as_uri()
+    assert config["resume"] == (workdir / "storage/default/dag/left/checkpoints").as_uri()
+
+
+def test_status_matches_the_crd_status_schema(finished_run: tuple[Path, Path, str]) -> None:
+    _, workdir, _ = finished_run
+    status = json.loads((workdir / "status.json").read_text())
+    jsonschema.validate(status, status_schema())
+    # And the check has teeth: a misnamed field or a wrong type is rejected.
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**status, "stageStatuses": []}, status_schema())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**status, "stages": [{"name": "x", "attempts": "one"}]}, status_schema())
+
+
+def test_rerun_skips_finished_stages(finished_run: tuple[Path, Path, str]) -> None:
+    manifest, workdir, _ = finished_run
+    logs = {log.name: log.stat().st_size for log in (workdir / "logs").glob("*.log")}
+    before = json.loads((workdir / "status.json").read_text())
+    result = run_cli("run", manifest, "--local", "--workdir", workdir, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("first", "left", "right"):
+        assert f"{name}: artifact complete, skipped" in result.stdout
+    # No trainer ran: its log would have grown by an attempt header at least.
+    assert {log.name: log.stat().st_size for log in (workdir / "logs").glob("*.log")} == logs
+    after = json.loads((workdir / "status.json").read_text())
+    assert [(s["name"], s["jobName"], s["metrics"]) for s in after["stages"]] == [
+        (s["name"], s["jobName"], s["metrics"]) for s in before["stages"]
+    ]
+
+
+def test_killed_run_resumes_from_its_checkpoint_and_ctrl_c_stops_cleanly(
+    workspace: Workspace, tmp_path: Path
+) -> None:
+    manifest = workspace.manifest(
+        "resumable", [sft_stage("long", model=BASE, steps=100000, checkpoint_every=3, keep_checkpoints=2)]
+    )
+    workdir = tmp_path / "work"
+    checkpoints = workdir / "storage/default/resumable/long/checkpoints"
+    config = str(workdir / "configs" / "long.json")
+    command = [*kubealign("run", manifest, "--local", "--workdir", workdir, "--plain")]
+
+    # 1. The runner dies hard (SIGKILL) mid-stage, after a checkpoint was published.
+    runner = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        wait_for(lambda: any(checkpoints.glob("step-*/_MANIFEST.json")), timeout=120, what="a checkpoint")
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(timeout=10)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    # The kernel takes the orphaned trainer down with its runner (PR_SET_PDEATHSIG).
+    wait_for(lambda: not processes_with(config), timeout=30, what="the trainer to exit")
+    saved = sorted(
+        int(p.parent.name.removeprefix("step-")) for p in checkpoints.glob("step-*/_MANIFEST.json")
+    )
+    assert saved
+
+    # 2. The rerun resumes the stage from its newest checkpoint: the step count continues.
+    rerun = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        resumed = next((line for line in lines_of(rerun) if "resumed from step" in line), "")
+        step = int(re.search(r"resumed from step (\d+)", resumed).group(1))  # type: ignore[union-attr]
+        assert step >= saved[-1]
+        log = workdir / "logs" / "long.log"
+        wait_for(lambda: bool(last_attempt_steps(log)), timeout=60, what="a training step after the resume")
+        # 3. Ctrl-C: the runner stops the stage and records the interruption.
+        os.kill(rerun.pid, signal.SIGINT)
+        output, _ = rerun.communicate(timeout=60)
+    finally:
+        if rerun.poll() is None:
+            rerun.kill()
+    assert rerun.returncode == 130, output
+    assert last_attempt_steps(log)[0] == step + 1
+
+    status = json.loads((workdir / "status.json").read_text())
+    jsonschema.validate(status, status_schema())
+    assert status["phase"] == "Failed"
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert (failed["status"], failed["reason"]) == ("True", "Interrupted")
+    (long,) = status["stages"]
+    assert long["phase"] == "Failed" and "interrupted by SIGINT" in long["message"]
+    # Nothing published was lost: the checkpoints are complete and still there.
+    assert any(checkpoints.glob("step-*/_MANIFEST.json"))
+    assert not processes_with(config)
+
+
+def test_failing_stage_is_retried_then_fails_the_run(workspace: Workspace, tmp_path: Path) -> None:
+    stage = sft_stage("broken", model=BASE, steps=2, no_such_setting=1)
+    manifest = workspace.manifest("failing", [{**stage, "maxRetries": 1}])
+    result = run_cli("run", manifest, "--local", "--workdir", tmp_path / "work")
+    assert result.returncode == 1, result.stdout + result.stderr
+    status = json.loads((tmp_path / "work" / "status.json").read_text())
+    (broken,) = status["stages"]
+    assert broken["phase"] == "Failed" and broken["attempts"] == 2
+    assert broken["jobName"] == "failing-broken-2"
+    assert "exit code 2" in broken["message"] and "hyperparameters.no_such_setting" in broken["message"]
+    assert "hyperparameters.no_such_setting" in result.stdout
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert (failed["status"], failed["reason"]) == ("True", "StageFailed")
+    assert (tmp_path / "work" / "logs" / "broken.log").read_text().count("=== ") == 2
+
+
+def test_invalid_manifest_fails_with_the_field_named(workspace: Workspace, tmp_path: Path) -> None:
+    manifest = workspace.manifest(
+        "invalid",
+        [sft_stage("sft", model=BASE, steps=1), sft_stage("sft-b", model={"from": "sft2"}, steps=1)],
+    )
+    result = run_cli("run", manifest, "--local", "--workdir", tmp_path / "work", timeout=60)
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[0]
+    assert re.match(rf"^{re.escape(str(manifest))}:\d+: spec\.stages\[1\]\.inputs\.model\.from: ", line), line
+    assert not (tmp_path / "work" / "status.json").exists()
