@@ -165,9 +165,12 @@ class Binary:
 
     def ldflags(self) -> str:
         # -s -w strip symbol tables: the binaries are 30-40% smaller and nobody debugs them here.
-        if self.module_dir != "kubernetes":
-            return "-s -w"
-        return kubernetes_ldflags(self.version())
+        if self.module_dir == "kubernetes":
+            return kubernetes_ldflags(self.version())
+        if self.module_dir == "helm":
+            # What helm's Makefile stamps; unstamped, `helm version` says only "v3.22".
+            return f"-s -w -X helm.sh/helm/v3/internal/version.version={self.version()}"
+        return "-s -w"
 
 
 BINARIES = (
