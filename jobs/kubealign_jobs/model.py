@@ -246,12 +246,14 @@ def token_logps(
 
 
 def logps_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[label] per position, in float32.
+    """log softmax(logits)[label] per position, in float32 (or float64 for float64 logits).
 
     Cross-entropy fuses log-softmax and gather (no (B, T, V) log-prob tensor is kept for
     backward) and is stable for any logit scale.
     """
-    flat = logits.reshape(-1, logits.shape[-1]).float()
+    flat = logits.reshape(-1, logits.shape[-1])
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()  # half-precision log-softmax loses the small log-probs
     return -functional.cross_entropy(flat, labels.reshape(-1), reduction="none").view(labels.shape)
 
 
@@ -270,6 +272,14 @@ def reward_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     """Scalar reward of each sequence (B,), as transformers pools it (the last non-pad token)."""
     logits: torch.Tensor = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     return logits.squeeze(-1).float()
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout probability: preference losses compare log-probs of two forward passes
+    (policy vs reference, chosen vs rejected) and dropout noise would bias those differences."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
 
 
 def count_parameters(model: nn.Module) -> int:

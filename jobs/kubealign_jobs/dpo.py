@@ -1,0 +1,306 @@
+"""Direct Preference Optimization (Rafailov et al. 2023) on preference pairs.
+
+    python -m kubealign_jobs.dpo --config stage.json
+
+    L = -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
+
+Inputs: ``model`` (the SFT policy to start from), ``reference`` (the frozen reference policy;
+defaults to ``model``), ``data`` (rows ``{prompt | question, chosen, rejected}``), optional
+``eval_data``.
+
+Speed without approximation:
+- The reference never changes, so its log-probs are computed once, before training, in
+  inference mode and length-sorted batches, and stored under ``<output>/reference_logps/``
+  with a manifest and a fingerprint of the reference weights and the tokenised data. A retry
+  (or a resumed run) reuses them; training then holds one model, not two.
+- Chosen and rejected answers go through the policy in one concatenated forward pass.
+- Logits are only computed from the first completion position of the batch on.
+
+Output: ``<output>/artifact`` (the policy + tokenizer), ``<output>/metrics.json`` with the
+loss, implicit-reward accuracy and margins (held-out ones too when ``eval_data`` is given).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from kubealign_jobs import data, loop, storage
+from kubealign_jobs import model as models
+from kubealign_jobs.losses import dpo_loss
+from kubealign_jobs.runtime import StageContext, publish_artifact, run_stage, write_metrics
+
+log = logging.getLogger(__name__)
+
+REFERENCE_DIR = "reference_logps"
+REFERENCE_FILE = "logps.pt"
+PAIR_METRICS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
+
+
+@dataclass(frozen=True)
+class Hyperparameters(loop.TrainingHyperparameters):
+    """The DPO paper's settings: beta 0.1, lr 1e-6, batch 64, 150 warmup steps."""
+
+    beta: float = 0.1
+    learning_rate: float = 1e-6
+    batch_size: int = 64
+    warmup_steps: int = 150
+    lr_schedule: str = "constant"
+    reference_batch_size: int = 0  # sequences per reference forward; 0: 4 x micro-batch
+    disable_dropout: bool = True  # the log-ratios must compare like with like
+
+
+@dataclass(frozen=True)
+class PairExample:
+    """One tokenised preference pair with its reference log-probs."""
+
+    chosen: data.Encoded
+    rejected: data.Encoded
+    ref_chosen: float
+    ref_rejected: float
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """B pairs as one (2B, T) batch, chosen rows first, and the (B,) reference log-probs."""
+
+    sequences: data.CompletionBatch
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+
+    def to(self, device: torch.device) -> PairBatch:
+        return PairBatch(
+            self.sequences.to(device),
+            self.ref_chosen.to(device, non_blocking=True),
+            self.ref_rejected.to(device, non_blocking=True),
+        )
+
+
+def collate_pairs(examples: Sequence[PairExample], *, pad_token_id: int) -> PairBatch:
+    sequences = [e.chosen for e in examples] + [e.rejected for e in examples]
+    return PairBatch(
+        sequences=data.collate(sequences, pad_token_id=pad_token_id),
+        ref_chosen=torch.tensor([e.ref_chosen for e in examples], dtype=torch.float32),
+        ref_rejected=torch.tensor([e.ref_rejected for e in examples], dtype=torch.float32),
+    )
+
+
+def pair_loss(model: nn.Module, batch: PairBatch, *, beta: float) -> loop.LossOutput:
+    """DPO loss of a batch of pairs from one forward pass over chosen and rejected together."""
+    seq = batch.sequences
+    logps = models.sequence_logps(model, seq.input_ids, seq.attention_mask, seq.completion_mask)  # (2B,)
+    chosen_logps, rejected_logps = logps.chunk(2)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        chosen_logps, rejected_logps, batch.ref_chosen, batch.ref_rejected, beta
+    )
+    return loop.LossOutput(
+        loss_sum=losses.sum(),
+        metric_sums={
+            "reward_accuracy": (chosen_rewards > rejected_rewards).float().sum(),
+            "reward_margin": (chosen_rewards - rejected_rewards).sum(),
+            "chosen_reward": chosen_rewards.sum(),
+            "rejected_reward": rejected_rewards.sum(),
+        },
+    )
+
+
+# ---------------------------------------------------------------------------- reference log-probs
+
+
+def fingerprint(reference_uri: str, pairs: Sequence[data.EncodedRanking], *, split: str) -> str:
+    """Identity of a reference computation: the reference weights and every tokenised sequence."""
+    digest = hashlib.sha256()
+    manifest = storage.read_manifest_quiet(reference_uri)
+    weights = [f.sha256 for f in manifest.files] if manifest else [reference_uri]
+    digest.update(json.dumps({"reference": weights, "split": split}).encode())
+    for pair in pairs:
+        for seq in pair.sequences:
+            digest.update(json.dumps([seq.prompt_length, seq.ids]).encode())
+    return digest.hexdigest()
+
+
+@torch.inference_mode()
+def compute_sequence_logps(
+    ctx: StageContext,
+    reference: nn.Module,
+    sequences: Sequence[data.Encoded],
+    *,
+    pad_token_id: int,
+    batch_size: int,
+) -> torch.Tensor:
+    """log pi_ref of every sequence (N,), each rank scoring a share, in length-sorted batches."""
+    mine = sorted(range(ctx.rank, len(sequences), ctx.world_size), key=lambda i: -len(sequences[i].ids))
+    values: list[float] = []
+    for start in range(0, len(mine), batch_size):
+        chunk = [sequences[i] for i in mine[start : start + batch_size]]
+        batch = data.collate(chunk, pad_token_id=pad_token_id).to(ctx.device)
+        with ctx.accelerator.autocast():
+            logps = models.sequence_logps(
+                reference, batch.input_ids, batch.attention_mask, batch.completion_mask
+            )
+        values.extend(logps.float().cpu().tolist())
+    result = torch.empty(len(sequences), dtype=torch.float32)
+    for indices, scores in ctx.gather((mine, values)):
+        result[indices] = torch.tensor(scores, dtype=torch.float32)
+    return result
+
+
+def reference_logps(
+    ctx: StageContext,
+    hp: Hyperparameters,
+    splits: dict[str, list[data.EncodedRanking]],
+    *,
+    reference_uri: str,
+    pad_token_id: int,
+) -> dict[str, torch.Tensor]:
+    """(N, 2) chosen/rejected reference log-probs per split: reused when stored, else computed and stored."""
+    uri = storage.join(ctx.config.output, REFERENCE_DIR)
+    prints = {name: fingerprint(reference_uri, pairs, split=name) for name, pairs in splits.items()}
+    manifest = storage.read_manifest_quiet(uri)
+    if manifest is not None and manifest.metadata.get("fingerprints") == prints:
+        try:
+            local = storage.fetch_dir(uri, ctx.scratch / REFERENCE_DIR, require_manifest=True)
+            stored: dict[str, torch.Tensor] = torch.load(local / REFERENCE_FILE, weights_only=True)
+            ctx.emit({"event": "reference_logps", "source": uri})
+            return stored
+        except storage.StorageError as exc:
+            log.warning("recomputing reference log-probs: %s", exc)
+    elif manifest is not None:
+        log.warning("stored reference log-probs at %s are for other data or weights; recomputing", uri)
+
+    ref_dir = loop.fetch_model(ctx, reference_uri, "reference")
+    reference = models.load_causal_lm(ref_dir).to(ctx.device).eval()
+    batch_size = hp.reference_batch_size or 4 * loop.micro_batch_size(hp, ctx.world_size)
+    result = {}
+    for name, pairs in splits.items():
+        flat = [seq for pair in pairs for seq in pair.sequences]  # chosen, rejected, chosen, ...
+        scores = compute_sequence_logps(
+            ctx, reference, flat, pad_token_id=pad_token_id, batch_size=batch_size
+        )
+        result[name] = scores.view(-1, 2)
+    del reference
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if ctx.is_main:
+        local = ctx.scratch / REFERENCE_DIR
+        local.mkdir(parents=True, exist_ok=True)
+        torch.save(result, local / REFERENCE_FILE)
+        storage.publish_dir(local, uri, metadata={"fingerprints": prints}, overwrite=True)
+    ctx.barrier()
+    ctx.emit({"event": "reference_logps", "computed": {k: int(v.shape[0]) for k, v in result.items()}})
+    return result
+
+
+def attach(pairs: Sequence[data.EncodedRanking], logps: torch.Tensor) -> list[PairExample]:
+    values = logps.tolist()
+    return [
+        PairExample(chosen=p.sequences[0], rejected=p.sequences[1], ref_chosen=v[0], ref_rejected=v[1])
+        for p, v in zip(pairs, values, strict=True)
+    ]
+
+
+def evaluate_pairs(
+    ctx: StageContext,
+    model: nn.Module,
+    examples: list[PairExample],
+    *,
+    hp: Hyperparameters,
+    pad_token_id: int,
+) -> dict[str, float]:
+    """Held-out DPO loss, reward accuracy and margins, each rank scoring its share."""
+    mine = examples[ctx.rank :: ctx.world_size]
+    size = loop.micro_batch_size(hp, ctx.world_size)
+    sums: dict[str, float] = {"loss": 0.0, "examples": 0.0}
+    for start in range(0, len(mine), size):
+        batch = collate_pairs(mine[start : start + size], pad_token_id=pad_token_id).to(ctx.device)
+        with ctx.accelerator.autocast():
+            out = pair_loss(model, batch, beta=hp.beta)
+        sums["loss"] += float(out.loss_sum)
+        sums["examples"] += float(batch.ref_chosen.shape[0])
+        for name, value in out.metric_sums.items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+    totals = ctx.sum_across_ranks({k: sums.get(k, 0.0) for k in ("loss", "examples", *PAIR_METRICS)})
+    count = max(totals.pop("examples"), 1.0)
+    return {f"eval_{name}": value / count for name, value in totals.items()}
+
+
+# ---------------------------------------------------------------------------- the stage
+
+
+def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
+    inputs = ctx.config.inputs
+    model_uri = loop.require_input(inputs.model, "inputs.model")
+    data_uri = loop.require_input(inputs.data, "inputs.data")
+    reference_uri = inputs.reference or model_uri
+
+    resume = loop.find_resume_checkpoint(ctx)
+    model_dir = resume.model_dir if resume else loop.fetch_model(ctx, model_uri)
+    tokenizer = models.load_tokenizer(model_dir)
+    pad_token_id = int(tokenizer.pad_token_id)
+
+    splits = {"train": data.load(data_uri, ctx.scratch / "data", data.preference_example)}
+    if inputs.eval_data:
+        splits["eval"] = data.load(inputs.eval_data, ctx.scratch / "eval_data", data.preference_example)
+    encoded = {
+        name: data.encode_preferences(tokenizer, rows, max_length=hp.max_length)
+        for name, rows in splits.items()
+    }
+    ref = reference_logps(ctx, hp, encoded, reference_uri=reference_uri, pad_token_id=pad_token_id)
+    train_pairs = attach(encoded["train"], ref["train"])
+
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    if "eval" in encoded:
+        eval_pairs = attach(encoded["eval"], ref["eval"])
+
+        def evaluate(model: nn.Module) -> dict[str, float]:
+            return evaluate_pairs(ctx, model, eval_pairs, hp=hp, pad_token_id=pad_token_id)
+
+    policy = models.load_causal_lm(model_dir)
+    if hp.disable_dropout:
+        models.disable_dropout(policy)
+    task: loop.Task[PairExample, PairBatch] = loop.Task(
+        examples=train_pairs,
+        collate=partial(collate_pairs, pad_token_id=pad_token_id),
+        to_device=PairBatch.to,
+        units=lambda batch: int(batch.ref_chosen.shape[0]),
+        loss=partial(pair_loss, beta=hp.beta),
+    )
+    result = loop.train(
+        ctx,
+        hp,
+        model=policy,
+        task=task,
+        save_model=lambda m, dest: models.save_pretrained(m, tokenizer, dest),
+        resume=resume,
+        evaluate=evaluate,
+        extra_state={"beta": hp.beta},
+    )
+    metrics = {**result.metrics, "pairs": float(len(train_pairs)), "beta": hp.beta}
+    write_metrics(ctx, metrics)
+    publish_artifact(
+        ctx,
+        lambda dest: models.save_pretrained(policy, tokenizer, dest),
+        metadata={
+            "stage": ctx.config.stage,
+            "type": "dpo",
+            "steps": result.steps,
+            "reference": reference_uri,
+        },
+    )
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("dpo", train, Hyperparameters, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
