@@ -21,7 +21,7 @@ import kopf
 from kubealign import api
 from kubealign.k8s import Kube, load_configuration
 from kubealign.reconcile import Reconciler
-from kubealign.render import LABEL_MANAGED_BY, LABEL_RUN, MANAGED_BY
+from kubealign.render import LABEL_MANAGED_BY, MANAGED_BY
 
 DEFAULT_RESYNC_SECONDS: Final = 30.0
 
@@ -75,10 +75,8 @@ def build_registry(*, resync_seconds: float = DEFAULT_RESYNC_SECONDS) -> kopf.Op
         memo.reconciler.request(namespace or "default", name)
 
     @kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGED_BY}, registry=registry)
-    def job_changed(namespace: str | None, labels: kopf.Labels, memo: Any, **_: Any) -> None:
-        run = labels.get(LABEL_RUN)
-        if run and namespace:
-            memo.reconciler.request(namespace, run)
+    def job_changed(event: kopf.RawEvent, body: kopf.Body, memo: Any, **_: Any) -> None:
+        memo.reconciler.job_event(body, deleted=event.get("type") == "DELETED")
 
     @kopf.timer(
         api.GROUP,

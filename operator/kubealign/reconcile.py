@@ -53,6 +53,38 @@ class Reconciler:
         self._guard = threading.Lock()
         # (namespace, name) -> whether another pass was requested while one is running.
         self._running: dict[tuple[str, str], bool] = {}
+        # Job name -> (uid, state) last seen, so that Job events which change nothing the planner
+        # looks at (pods starting, ready counts) do not cost a reconcile.
+        self._job_states: dict[tuple[str, str], tuple[str, plan.JobState]] = {}
+
+    def job_event(self, job: Mapping[str, Any], *, deleted: bool = False) -> None:
+        """A watch event of one of our Jobs: reconcile its run if the Job's state changed."""
+        seen = plan.observe_job(job)
+        meta = job.get("metadata", {})
+        run = (meta.get("labels") or {}).get(render.LABEL_RUN)
+        namespace = meta.get("namespace")
+        if seen is None or not run or not namespace:
+            return
+        key = (namespace, seen.name)
+        with self._guard:
+            if deleted:
+                self._job_states.pop(key, None)
+            elif not self._note(key, str(meta.get("uid", "")), seen.state):
+                return
+        self.request(namespace, run)
+
+    def _note(self, key: tuple[str, str], uid: str, state: plan.JobState) -> bool:
+        """Record a Job's state (under the guard); True if it differs from the last one seen."""
+        changed = self._job_states.get(key) != (uid, state)
+        self._job_states[key] = (uid, state)
+        return changed
+
+    def _note_all(self, namespace: str, jobs: Mapping[str, Mapping[str, Any]]) -> None:
+        with self._guard:
+            for name, job in jobs.items():
+                seen = plan.observe_job(job)
+                if seen is not None:
+                    self._note((namespace, name), str(job["metadata"].get("uid", "")), seen.state)
 
     def request(self, namespace: str, name: str) -> None:
         """Reconcile the run now, or right after the reconcile of it already in progress."""
@@ -102,6 +134,7 @@ class Reconciler:
             job["metadata"]["name"]: job
             for job in self.kube.list("Job", namespace, selector=render.run_selector(name))
         }
+        self._note_all(namespace, raw)
         listed = [plan.observe_job(job) for job in raw.values()]
         # A Job left over from an earlier run of the same name is not ours; the garbage collector takes it.
         owned = [job for job in listed if job is not None and job.owner_uid == run.uid]
@@ -163,11 +196,13 @@ class Reconciler:
                     created: dict[str, Any] = {}
                     for child in render.build_children(run, stage, action.attempt):
                         created = self.kube.create(child)
+                    self._note_all(run.namespace, {created["metadata"]["name"]: created})
                     seen = plan.observe_job(created)
                     if seen is not None and seen.owner_uid == run.uid:
                         current[seen.name] = seen
                 else:
                     patched = self.kube.set_job_suspended(run.namespace, action.job, suspend=action.suspend)
+                    self._note_all(run.namespace, {action.job: patched})
                     seen = plan.observe_job(patched)
                     if seen is not None:
                         current[seen.name] = replace(current.get(seen.name, seen), state=seen.state)

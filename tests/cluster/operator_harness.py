@@ -86,6 +86,7 @@ class Reader:
 
     def events(self, name: str) -> list[dict[str, Any]]:
         events = self.kube.list("Event", self.namespace, field_selector=f"involvedObject.name={name}")
+        # Timestamps have one-second resolution: the order within a second is not known.
         result: list[dict[str, Any]] = sorted(events, key=lambda e: e["metadata"]["creationTimestamp"])
         return result
 
