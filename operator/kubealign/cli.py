@@ -68,6 +68,9 @@ def _run_operator(args: argparse.Namespace) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # kopf logs every handler call at INFO; the operator's own log lines say what happened.
+        logging.getLogger("kopf").setLevel(logging.WARNING)
     if args.metrics_port is not None:
         OPERATOR_METRICS.serve(port=args.metrics_port)
     asyncio.run(
