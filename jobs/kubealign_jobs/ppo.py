@@ -41,7 +41,7 @@ from kubealign_jobs import model as models
 from kubealign_jobs.config import ConfigError
 from kubealign_jobs.loop import MIXED_PRECISION, find_resume_checkpoint
 from kubealign_jobs.runtime import StageContext, require_choice
-from kubealign_jobs.sampling import Samples, SamplingParams, sample
+from kubealign_jobs.sampling import Samples, SamplingParams, completion_logits, sample
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -159,18 +159,12 @@ class PolicyWithValueHead(nn.Module):
         the ``C + 1`` last positions go through the LM head (prompt positions predict nothing
         we train on). Positions count real tokens only, as in generation with left padding.
         """
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-        output = self.policy(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_to_keep=completion_width + 1,
-            output_hidden_states=True,
-            use_cache=False,
+        output = completion_logits(
+            self.policy, input_ids, attention_mask, completion_width, output_hidden_states=True
         )
         hidden = output.hidden_states[-1][:, -completion_width - 1 : -1]  # (B, C, H)
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
-        return output.logits[:, :-1], values
+        return output.logits, values
 
     def save_value_head(self, folder: Path) -> None:
         from safetensors.torch import save_file
@@ -191,21 +185,6 @@ def disable_dropout(module: nn.Module) -> None:
     for child in module.modules():
         if isinstance(child, nn.Dropout):
             child.p = 0.0
-
-
-def reference_logits(
-    reference: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int
-) -> torch.Tensor:
-    """The reference's logits (B, C, V) for the last ``width`` tokens, positions as in generation."""
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    logits: torch.Tensor = reference(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=width + 1,
-        use_cache=False,
-    ).logits
-    return logits[:, :-1]
 
 
 # ---------------------------------------------------------------------------- rollouts
@@ -271,7 +250,9 @@ def collect_rollout(
         logprobs.append(models.logps_from_logits(logits, completion_ids[rows]))
         entropies.append(rl.entropy_from_logits(logits))
         values.append(value.float())
-        ref = reference_logits(reference, input_ids[rows], attention_mask[rows], width) / hp.temperature
+        ref = (
+            completion_logits(reference, input_ids[rows], attention_mask[rows], width).logits / hp.temperature
+        )
         ref_logprobs.append(models.logps_from_logits(ref, completion_ids[rows]))
     model.train(was_training)
     logprob, ref_logprob = torch.cat(logprobs) * mask, torch.cat(ref_logprobs) * mask

@@ -16,6 +16,7 @@ import torch
 from torch.nn import functional
 
 from kubealign_jobs import data
+from kubealign_jobs import model as models
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,43 @@ class Samples:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+
+def completion_logits(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int, **kwargs: Any
+) -> Any:
+    """The model's output with logits (B, width, V) for the last ``width`` tokens of ``input_ids``.
+
+    Position ids count real tokens only, as ``generate`` numbers a left-padded prompt, so the
+    log-probs match the distribution the tokens were sampled from. Only the ``width + 1`` last
+    positions go through the LM head: the prompt positions predict nothing that is scored.
+    """
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    output = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=width + 1,
+        use_cache=False,
+        **kwargs,
+    )
+    output.logits = output.logits[:, :-1]
+    return output
+
+
+@torch.no_grad()
+def completion_logps(model: Any, samples: Samples, *, batch_size: int = 64) -> torch.Tensor:
+    """Per-token log-probs (B, C) of the sampled completions under ``model`` (temperature 1), 0 on padding."""
+    device = next(model.parameters()).device
+    width = samples.completion_ids.shape[1]
+    parts = []
+    for start in range(0, len(samples), batch_size):
+        rows = slice(start, start + batch_size)
+        logits = completion_logits(
+            model, samples.input_ids[rows].to(device), samples.attention_mask[rows].to(device), width
+        ).logits
+        parts.append(models.logps_from_logits(logits, samples.completion_ids[rows].to(device)).cpu())
+    return torch.cat(parts) * samples.completion_mask
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:

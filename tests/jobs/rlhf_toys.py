@@ -61,11 +61,16 @@ def tiny_llama_spec(hidden: int = 32) -> dict[str, Any]:
     }
 
 
-def save_toy_policy(dest: Path, *, seed: int = 0, hidden: int = 32) -> Path:
-    """A freshly initialised tiny Llama and its tokenizer as a save_pretrained folder."""
+def save_toy_policy(dest: Path, *, seed: int = 0, hidden: int = 32, initializer_range: float = 0.02) -> Path:
+    """A freshly initialised tiny Llama and its tokenizer as a save_pretrained folder.
+
+    The default init gives a nearly uniform next-word distribution; a large ``initializer_range``
+    gives a peaked one, far (in KL) from any nearly uniform model.
+    """
     torch.manual_seed(seed)
     tokenizer = toy_tokenizer()
-    policy = models.build_causal_lm(tiny_llama_spec(hidden), tokenizer=tokenizer)
+    spec = {**tiny_llama_spec(hidden), "initializer_range": initializer_range}
+    policy = models.build_causal_lm(spec, tokenizer=tokenizer)
     return models.save_pretrained(policy, tokenizer, dest)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 from rlhf_toys import PROMPTS, read_jsonl, save_toy_policy, write_jsonl
 from trainer_toys import run_stage, stage_config
 
-from kubealign_jobs import data, storage
+from kubealign_jobs import data, generate, storage
 from kubealign_jobs.generate import LabelledPrompt, preference_rows
 
 
@@ -133,7 +134,9 @@ def test_generate_through_s3_labels_with_vader_and_resumes_by_chunk(
     assert read_jsonl(resumed / "preferences.jsonl") == rows
 
 
-def test_a_stage_without_a_labeller_fails_naming_the_field(toy_policy: Path, tmp_path: Path) -> None:
+def test_a_stage_without_a_labeller_fails_naming_the_field(
+    toy_policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
     config = stage_config(
         tmp_path,
@@ -142,7 +145,11 @@ def test_a_stage_without_a_labeller_fails_naming_the_field(toy_policy: Path, tmp
         inputs={"model": str(toy_policy), "data": str(prompts)},
         hyperparameters={"samples_per_prompt": 2},
     )
-    run = run_stage("generate", config, tmp_path)
-    assert run.returncode == 2
-    assert run.termination is not None
-    assert "hyperparameters.scorer: the generate stage needs a labeller" in run.termination["error"]
+    termination = tmp_path / "termination-log"
+    monkeypatch.setenv("KUBEALIGN_TERMINATION_LOG", str(termination))
+    monkeypatch.setenv("KUBEALIGN_SCRATCH", str(tmp_path / "scratch"))
+    assert generate.main(["--config", str(config)]) == 2
+    assert (
+        "hyperparameters.scorer: the generate stage needs a labeller"
+        in json.loads(termination.read_text())["error"]
+    )

@@ -1,0 +1,486 @@
+"""Evaluate stage: reward, win rate and KL of each policy over a temperature sweep, plus Best-of-N.
+
+The DPO paper's evaluation: every policy (``inputs.policies``, name -> artifact) and the
+reference (``inputs.reference``, else ``inputs.model``; reported as ``reference``) answers the
+same eval prompts (``inputs.eval_data``, else ``inputs.data``) at each sampling temperature.
+
+- reward: the mean score of the judge, a ground-truth scorer (``hyperparameters.scorer``,
+  e.g. ``vader``) or else the reward model (``inputs.reward_model``). With both, the reward
+  model's mean is reported as ``reward_model`` beside the scorer's ``reward``.
+- win_rate: the fraction of prompts where the policy's answer outscores the reference's answer
+  at the same temperature, ties counting 1/2 (the paper's win rate against a baseline).
+- kl: mean over the policy's own samples of ``sum_t log pi(y_t) - log pi_ref(y_t)``, both at
+  temperature 1: the Monte Carlo estimate of KL(pi || pi_ref) at temperature 1, and the
+  models' log-ratio on the sampled answers at other temperatures.
+- Best-of-N: N answers from the reference, the best kept by the reward model (else the
+  scorer); its KL is the analytic ``log N - (N - 1) / N``.
+
+    python -m kubealign_jobs.evaluate --config stage.json
+
+Artifact: ``results.json`` shaped for a reward-KL frontier plot, and ``frontier.png``::
+
+    {"policies": {name: {temperature: {"reward", "kl", "win_rate", "n"}}},
+     "best_of_n": {"n": N, "selector": ..., "kl": ..., "temperatures": {temperature: {...}}},
+     "judge": ..., "prompts": ...}
+
+Each finished policy's results are checkpointed, so a restarted stage evaluates only the rest;
+the reference is sampled from fixed seeds, so the win rates of a resumed run are unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubealign_jobs import data, loop, runtime, scorers, storage
+from kubealign_jobs import model as models
+from kubealign_jobs.config import ConfigError
+from kubealign_jobs.loop import MIXED_PRECISION
+from kubealign_jobs.runtime import StageContext, require_choice
+from kubealign_jobs.sampling import Samples, SamplingParams, completion_logps, sample
+
+REFERENCE = "reference"
+BEST_OF_N = "best_of_n"
+RESULTS_FILE = "results.json"
+PLOT_FILE = "frontier.png"
+UNIT_FILE = "unit.json"
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """``hyperparameters.<name>`` overrides each default."""
+
+    scorer: str | None = None  # the judge, when given; else the reward model judges
+    scorer_options: dict[str, Any] = field(default_factory=dict)
+    reward_max_length: int = 512
+
+    temperatures: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    max_new_tokens: int = 64
+    top_p: float = 1.0
+    max_prompt_tokens: int = 256
+    samples_per_prompt: int = 1  # answers per prompt per policy and temperature
+    batch_size: int = 64
+    max_prompts: int = 0  # 0: every eval prompt
+    best_of_n: int = 4  # 0 disables the baseline
+    plot: bool = True
+    mixed_precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.temperatures:
+            raise ConfigError("hyperparameters.temperatures: needs at least one temperature")
+        if len(set(self.temperatures)) != len(self.temperatures):
+            raise ConfigError(f"hyperparameters.temperatures: repeated values in {self.temperatures}")
+        for index, temperature in enumerate(self.temperatures):
+            if temperature < 0:
+                raise ConfigError(f"hyperparameters.temperatures[{index}]: must be >= 0, got {temperature}")
+        for name in ("samples_per_prompt", "batch_size", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"hyperparameters.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_prompts < 0:
+            raise ConfigError(f"hyperparameters.max_prompts: must be >= 0, got {self.max_prompts}")
+        if self.best_of_n == 1 or self.best_of_n < 0:
+            raise ConfigError(f"hyperparameters.best_of_n: must be 0 (off) or >= 2, got {self.best_of_n}")
+        require_choice("hyperparameters.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        self.sampling(1.0)
+
+    def sampling(self, temperature: float) -> SamplingParams:
+        try:
+            return SamplingParams(
+                max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=self.top_p
+            )
+        except ValueError as exc:
+            raise ConfigError(f"hyperparameters.{exc}") from exc
+
+
+def temperature_key(temperature: float) -> str:
+    """JSON object keys are strings: ``0.25``, ``1.0``."""
+    return repr(float(temperature))
+
+
+def win_rate(scores: Sequence[float], baseline: Sequence[float]) -> float:
+    """Fraction of pairs where ``scores`` beats ``baseline``, ties counting 1/2."""
+    if len(scores) != len(baseline) or not scores:
+        raise ValueError(f"win_rate: {len(scores)} scores against {len(baseline)} baseline scores")
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline, strict=True))
+    return wins / len(scores)
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(pi_BoN || pi_ref) = log N - (N - 1) / N (Stiennon et al. 2020, appendix)."""
+    return math.log(n) - (n - 1) / n
+
+
+# ---------------------------------------------------------------------------- judging
+
+
+@dataclass(frozen=True)
+class Judges:
+    """The judge (reward, win rate), the reward model if any, and the Best-of-N selector."""
+
+    judge: scorers.Scorer
+    reward_model: scorers.Scorer | None
+
+    @property
+    def selector(self) -> scorers.Scorer:
+        return self.reward_model or self.judge
+
+    def score(self, samples: Samples) -> dict[str, list[float]]:
+        """Per-answer scores: ``judge`` always; ``reward_model`` when it is not the judge."""
+        out = {"judge": self.judge.score(samples.prompts, samples.completions)}
+        if self.reward_model is not None and self.reward_model is not self.judge:
+            out["reward_model"] = self.reward_model.score(samples.prompts, samples.completions)
+        return out
+
+
+def _judges(ctx: StageContext, hp: Hyperparameters) -> Judges:
+    reward_model = None
+    if ctx.config.inputs.reward_model:
+        reward_model = scorers.load_reward_model_scorer(
+            ctx.config.inputs.reward_model,
+            ctx.scratch,
+            device=ctx.device,
+            batch_size=hp.batch_size,
+            max_length=hp.reward_max_length,
+        )
+    if hp.scorer:
+        return Judges(judge=scorers.make_scorer(hp.scorer, hp.scorer_options), reward_model=reward_model)
+    if reward_model is None:
+        raise ConfigError(
+            "hyperparameters.scorer: the evaluate stage needs a judge: a ground-truth scorer by name "
+            "or inputs.reward_model"
+        )
+    return Judges(judge=reward_model, reward_model=reward_model)
+
+
+# ---------------------------------------------------------------------------- one unit of work
+
+
+@dataclass(frozen=True)
+class Sums:
+    """This rank's sums for one (policy, temperature) cell; added across ranks before dividing."""
+
+    n: float
+    reward: float
+    wins: float
+    kl: float
+    reward_model: float
+
+    def metrics(self) -> dict[str, float]:
+        n = max(self.n, 1.0)
+        out = {"reward": self.reward / n, "win_rate": self.wins / n, "kl": self.kl / n, "n": self.n}
+        if not math.isnan(self.reward_model):
+            out["reward_model"] = self.reward_model / n
+        return out
+
+
+def _sums(scores: dict[str, list[float]], baseline: list[float], kl: list[float]) -> Sums:
+    judge = scores["judge"]
+    wins = win_rate(judge, baseline) * len(judge) if judge else 0.0
+    return Sums(
+        n=float(len(judge)),
+        reward=sum(judge),
+        wins=wins,
+        kl=sum(kl),
+        reward_model=sum(scores["reward_model"]) if "reward_model" in scores else math.nan,
+    )
+
+
+def _reduce(ctx: StageContext, sums: Sums) -> dict[str, float]:
+    values = {"n": sums.n, "reward": sums.reward, "wins": sums.wins, "kl": sums.kl}
+    if not math.isnan(sums.reward_model):
+        values["reward_model"] = sums.reward_model
+    total = ctx.sum_across_ranks(values)
+    return Sums(
+        n=total["n"],
+        reward=total["reward"],
+        wins=total["wins"],
+        kl=total["kl"],
+        reward_model=total.get("reward_model", math.nan),
+    ).metrics()
+
+
+def _seed(config_seed: int, unit: int, temperature_index: int, rank: int) -> int:
+    return ((config_seed * 1_000_003 + unit) * 101 + temperature_index) * 4099 + rank
+
+
+def evaluate_reference(
+    ctx: StageContext,
+    hp: Hyperparameters,
+    *,
+    reference: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    judges: Judges,
+) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """The reference's cells and Best-of-N's, and the reference's judge scores per temperature (this rank)."""
+    cells: dict[str, Any] = {}
+    baselines: dict[str, list[float]] = {}
+    best: dict[str, Any] = {}
+    for t_index, temperature in enumerate(hp.temperatures):
+        key = temperature_key(temperature)
+        torch.manual_seed(_seed(ctx.config.seed, 0, t_index, ctx.rank))
+        samples = sample(
+            reference,
+            tokenizer,
+            prompts,
+            hp.sampling(temperature),
+            batch_size=hp.batch_size,
+            max_prompt_tokens=hp.max_prompt_tokens,
+        )
+        scores = judges.score(samples)
+        baselines[key] = scores["judge"]
+        # The reference against itself: KL 0 and every comparison a tie, by definition.
+        cells[key] = _reduce(ctx, _sums(scores, scores["judge"], [0.0] * len(samples)))
+        if hp.best_of_n:
+            best[key] = _reduce(
+                ctx,
+                _best_of_n(
+                    hp,
+                    reference=reference,
+                    tokenizer=tokenizer,
+                    prompts=prompts,
+                    judges=judges,
+                    temperature=temperature,
+                    baseline=scores["judge"],
+                ),
+            )
+    out: dict[str, Any] = {REFERENCE: cells}
+    if hp.best_of_n:
+        out[BEST_OF_N] = {
+            "n": hp.best_of_n,
+            "selector": judges.selector.name,
+            "kl": best_of_n_kl(hp.best_of_n),
+            "temperatures": best,
+        }
+    return out, baselines
+
+
+def _best_of_n(
+    hp: Hyperparameters,
+    *,
+    reference: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    judges: Judges,
+    temperature: float,
+    baseline: list[float],
+) -> Sums:
+    n = hp.best_of_n
+    repeated = [prompt for prompt in prompts for _ in range(n)]
+    samples = sample(
+        reference,
+        tokenizer,
+        repeated,
+        hp.sampling(temperature),
+        batch_size=hp.batch_size,
+        max_prompt_tokens=hp.max_prompt_tokens,
+    )
+    selection = judges.selector.score(samples.prompts, samples.completions)
+    picks = [max(range(i * n, (i + 1) * n), key=lambda j: selection[j]) for i in range(len(prompts))]
+    chosen = Samples(
+        prompts=[samples.prompts[j] for j in picks],
+        completions=[samples.completions[j] for j in picks],
+        prompt_ids=samples.prompt_ids[picks],
+        prompt_mask=samples.prompt_mask[picks],
+        completion_ids=samples.completion_ids[picks],
+        completion_mask=samples.completion_mask[picks],
+    )
+    scores = judges.score(chosen)
+    return _sums(scores, baseline, [best_of_n_kl(n)] * len(picks))
+
+
+def evaluate_policy(
+    ctx: StageContext,
+    hp: Hyperparameters,
+    *,
+    unit: int,
+    policy: Any,
+    reference: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    judges: Judges,
+    baselines: dict[str, list[float]],
+) -> dict[str, Any]:
+    """One policy's cells: samples at each temperature, judged, compared, and their KL to the reference."""
+    cells = {}
+    for t_index, temperature in enumerate(hp.temperatures):
+        key = temperature_key(temperature)
+        torch.manual_seed(_seed(ctx.config.seed, unit, t_index, ctx.rank))
+        samples = sample(
+            policy,
+            tokenizer,
+            prompts,
+            hp.sampling(temperature),
+            batch_size=hp.batch_size,
+            max_prompt_tokens=hp.max_prompt_tokens,
+        )
+        logps = completion_logps(policy, samples, batch_size=hp.batch_size)
+        ref_logps = completion_logps(reference, samples, batch_size=hp.batch_size)
+        kl = (logps - ref_logps).sum(dim=1).tolist()
+        cells[key] = _reduce(ctx, _sums(judges.score(samples), baselines[key], kl))
+    return cells
+
+
+# ---------------------------------------------------------------------------- the stage
+
+
+def _unit_uri(checkpoints_uri: str, unit: int) -> str:
+    return storage.join(checkpoints_uri, f"unit-{unit:04d}")
+
+
+def _load_done(ctx: StageContext, names: list[str]) -> dict[int, dict[str, Any]]:
+    """Finished units from an earlier attempt (rank 0 reads, everyone gets them)."""
+    done: dict[int, dict[str, Any]] = {}
+    if ctx.is_main:
+        for unit, name in enumerate(names):
+            uri = _unit_uri(ctx.config.checkpoints, unit)
+            if storage.is_complete(uri):
+                doc = storage.read_json(storage.join(uri, UNIT_FILE))
+                if doc.get("name") == name:  # a renamed policy list invalidates the old numbering
+                    done[unit] = doc
+    result: dict[int, dict[str, Any]] = ctx.broadcast(done)
+    return result
+
+
+def _save_unit(ctx: StageContext, unit: int, doc: dict[str, Any]) -> None:
+    if ctx.is_main:
+        local = ctx.scratch / f"unit-{unit}"
+        local.mkdir(parents=True, exist_ok=True)
+        (local / UNIT_FILE).write_text(json.dumps(doc))
+        storage.publish_dir(local, _unit_uri(ctx.config.checkpoints, unit), metadata={"unit": unit})
+    ctx.barrier()
+
+
+def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
+    """The evaluate stage (called by `runtime.run_stage`)."""
+    inputs = ctx.config.inputs
+    reference_uri = loop.require_input(inputs.reference or inputs.model, "inputs.reference")
+    data_uri = loop.require_input(inputs.eval_data or inputs.data, "inputs.eval_data")
+    if REFERENCE in inputs.policies:
+        raise ConfigError(f"inputs.policies.{REFERENCE}: the name is reserved for the reference policy")
+    judges = _judges(ctx, hp)
+    all_prompts = data.load(data_uri, ctx.scratch / "data", data.prompt_text)
+    if hp.max_prompts:
+        all_prompts = all_prompts[: hp.max_prompts]
+    repeated = [prompt for prompt in all_prompts for _ in range(hp.samples_per_prompt)]
+    if len(repeated) < ctx.world_size:
+        raise data.DataError(f"{data_uri}: {len(repeated)} eval answers for {ctx.world_size} processes")
+    prompts = repeated[ctx.rank :: ctx.world_size]
+    reference_dir = loop.fetch_model(ctx, reference_uri, REFERENCE)
+    tokenizer = models.load_tokenizer(reference_dir)
+    reference = models.load_causal_lm(reference_dir).to(ctx.device).eval()
+
+    names = [REFERENCE, *sorted(inputs.policies)]
+    done = _load_done(ctx, names)
+    if done:
+        ctx.emit({"event": "resumed", "done": [names[unit] for unit in sorted(done)]})
+
+    if 0 in done:
+        results = done[0]["results"]
+        baselines = {key: scores[ctx.rank :: ctx.world_size] for key, scores in done[0]["baselines"].items()}
+    else:
+        results, baselines = evaluate_reference(
+            ctx, hp, reference=reference, tokenizer=tokenizer, prompts=prompts, judges=judges
+        )
+        # Every rank's reference scores, in prompt order, so a resumed run compares against the same answers.
+        gathered = ctx.gather(baselines)
+        # Global answer i was rank (i mod W)'s answer number i // W.
+        world = ctx.world_size
+        full = {
+            key: [gathered[i % world][key][i // world] for i in range(len(repeated))] for key in baselines
+        }
+        _save_unit(ctx, 0, {"name": REFERENCE, "results": results, "baselines": full})
+    ctx.emit({"step": 1, "total_steps": len(names), "policy": REFERENCE, **_headline(results[REFERENCE])})
+
+    policies: dict[str, Any] = {REFERENCE: results[REFERENCE]}
+    for unit, name in enumerate(names[1:], start=1):
+        if unit in done:
+            policies[name] = done[unit]["results"]
+        else:
+            policy_dir = loop.fetch_model(ctx, inputs.policies[name], f"policy-{unit}")
+            policy = models.load_causal_lm(policy_dir).to(ctx.device).eval()
+            policies[name] = evaluate_policy(
+                ctx,
+                hp,
+                unit=unit,
+                policy=policy,
+                reference=reference,
+                tokenizer=tokenizer,
+                prompts=prompts,
+                judges=judges,
+                baselines=baselines,
+            )
+            del policy
+            _save_unit(ctx, unit, {"name": name, "results": policies[name]})
+        ctx.emit({"step": unit + 1, "total_steps": len(names), "policy": name, **_headline(policies[name])})
+
+    report: dict[str, Any] = {
+        "policies": policies,
+        "judge": judges.judge.name,
+        "prompts": len(all_prompts),
+        "samples_per_prompt": hp.samples_per_prompt,
+    }
+    if BEST_OF_N in results:
+        report[BEST_OF_N] = results[BEST_OF_N]
+
+    def write(dest: Path) -> None:
+        (dest / RESULTS_FILE).write_text(json.dumps(report, indent=2, sort_keys=True))
+        if hp.plot:
+            plot_frontier(report, dest / PLOT_FILE)
+
+    metrics = _summary(report)
+    runtime.write_metrics(ctx, report)
+    runtime.publish_artifact(ctx, write, metadata={"stage": ctx.config.stage, "type": "evaluate"})
+    return metrics
+
+
+def _headline(cells: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The highest temperature's numbers, for progress lines."""
+    last = cells[max(cells, key=float)]
+    return {"reward": last["reward"], "kl": last["kl"], "win_rate": last["win_rate"]}
+
+
+def _summary(report: dict[str, Any]) -> dict[str, Any]:
+    """Compact per-policy figures for the termination message (<= 4 KB): the mean over temperatures."""
+    out: dict[str, Any] = {"prompts": report["prompts"], "judge": report["judge"]}
+    for name, cells in report["policies"].items():
+        for metric in ("reward", "win_rate", "kl"):
+            out[f"{name}/{metric}"] = round(sum(c[metric] for c in cells.values()) / len(cells), 5)
+    return out
+
+
+def plot_frontier(report: dict[str, Any], path: Path) -> None:
+    """Reward against KL (one point per temperature) and win rate against temperature."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, (frontier, wins) = plt.subplots(1, 2, figsize=(11, 4.5))
+    series = dict(report["policies"])
+    if BEST_OF_N in report:
+        series[f"best of {report[BEST_OF_N]['n']}"] = report[BEST_OF_N]["temperatures"]
+    for name, cells in series.items():
+        keys = sorted(cells, key=float)
+        frontier.plot([cells[k]["kl"] for k in keys], [cells[k]["reward"] for k in keys], "o-", label=name)
+        wins.plot([float(k) for k in keys], [cells[k]["win_rate"] for k in keys], "o-", label=name)
+    frontier.set(xlabel="KL(pi || pi_ref), nats", ylabel=f"reward ({report['judge']})", title="Reward vs KL")
+    wins.set(xlabel="sampling temperature", ylabel="win rate vs reference", title="Win rate", ylim=(0, 1))
+    frontier.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return runtime.run_stage("evaluate", train, Hyperparameters, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

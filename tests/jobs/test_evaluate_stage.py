@@ -1,0 +1,121 @@
+"""The evaluate stage: win rate and KL of a policy against itself, Best-of-N, S3, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rlhf_toys import PROMPTS, save_toy_policy, write_jsonl
+from trainer_toys import run_stage, stage_config
+
+from kubealign_jobs import evaluate, storage
+from kubealign_jobs.evaluate import best_of_n_kl, temperature_key, win_rate
+
+
+def test_win_rate_counts_ties_as_half() -> None:
+    assert win_rate([1.0, 0.0, 0.5, 0.2], [0.0, 1.0, 0.5, 0.1]) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    assert win_rate([0.3] * 5, [0.3] * 5) == 0.5
+    with pytest.raises(ValueError, match="2 scores against 1"):
+        win_rate([1.0, 2.0], [1.0])
+
+
+def test_best_of_n_kl_is_log_n_minus_n_minus_one_over_n() -> None:
+    assert best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+    assert best_of_n_kl(128) == pytest.approx(math.log(128) - 127 / 128)
+
+
+def test_temperature_keys_are_stable_strings() -> None:
+    assert [temperature_key(t) for t in (0, 0.25, 1)] == ["0.0", "0.25", "1.0"]
+
+
+@pytest.fixture(scope="module")
+def toy_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("evaluate")
+    return {
+        "reference": save_toy_policy(root / "reference", seed=21),
+        "other": save_toy_policy(root / "other", seed=22, initializer_range=0.5),
+    }
+
+
+def test_evaluate_through_s3_self_comparison_best_of_n_and_resume(
+    bucket: str, s3: Any, toy_models: dict[str, Path], tmp_path: Path
+) -> None:
+    base = f"s3://{bucket}/inputs"
+    storage.publish_dir(toy_models["reference"], f"{base}/reference")
+    # The same weights again under another name: the policy-against-itself control.
+    storage.publish_dir(toy_models["reference"], f"{base}/same")
+    storage.publish_dir(toy_models["other"], f"{base}/other")
+    prompts = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": p} for p in PROMPTS * 8])
+    storage.write_bytes(f"{base}/eval.jsonl", prompts.read_bytes())
+    inputs = {
+        "reference": f"{base}/reference",
+        "eval_data": f"{base}/eval.jsonl",
+        "policies": {"same": f"{base}/same", "other": f"{base}/other"},
+    }
+    output = f"s3://{bucket}/ns/run/evaluate"
+    hyperparameters = {
+        "scorer": "word_fraction",
+        "scorer_options": {"words": ["good", "great", "fine"]},
+        "temperatures": [0.5, 1.0],
+        "max_new_tokens": 6,
+        "best_of_n": 4,
+    }
+    config = stage_config(
+        tmp_path, stage_type="evaluate", output=output, inputs=inputs, hyperparameters=hyperparameters
+    )
+    run = run_stage("evaluate", config, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [r["policy"] for r in run.steps] == ["reference", "other", "same"]
+
+    artifact = storage.fetch_dir(f"{output}/artifact", tmp_path / "artifact", require_manifest=True)
+    results = storage.read_json(str(artifact / "results.json"))
+    assert (artifact / "frontier.png").stat().st_size > 1000
+    assert set(results["policies"]) == {"reference", "same", "other"}
+    for cells in results["policies"].values():
+        assert set(cells) == {"0.5", "1.0"}
+        for cell in cells.values():
+            assert set(cell) == {"reward", "kl", "win_rate", "n"} and cell["n"] == 64
+    for key in ("0.5", "1.0"):
+        same, other = results["policies"]["same"][key], results["policies"]["other"][key]
+        # Identical weights: every log-ratio is exactly 0; independent samples win about half the time.
+        assert same["kl"] == 0.0
+        assert abs(same["win_rate"] - 0.5) < 0.15
+        assert results["policies"]["reference"][key]["win_rate"] == 0.5
+        # A different, peaked model is measurably far from the nearly uniform reference.
+        assert other["kl"] > 0.5
+        # Best-of-4 by the judge beats the reference's single answers.
+        best = results["best_of_n"]["temperatures"][key]
+        assert best["reward"] > results["policies"]["reference"][key]["reward"]
+        assert best["win_rate"] > 0.5
+    assert results["best_of_n"]["kl"] == pytest.approx(best_of_n_kl(4))
+    assert run.termination is not None and run.termination["same/kl"] == 0.0
+
+    # A preemption while evaluating "same": the reference and "other" are not evaluated again.
+    storage.delete_prefix(f"{output}/artifact")
+    s3.delete_object(Bucket=bucket, Key="ns/run/evaluate/checkpoints/unit-0002/_MANIFEST.json")
+    again = run_stage("evaluate", config, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.events("resumed")[0]["done"] == ["reference", "other"]
+    resumed = storage.read_json(f"{output}/artifact/results.json")
+    assert resumed == results
+
+
+def test_a_stage_without_a_judge_fails_naming_the_field(
+    toy_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompts = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": p} for p in PROMPTS])
+    config = stage_config(
+        tmp_path,
+        stage_type="evaluate",
+        output=str(tmp_path / "out"),
+        inputs={"model": str(toy_models["reference"]), "data": str(prompts)},
+        hyperparameters={"temperatures": [1.0, -1.0]},
+    )
+    termination = tmp_path / "termination-log"
+    monkeypatch.setenv("KUBEALIGN_TERMINATION_LOG", str(termination))
+    monkeypatch.setenv("KUBEALIGN_SCRATCH", str(tmp_path / "scratch"))
+    assert evaluate.main(["--config", str(config)]) == 2
+    assert "hyperparameters.temperatures[1]: must be >= 0" in json.loads(termination.read_text())["error"]
