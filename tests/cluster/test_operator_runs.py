@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -247,6 +248,11 @@ def test_operator_killed_mid_run_creates_no_duplicates(
         timeout=30,
     )
     assert "restart-s2-1" not in reader.jobs("restart")
+    # Even a lost status is rebuilt from the Jobs and their pods.
+    wipe = '[{"op": "remove", "path": "/status"}]'
+    cluster.kubectl(
+        "patch", "alr", "restart", "-n", namespace, "--subresource=status", "--type=json", "-p", wipe
+    )
 
     with operator_thread(cluster, namespace):
         status = reader.wait_phase("restart", "Succeeded")
@@ -497,3 +503,34 @@ def test_operator_runs_with_only_the_rbac_rules_it_ships(
         assert running.kube.requests  # the operator itself did the work, as the service account
     assert status["stages"][0]["metrics"] == {"ok": 1}
     assert "StageSucceeded" in reader.reasons("rbac")
+
+
+def test_queued_jobs_wait_for_kueue_admission(
+    cluster: Cluster, namespace: str, operator: Any, reader: Reader
+) -> None:
+    """With queueName, Jobs are created suspended and stay Queued until admitted (Kueue unsuspends
+    them; here the test plays Kueue). The operator never unsuspends them itself."""
+    stages = [
+        stage("sft", "sft", inputs={"data": uri("s3://d/sft")}),
+        stage("dpo", "dpo", inputs={"model": src("sft"), "data": uri("s3://d/prefs")}),
+    ]
+    submit(cluster, namespace, manifest(stages, name="queued", queueName="gpu-queue"))
+    for name in ("sft", "dpo"):
+        job_name = f"queued-{name}-1"
+
+        def phase(name: str = name) -> str:
+            return str(reader.stage("queued", name).get("phase"))
+
+        wait_until(f"{name} to be queued", lambda: phase() == "Queued")
+        status = reader.status("queued")
+        assert (status["phase"], status["runningStages"]) == ("Running", name)
+        job = reader.jobs("queued")[job_name]
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+        time.sleep(2)  # a queued Job is not stuck: nothing happens to it while it waits
+        assert reader.jobs("queued")[job_name]["spec"]["suspend"] is True
+        assert phase() == "Queued"
+        admit = '{"spec": {"suspend": false}}'
+        cluster.kubectl("patch", "job", job_name, "-n", namespace, "--type=merge", "-p", admit)
+        wait_until(f"{name} to succeed", lambda: phase() == "Succeeded")
+    reader.wait_phase("queued", "Succeeded")
+    assert "StageQueued" in reader.reasons("queued")
