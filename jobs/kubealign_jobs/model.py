@@ -43,6 +43,8 @@ from transformers import (
 PAD_TOKEN = "<|pad|>"
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|eos|>"
+# Causal LMs take no token_type_ids; a tokenizer that returns them breaks ``model(**tokenizer(text))``.
+MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
 
 # Short names for the architectures people build tiny test models from; any other
 # transformers model_type works too (``{"arch": "mistral", ...}``).
@@ -85,6 +87,7 @@ def train_tokenizer(
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         padding_side="right",
+        model_input_names=MODEL_INPUT_NAMES,
     )
 
 
@@ -98,6 +101,7 @@ def tokenizer_from_json(text: str) -> PreTrainedTokenizerFast:
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         padding_side="right",
+        model_input_names=MODEL_INPUT_NAMES,
     )
 
 

@@ -1,0 +1,144 @@
+"""Pretraining: next-token prediction on a text corpus, packed into fixed-length blocks.
+
+    python -m kubealign_jobs.pretrain --config stage.json
+
+Inputs: ``data`` (``.txt`` lines, or ``{"text"}`` rows in JSONL/Parquet), optional
+``eval_data``, optional ``model`` to continue training. Without a model, a byte-level BPE
+tokenizer of ``vocab_size`` is trained on the corpus (by rank 0, then shared with the other
+ranks) and a new model is built from ``hyperparameters.model``, e.g.
+``{"arch": "llama", "hidden_size": 256, "num_hidden_layers": 4, ...}`` or ``{"arch": "gpt2", ...}``.
+
+Output: ``<output>/artifact`` (model + tokenizer), ``<output>/metrics.json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from kubealign_jobs import data, loop
+from kubealign_jobs import model as models
+from kubealign_jobs.runtime import StageContext, publish_artifact, run_stage, write_metrics
+
+
+def _default_model() -> dict[str, Any]:
+    return {
+        "arch": "llama",
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 1024,
+    }
+
+
+@dataclass(frozen=True)
+class Hyperparameters(loop.TrainingHyperparameters):
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.1
+    adam_beta2: float = 0.95
+    batch_size: int = 32
+    warmup_steps: int = 100
+    block_size: int = 256  # tokens per packed training sequence
+    vocab_size: int = 8000  # of the tokenizer trained when there is no input model
+    tokenizer_min_frequency: int = 2
+    model: dict[str, Any] = field(default_factory=_default_model)  # a new model; replaces the default whole
+
+
+def causal_lm_loss(model: nn.Module, blocks: torch.Tensor) -> loop.LossOutput:
+    """Summed NLL of every token after the first of each block (B, T)."""
+    ones = torch.ones_like(blocks)
+    logps = models.token_logps(model, blocks, ones, ones)
+    return loop.LossOutput(loss_sum=-logps.sum())
+
+
+def stack_blocks(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(list(blocks))
+
+
+def evaluate_blocks(
+    ctx: StageContext, model: nn.Module, blocks: torch.Tensor, *, size: int
+) -> dict[str, float]:
+    mine = blocks[ctx.rank :: ctx.world_size]
+    total = 0.0
+    for start in range(0, mine.shape[0], size):
+        with ctx.accelerator.autocast():
+            total += float(causal_lm_loss(model, mine[start : start + size].to(ctx.device)).loss_sum)
+    sums = ctx.sum_across_ranks({"nll": total, "tokens": float(mine.shape[0] * (blocks.shape[1] - 1))})
+    loss = sums["nll"] / max(sums["tokens"], 1.0)
+    return {"eval_loss": loss, "eval_perplexity": float(torch.exp(torch.tensor(loss)))}
+
+
+def shared_tokenizer(ctx: StageContext, texts: list[str], hp: Hyperparameters) -> Any:
+    """Train the tokenizer once (rank 0) and give every rank the identical one."""
+    serialised = None
+    if ctx.is_main:
+        trained = models.train_tokenizer(
+            texts, vocab_size=hp.vocab_size, min_frequency=hp.tokenizer_min_frequency
+        )
+        serialised = trained.backend_tokenizer.to_str()
+    return models.tokenizer_from_json(ctx.broadcast(serialised))
+
+
+def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
+    inputs = ctx.config.inputs
+    data_uri = loop.require_input(inputs.data, "inputs.data")
+    texts = data.load(data_uri, ctx.scratch / "data", data.text_of)
+
+    resume = loop.find_resume_checkpoint(ctx)
+    if resume is not None or inputs.model:
+        model_dir = resume.model_dir if resume else loop.fetch_model(ctx, inputs.model or "")
+        tokenizer = models.load_tokenizer(model_dir)
+        lm = models.load_causal_lm(model_dir)
+    else:
+        tokenizer = shared_tokenizer(ctx, texts, hp)
+        lm = models.build_causal_lm(hp.model, tokenizer=tokenizer)
+    ctx.emit({"event": "model", "parameters": models.count_parameters(lm), "vocab_size": len(tokenizer)})
+
+    blocks = data.pack_texts(tokenizer, texts, block_size=hp.block_size)
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    if inputs.eval_data:
+        eval_texts = data.load(inputs.eval_data, ctx.scratch / "eval_data", data.text_of)
+        eval_blocks = data.pack_texts(tokenizer, eval_texts, block_size=hp.block_size)
+        size = loop.micro_batch_size(hp, ctx.world_size)
+
+        def evaluate(model: nn.Module) -> dict[str, float]:
+            return evaluate_blocks(ctx, model, eval_blocks, size=size)
+
+    task: loop.Task[torch.Tensor, torch.Tensor] = loop.Task(
+        examples=blocks,  # type: ignore[arg-type]  # a (N, T) tensor is a sequence of (T,) blocks
+        collate=stack_blocks,
+        to_device=lambda batch, device: batch.to(device, non_blocking=True),
+        units=lambda batch: batch.shape[0] * (batch.shape[1] - 1),
+        loss=causal_lm_loss,
+    )
+    result = loop.train(
+        ctx,
+        hp,
+        model=lm,
+        task=task,
+        save_model=lambda m, dest: models.save_pretrained(m, tokenizer, dest),
+        resume=resume,
+        evaluate=evaluate,
+    )
+    metrics = {**result.metrics, "blocks": float(blocks.shape[0]), "tokens": float(blocks.numel())}
+    write_metrics(ctx, metrics)
+    publish_artifact(
+        ctx,
+        lambda dest: models.save_pretrained(lm, tokenizer, dest),
+        metadata={"stage": ctx.config.stage, "type": "pretrain", "steps": result.steps},
+    )
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("pretrain", train, Hyperparameters, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

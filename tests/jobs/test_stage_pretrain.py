@@ -1,0 +1,88 @@
+"""The pretrain stage end to end through moto S3: tokenizer training, packing, resume, transformers reload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from trainer_toys import TINY_LLAMA, run_stage, sentences, stage_config
+
+from kubealign_jobs import storage
+
+pytestmark = pytest.mark.s3
+
+HYPER = {
+    "max_steps": 16,
+    "batch_size": 8,
+    "block_size": 32,
+    "vocab_size": 320,
+    "learning_rate": 1e-2,
+    "warmup_steps": 2,
+    "log_every": 4,
+    "checkpoint_every": 8,
+    "model": TINY_LLAMA,
+}
+
+
+def test_pretrain_from_scratch_trains_tokenizer_and_model(bucket: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    storage.write_text(f"s3://{bucket}/corpus/a.txt", "\n".join(sentences(300)) + "\n")
+    storage.write_text(f"s3://{bucket}/corpus/b.txt", "\n".join(sentences(100, seed=1)) + "\n")
+    storage.write_text(f"s3://{bucket}/heldout.txt", "\n".join(sentences(40, seed=2)) + "\n")
+    inputs = {"data": f"s3://{bucket}/corpus", "eval_data": f"s3://{bucket}/heldout.txt"}
+    output = f"s3://{bucket}/ns/run/pretrain"
+    config = stage_config(
+        tmp_path, stage_type="pretrain", output=output, inputs=inputs, hyperparameters=HYPER
+    )
+    run = run_stage("pretrain", config, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.events("model")[0]["vocab_size"] == 320
+    losses = [r["loss"] for r in run.steps]
+    assert losses[-1] < losses[0] - 1.0  # a templated corpus is quickly learnt
+    assert run.termination is not None and run.termination["eval_perplexity"] < 320 / 4
+
+    local = storage.fetch_dir(f"{output}/artifact", tmp_path / "artifact")
+    lm = AutoModelForCausalLM.from_pretrained(str(local))
+    tokenizer = AutoTokenizer.from_pretrained(str(local))
+    assert (tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token) == (
+        "<|pad|>",
+        "<|bos|>",
+        "<|eos|>",
+    )
+    prompt = tokenizer("<|bos|>The movie was", return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        out = lm.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] == prompt.input_ids.shape[1] + 5
+
+    # Continue from the step-16 checkpoint with a longer budget: the tokenizer comes back with
+    # the checkpoint (it is not retrained) and the step count continues.
+    storage.delete_prefix(f"{output}/artifact")
+    longer = stage_config(
+        tmp_path,
+        stage_type="pretrain",
+        output=output,
+        inputs=inputs,
+        hyperparameters={**HYPER, "max_steps": 20},
+    )
+    resumed = run_stage("pretrain", longer, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.events("resumed")[0]["step"] == 16
+    assert [r["step"] for r in resumed.steps] == [20]
+    again = AutoTokenizer.from_pretrained(str(storage.fetch_dir(f"{output}/artifact", tmp_path / "again")))
+    assert again.get_vocab() == tokenizer.get_vocab()
+
+
+def test_pretrain_bad_model_spec_is_named(bucket: str, tmp_path: Path) -> None:
+    storage.write_text(f"s3://{bucket}/corpus.txt", "\n".join(sentences(50)) + "\n")
+    config = stage_config(
+        tmp_path,
+        stage_type="pretrain",
+        output=f"s3://{bucket}/out",
+        inputs={"data": f"s3://{bucket}/corpus.txt"},
+        hyperparameters={**HYPER, "model": {"arch": "no-such-arch"}},
+    )
+    run = run_stage("pretrain", config, tmp_path)
+    assert run.returncode == 2
+    assert "hyperparameters.model: cannot build 'no-such-arch'" in run.stderr
