@@ -57,6 +57,11 @@ def _add_operator(subparsers: Any) -> None:
         metavar="PORT",
         help="serve Prometheus metrics at :PORT/metrics (see kubealign.metrics; default: off)",
     )
+    parser.add_argument(
+        "--liveness",
+        metavar="URL",
+        help="kopf's health endpoint for liveness/readiness probes, e.g. http://0.0.0.0:8080/healthz",
+    )
     parser.set_defaults(handler=_run_operator)
 
 
@@ -80,6 +85,7 @@ def _run_operator(args: argparse.Namespace) -> int:
             kubeconfig=args.kubeconfig,
             context=args.context,
             resync_seconds=args.resync_seconds,
+            liveness_endpoint=args.liveness,
         )
     )
     return 0

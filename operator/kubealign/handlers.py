@@ -78,12 +78,15 @@ def build_registry(*, resync_seconds: float = DEFAULT_RESYNC_SECONDS) -> kopf.Op
     def job_changed(event: kopf.RawEvent, body: kopf.Body, memo: Any, **_: Any) -> None:
         memo.reconciler.job_event(body, deleted=event.get("type") == "DELETED")
 
+    # Succeeded and Failed runs need no safety net: only a spec change (on.update) or an event of
+    # one of their Jobs can move them, and both are handled above.
     @kopf.timer(
         api.GROUP,
         api.VERSION,
         api.PLURAL,
         interval=resync_seconds,
         initial_delay=resync_seconds,
+        when=lambda status, **_: status.get("phase") not in ("Succeeded", "Failed"),
         registry=registry,
     )
     def resync(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
@@ -102,8 +105,12 @@ async def serve(
     stop_flag: asyncio.Event | threading.Event | None = None,
     ready_flag: asyncio.Event | threading.Event | None = None,
     kube: Kube | None = None,
+    liveness_endpoint: str | None = None,
 ) -> None:
-    """Run the operator until ``stop_flag`` is set (or SIGINT/SIGTERM in the main thread)."""
+    """Run the operator until ``stop_flag`` is set (or SIGINT/SIGTERM in the main thread).
+
+    ``liveness_endpoint`` (e.g. ``http://0.0.0.0:8080/healthz``) is kopf's health endpoint for probes.
+    """
     if clusterwide == bool(namespaces):
         raise ValueError("give either namespaces or clusterwide=True")
     kube = kube or Kube.connect(kubeconfig=kubeconfig, context=context)
@@ -117,4 +124,5 @@ async def serve(
         stop_flag=stop_flag,
         ready_flag=ready_flag,
         memo=memo,
+        liveness_endpoint=liveness_endpoint,
     )

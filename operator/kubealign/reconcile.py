@@ -18,6 +18,7 @@ from typing import Any
 from kubealign import api, plan, render
 from kubealign.k8s import Kube, KubeError
 from kubealign.k8s import now as utc_now
+from kubealign.metrics import OPERATOR_METRICS, OperatorMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +48,12 @@ def _placeholder(manifest: Mapping[str, Any]) -> api.AlignmentRun:
 class Reconciler:
     """Drives runs towards their spec through a ``Kube``; safe to call from many threads."""
 
-    def __init__(self, kube: Kube, *, clock: Callable[[], str] = utc_now) -> None:
+    def __init__(
+        self, kube: Kube, *, clock: Callable[[], str] = utc_now, metrics: OperatorMetrics = OPERATOR_METRICS
+    ) -> None:
         self.kube = kube
         self._clock = clock
+        self.metrics = metrics
         self._guard = threading.Lock()
         # (namespace, name) -> whether another pass was requested while one is running.
         self._running: dict[tuple[str, str], bool] = {}
@@ -111,6 +115,7 @@ class Reconciler:
         except KubeError as exc:
             # The resync timer retries; the Event makes the problem visible on the run.
             logger.warning("reconcile of %s/%s failed: %s", namespace, name, exc)
+            self.metrics.count_reconcile_error(reason=exc.reason or "KubeError")
             self.kube.post_event(
                 {"metadata": {"namespace": namespace, "name": name}},
                 type="Warning",
@@ -122,8 +127,10 @@ class Reconciler:
         """One full pass; None when the run no longer exists."""
         manifest = self.kube.get_run(namespace, name)
         if manifest is None:
+            self.metrics.forget_run(namespace=namespace, name=name)
             return None
-        errors = api.validate(manifest)
+        # The status is ours and already known to be well-formed; checking the spec is enough.
+        errors = api.validate({key: value for key, value in manifest.items() if key != "status"})
         previous = api.RunStatus.from_dict(manifest.get("status"))
         try:
             run = api.AlignmentRun.from_manifest(manifest)
@@ -158,6 +165,10 @@ class Reconciler:
         patched = body != manifest.get("status")
         if patched:
             self.kube.replace_run_status(namespace, name, body)
+        # After the write: a transition that failed to persist is observed when it finally does.
+        self.metrics.record_status_change(
+            namespace=namespace, name=name, before=manifest.get("status"), after=body
+        )
         for note in notes:
             self.kube.post_event(manifest, type=note.type, reason=note.reason, message=note.message)
         for note in notes:
