@@ -40,6 +40,7 @@ import torch
 
 from kubealign_jobs import data, loop, runtime, scorers, storage
 from kubealign_jobs import model as models
+from kubealign_jobs.attention import use_fast_masks
 from kubealign_jobs.config import ConfigError
 from kubealign_jobs.loop import MIXED_PRECISION
 from kubealign_jobs.runtime import StageContext, require_choice
@@ -374,7 +375,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     prompts = repeated[ctx.rank :: ctx.world_size]
     reference_dir = loop.fetch_model(ctx, reference_uri, REFERENCE)
     tokenizer = models.load_tokenizer(reference_dir)
-    reference = models.load_causal_lm(reference_dir).to(ctx.device).eval()
+    reference = use_fast_masks(models.load_causal_lm(reference_dir)).to(ctx.device).eval()
 
     names = [REFERENCE, *sorted(inputs.policies)]
     done = _load_done(ctx, names)
@@ -404,7 +405,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
             policies[name] = done[unit]["results"]
         else:
             policy_dir = loop.fetch_model(ctx, inputs.policies[name], f"policy-{unit}")
-            policy = models.load_causal_lm(policy_dir).to(ctx.device).eval()
+            policy = use_fast_masks(models.load_causal_lm(policy_dir)).to(ctx.device).eval()
             policies[name] = evaluate_policy(
                 ctx,
                 hp,

@@ -40,6 +40,7 @@ import torch
 
 from kubealign_jobs import data, loop, runtime, scorers, storage
 from kubealign_jobs import model as models
+from kubealign_jobs.attention import use_fast_masks
 from kubealign_jobs.config import ConfigError
 from kubealign_jobs.loop import MIXED_PRECISION
 from kubealign_jobs.runtime import StageContext, require_choice
@@ -268,7 +269,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         prompts = prompts[: hp.max_prompts]
     model_dir = loop.fetch_model(ctx, model_uri, "policy")
     tokenizer = models.load_tokenizer(model_dir)
-    policy = models.load_causal_lm(model_dir).to(ctx.device).eval()
+    policy = use_fast_masks(models.load_causal_lm(model_dir)).to(ctx.device).eval()
 
     chunks = math.ceil(len(prompts) / hp.chunk_prompts)
     done: set[int] = set()

@@ -38,6 +38,7 @@ from torch import nn
 from kubealign_jobs import checkpoint as checkpoints
 from kubealign_jobs import data, loop, rl, runtime, scorers
 from kubealign_jobs import model as models
+from kubealign_jobs.attention import use_fast_masks
 from kubealign_jobs.config import ConfigError
 from kubealign_jobs.loop import MIXED_PRECISION, find_resume_checkpoint
 from kubealign_jobs.runtime import StageContext, require_choice
@@ -422,7 +423,9 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     reference_dir = (
         policy_dir if reference_uri == model_uri else loop.fetch_model(ctx, reference_uri, "reference")
     )
-    reference = models.load_causal_lm(reference_dir).to(ctx.device).eval().requires_grad_(False)
+    reference = (
+        use_fast_masks(models.load_causal_lm(reference_dir)).to(ctx.device).eval().requires_grad_(False)
+    )
     reward, ground_truth = _reward_scorers(ctx, hp)
     prompts = data.load(data_uri, ctx.scratch / "data", data.prompt_text)
     global_batch = hp.rollout_batch_size * world
@@ -430,7 +433,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
 
     # Model, optimizer, schedule, KL controller, data position: fresh, or from the newest good checkpoint.
     resume = find_resume_checkpoint(ctx)
-    policy = models.load_causal_lm(resume.model_dir if resume else policy_dir)
+    policy = use_fast_masks(models.load_causal_lm(resume.model_dir if resume else policy_dir))
     model = PolicyWithValueHead(policy)
     if resume is not None:
         model.load_value_head(resume.model_dir)

@@ -25,6 +25,7 @@ import torch
 
 from kubealign_jobs import data, storage
 from kubealign_jobs import model as models
+from kubealign_jobs.attention import use_fast_masks
 from kubealign_jobs.config import ConfigError
 
 
@@ -118,7 +119,7 @@ def load_reward_model_scorer(
     """Fetch a reward stage's artifact (or any reward-model folder) and wrap it as a scorer."""
     folder = storage.fetch_dir(uri, scratch / "reward_model")
     tokenizer = models.load_tokenizer(folder)
-    reward_model = models.load_reward_model(folder, tokenizer=tokenizer).to(device)
+    reward_model = use_fast_masks(models.load_reward_model(folder, tokenizer=tokenizer)).to(device)
     reward_model.requires_grad_(False)
     return RewardModelScorer(reward_model, tokenizer, batch_size=batch_size, max_length=max_length)
 

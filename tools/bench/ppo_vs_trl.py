@@ -1,0 +1,249 @@
+#!/usr/bin/env python3
+"""PPO rollout + update time per batch: kubealign's ppo against TRL 1.12's PPOTrainer, in one run.
+
+    .venv/bin/python tools/bench/ppo_vs_trl.py
+    .venv/bin/python tools/bench/ppo_vs_trl.py --batch-size 32 --response-length 24 --hidden 128 --batches 8
+
+Both sides get the same tiny Llama policy (and a frozen copy as the reference), the same reward
+model (a sequence classifier with one label), the same prompts from the sentiment example, the
+same batch size, response length, temperature, PPO epochs and minibatches, and stop at EOS.
+TRL's PPOTrainer (``trl.experimental.ppo`` in 1.12) also needs a value model: a sequence
+classifier like the reward model, as in TRL's examples; kubealign's value head sits on the
+policy's last hidden state.
+
+One batch is one rollout (generate, score, log-probs, values, advantages) and its PPO update
+(``--ppo-epochs`` passes over ``--batch-size / --mini-batch-size`` minibatches). TRL's time per
+batch is the interval between consecutive ``on_step_end`` callbacks; kubealign's is the time of
+``collect_rollout`` + ``ppo_update``. The first ``--warmup`` batches of each are not counted.
+Prints the median seconds per batch of each, and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402  (the environment switches above must precede the imports)
+from transformers import AutoModelForSequenceClassification  # noqa: E402
+
+from kubealign_jobs import model as models  # noqa: E402
+from kubealign_jobs import ppo, scorers  # noqa: E402
+from kubealign_jobs.attention import use_fast_masks  # noqa: E402
+from kubealign_jobs.sampling import Samples  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SENTIMENT = REPO_ROOT / "examples" / "sentiment" / "data"
+
+
+def build_models(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path, list[str]]:
+    """A tokenizer trained on the sentiment corpus, a tiny Llama policy and a reward model, on disk."""
+    corpus = (SENTIMENT / "corpus.txt").read_text().splitlines()
+    prompts = [json.loads(line)["prompt"] for line in (SENTIMENT / "prompts.jsonl").read_text().splitlines()]
+    tokenizer = models.train_tokenizer(corpus, vocab_size=args.vocab_size)
+    torch.manual_seed(0)
+    spec = {
+        "arch": "llama",
+        "hidden_size": args.hidden,
+        "intermediate_size": 4 * args.hidden,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 256,
+    }
+    policy_dir = models.save_pretrained(
+        models.build_causal_lm(spec, tokenizer=tokenizer), tokenizer, workdir / "policy"
+    )
+    torch.manual_seed(1)
+    reward = models.load_reward_model(policy_dir, tokenizer=tokenizer)
+    reward_dir = models.save_pretrained(reward, tokenizer, workdir / "reward")
+    return policy_dir, reward_dir, prompts
+
+
+def time_kubealign(
+    args: argparse.Namespace, policy_dir: Path, reward_dir: Path, prompts: list[str]
+) -> list[float]:
+    tokenizer = models.load_tokenizer(policy_dir)
+    model = ppo.PolicyWithValueHead(use_fast_masks(models.load_causal_lm(policy_dir)))
+    reference = use_fast_masks(models.load_causal_lm(policy_dir)).eval().requires_grad_(False)
+    ppo.disable_dropout(model)
+    reward = scorers.RewardModelScorer(
+        use_fast_masks(models.load_reward_model(reward_dir, tokenizer=tokenizer)).requires_grad_(False),
+        tokenizer,
+    )
+    hp = ppo.Hyperparameters(
+        rollout_batch_size=args.batch_size,
+        mini_batch_size=args.mini_batch_size,
+        ppo_epochs=args.ppo_epochs,
+        max_new_tokens=args.response_length,
+        learning_rate=3e-6,
+        init_kl_coef=0.05,
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=hp.learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    generator = torch.Generator().manual_seed(0)
+
+    def score_fn(samples: Samples) -> torch.Tensor:
+        return scorers.score_tensor(reward, samples.prompts, samples.completions)
+
+    times = []
+    for batch in range(args.warmup + args.batches):
+        rows = [prompts[(batch * args.batch_size + i) % len(prompts)] for i in range(args.batch_size)]
+        start = time.perf_counter()
+        rollout = ppo.collect_rollout(
+            model=model,
+            reference=reference,
+            tokenizer=tokenizer,
+            prompts=rows,
+            score_fn=score_fn,
+            beta=0.05,
+            hp=hp,
+        )
+        ppo.ppo_update(
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            rollout=rollout,
+            hp=hp,
+            generator=generator,
+            backward=lambda loss: loss.backward(),
+            clip_grad_norm=lambda norm: torch.nn.utils.clip_grad_norm_(model.parameters(), norm),
+        )
+        times.append(time.perf_counter() - start)
+    return times[args.warmup :]
+
+
+def time_trl(
+    args: argparse.Namespace, policy_dir: Path, reward_dir: Path, prompts: list[str], workdir: Path
+) -> list[float]:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    tokenizer = models.load_tokenizer(policy_dir)
+    tokenizer.padding_side = "left"  # TRL generates from the left-padded prompt batch as is
+    bos = [tokenizer.bos_token_id]
+    # The same prompt tokens kubealign samples from: [bos] + prompt.
+    dataset = Dataset.from_dict(
+        {"input_ids": [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]}
+    )
+    policy = models.load_causal_lm(policy_dir)
+    reference = copy.deepcopy(policy)
+    reward = AutoModelForSequenceClassification.from_pretrained(
+        str(reward_dir), local_files_only=True, num_labels=1
+    )
+    value = AutoModelForSequenceClassification.from_pretrained(
+        str(reward_dir), local_files_only=True, num_labels=1
+    )
+    total = args.warmup + args.batches
+    config = PPOConfig(
+        output_dir=str(workdir / "trl"),
+        per_device_train_batch_size=args.mini_batch_size,
+        gradient_accumulation_steps=args.batch_size // args.mini_batch_size,
+        num_mini_batches=1,
+        num_ppo_epochs=args.ppo_epochs,
+        total_episodes=total * args.batch_size,
+        local_rollout_forward_batch_size=args.batch_size,
+        response_length=args.response_length,
+        stop_token="eos",
+        temperature=1.0,
+        learning_rate=3e-6,
+        kl_coef=0.05,
+        num_sample_generations=0,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1_000_000,
+        disable_tqdm=True,
+        seed=0,
+        bf16=False,
+        fp16=False,
+    )
+    stamps: list[float] = []
+
+    class Stamp(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(self, *_: Any, **__: Any) -> None:
+            stamps.append(time.perf_counter())
+
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            stamps.append(time.perf_counter())
+
+    trainer = PPOTrainer(
+        args=config,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=reference,
+        reward_model=reward,
+        value_model=value,
+        train_dataset=dataset,
+        eval_dataset=dataset.select(range(args.batch_size)),
+        callbacks=[Stamp()],
+    )
+    trainer.train()
+    intervals = [b - a for a, b in itertools.pairwise(stamps)]
+    if len(intervals) != total:
+        raise RuntimeError(f"expected {total} TRL batches, timed {len(intervals)}")
+    return intervals[args.warmup :]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts (rollouts) per batch")
+    parser.add_argument("--mini-batch-size", type=int, default=8, help="rows per optimizer step")
+    parser.add_argument("--ppo-epochs", type=int, default=4)
+    parser.add_argument("--response-length", type=int, default=24, help="max new tokens")
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--batches", type=int, default=6, help="timed batches per side")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed batches per side")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on a shared box)"
+    )
+    args = parser.parse_args()
+    if args.batch_size % args.mini_batch_size:
+        parser.error("--mini-batch-size must divide --batch-size")
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="ppo-bench-") as tmp:
+        workdir = Path(tmp)
+        policy_dir, reward_dir, prompts = build_models(args, workdir)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        print(
+            f"policy: llama hidden={args.hidden} layers={args.layers} vocab={args.vocab_size}; "
+            f"batch={args.batch_size} minibatch={args.mini_batch_size} ppo_epochs={args.ppo_epochs} "
+            f"response_length={args.response_length}; device={device} threads={args.threads}",
+            flush=True,
+        )
+        ours = time_kubealign(args, policy_dir, reward_dir, prompts)
+        theirs = time_trl(args, policy_dir, reward_dir, prompts, workdir)
+
+    ours_median, theirs_median = statistics.median(ours), statistics.median(theirs)
+    print(f"kubealign ppo : {ours_median * 1000:8.1f} ms/batch  (median of {len(ours)}; all: {_ms(ours)})")
+    print(
+        f"trl PPOTrainer: {theirs_median * 1000:8.1f} ms/batch  (median of {len(theirs)}; all: {_ms(theirs)})"
+    )
+    print(f"speedup: {theirs_median / ours_median:.2f}x (target >= 2x)")
+    return 0
+
+
+def _ms(values: list[float]) -> str:
+    return " ".join(f"{v * 1000:.0f}" for v in values)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
