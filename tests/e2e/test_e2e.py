@@ -57,9 +57,23 @@ TINY_MODEL = {
 }
 STAGES: list[dict[str, Any]] = [
     {
+        "name": "pretrain",
+        "type": "pretrain",
+        "inputs": {"data": {"uri": "DATA/corpus.txt"}},
+        "hyperparameters": {
+            "model": TINY_MODEL,
+            "vocab_size": 320,
+            "block_size": 64,
+            "max_steps": 10,
+            "batch_size": 8,
+            "learning_rate": 3e-3,
+            "warmup_steps": 0,
+        },
+    },
+    {
         "name": "sft",
         "type": "sft",
-        "inputs": {"model": {"uri": "DATA/base-model"}, "data": {"uri": "DATA/sft.jsonl"}},
+        "inputs": {"model": {"from": "pretrain"}, "data": {"uri": "DATA/sft.jsonl"}},
         "hyperparameters": {
             "max_steps": 16,
             "batch_size": 8,
@@ -186,9 +200,8 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def upload_data(s3: Any, bucket: str, scratch: Path) -> str:
-    """Slices of the sentiment example and a freshly built tiny base model (tokenizer trained here)."""
-    from kubealign_jobs import model as models
+def upload_data(s3: Any, bucket: str) -> str:
+    """Slices of the sentiment example, plus preference pairs built from its sentiment words."""
 
     def head(name: str, lines: int) -> bytes:
         return ("\n".join((EXAMPLE_DATA / name).read_text().splitlines()[:lines]) + "\n").encode()
@@ -207,17 +220,6 @@ def upload_data(s3: Any, bucket: str, scratch: Path) -> str:
         "prompts.jsonl": head("prompts.jsonl", 16),
         "eval_prompts.jsonl": head("eval_prompts.jsonl", 8),
     }
-    tokenizer = models.train_tokenizer(head("corpus.txt", 400).decode().splitlines(), vocab_size=320)
-    base = models.save_pretrained(
-        models.build_causal_lm(TINY_MODEL, tokenizer=tokenizer), tokenizer, scratch / "base-model"
-    )
-    files.update(
-        {
-            f"base-model/{path.relative_to(base)}": path.read_bytes()
-            for path in base.rglob("*")
-            if path.is_file()
-        }
-    )
     for name, body in files.items():
         s3.put_object(Bucket=bucket, Key=f"data/{name}", Body=body)
     return f"s3://{bucket}/data"
@@ -326,7 +328,7 @@ def test_alignment_run_end_to_end(
             },
         },
     )
-    data = upload_data(s3, bucket, tmp_path)
+    data = upload_data(s3, bucket)
     storage = f"s3://{bucket}/runs"
     operator_log = tmp_path / "operator.log"
 
