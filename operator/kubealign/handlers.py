@@ -1,7 +1,8 @@
 """The kopf side of the operator: thin handlers that only ask the Reconciler to look at a run.
 
 - an AlignmentRun is created, changed (spec, labels, annotations) or found at startup;
-- a Job the operator made changes (mapped to its run through the ``kubealign.io/run`` label);
+- a Job the operator made changes state: active, suspended, succeeded, failed, deleted (mapped to
+  its run through the ``kubealign.io/run`` label; other Job updates cost nothing);
 - a timer per run, as a safety net for anything missed (a failed request, a lost watch event).
 
 Handlers are registered on a fresh registry per operator, not kopf's global one, so several
