@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import torch
 
 from kubealign_jobs import storage
+from kubealign_jobs.config import MANIFEST_FILE
 
 T = TypeVar("T")
 
@@ -91,7 +92,12 @@ def data_files(uri: str, scratch: Path) -> list[tuple[str, Path]]:
         raise DataError(f"{uri}: cannot read dataset: {exc}") from exc
     if local.is_file():
         return [(uri, local)]
-    found = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
+    # An upstream stage's artifact (inputs.data: {from: generate}) carries its manifest: not data.
+    found = sorted(
+        p
+        for p in local.rglob("*")
+        if p.is_file() and p.suffix in DATA_SUFFIXES and p.name != MANIFEST_FILE
+    )
     if not found:
         raise DataError(f"{uri}: no data files ({', '.join(DATA_SUFFIXES)}) found")
     return [(storage.join(uri, p.relative_to(local).as_posix()), p) for p in found]
