@@ -181,13 +181,6 @@ class PolicyWithValueHead(nn.Module):
         self.value_head.load_state_dict(load_file(str(folder / VALUE_HEAD_FILE)))
 
 
-def disable_dropout(module: nn.Module) -> None:
-    """PPO's ratio pi/pi_old must be exactly 1 before the first update; dropout would make it noise."""
-    for child in module.modules():
-        if isinstance(child, nn.Dropout):
-            child.p = 0.0
-
-
 # ---------------------------------------------------------------------------- rollouts
 
 
@@ -437,8 +430,9 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     model = PolicyWithValueHead(policy)
     if resume is not None:
         model.load_value_head(resume.model_dir)
-    disable_dropout(model)
-    disable_dropout(reference)
+    # PPO's ratio pi/pi_old must be exactly 1 before the first update; dropout would make it noise.
+    models.disable_dropout(model)
+    models.disable_dropout(reference)
     model.to(ctx.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

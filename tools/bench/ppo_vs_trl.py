@@ -79,7 +79,7 @@ def time_kubealign(
     tokenizer = models.load_tokenizer(policy_dir)
     model = ppo.PolicyWithValueHead(use_fast_masks(models.load_causal_lm(policy_dir)))
     reference = use_fast_masks(models.load_causal_lm(policy_dir)).eval().requires_grad_(False)
-    ppo.disable_dropout(model)
+    models.disable_dropout(model)
     reward = scorers.RewardModelScorer(
         use_fast_masks(models.load_reward_model(reward_dir, tokenizer=tokenizer)).requires_grad_(False),
         tokenizer,
