@@ -153,3 +153,33 @@ def test_a_stage_without_a_labeller_fails_naming_the_field(
         "hyperparameters.scorer: the generate stage needs a labeller"
         in json.loads(termination.read_text())["error"]
     )
+
+
+@pytest.mark.slow
+def test_generate_on_two_processes_labels_every_prompt_once(toy_policy: Path, tmp_path: Path) -> None:
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl", [{"prompt": f"{p} {i}"} for i, p in enumerate(PROMPTS * 3)]
+    )
+    config = stage_config(
+        tmp_path,
+        stage_type="generate",
+        output=str(tmp_path / "out"),
+        inputs={"model": str(toy_policy), "data": str(prompts)},
+        hyperparameters={
+            "scorer": "vader",
+            "samples_per_prompt": 3,
+            "max_new_tokens": 4,
+            "output_format": "ranking",
+        },
+        distributed={"nproc_per_node": 2},
+    )
+    run = run_stage("generate", config, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = storage.read_json(str(tmp_path / "out" / "metrics.json"))
+    assert metrics["prompts"] == 24 and metrics["samples"] == 72
+    rows = read_jsonl(tmp_path / "out" / "artifact" / "rankings.jsonl")
+    written = [row["prompt"] for row in rows]
+    assert len(written) == len(set(written))
+    # Rows come out in prompt order whichever rank sampled them.
+    order = [line["prompt"] for line in read_jsonl(prompts)]
+    assert written == [p for p in order if p in set(written)]

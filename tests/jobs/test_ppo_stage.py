@@ -185,3 +185,24 @@ def test_bad_config_fails_with_exit_2_naming_the_field(
     assert result["status"] == "failed"
     assert message in result["error"]
     assert not (tmp_path / "out" / "artifact").exists()
+
+
+@pytest.mark.slow
+def test_ppo_trains_data_parallel_on_two_processes(toy_inputs: dict[str, str], tmp_path: Path) -> None:
+    # The runtime relaunches the stage under torchrun (gloo on CPU); each rank rolls out its share
+    # of the prompts and DDP all-reduces the gradients; rank 0 alone writes.
+    hyperparameters = {**TOY_REWARD, **FAST, "rollout_batch_size": 8, "mini_batch_size": 4, "steps": 2}
+    config = stage_config(
+        tmp_path,
+        stage_type="ppo",
+        output=str(tmp_path / "out"),
+        inputs=toy_inputs,
+        hyperparameters=hyperparameters,
+        distributed={"nproc_per_node": 2},
+    )
+    run = run_stage("ppo", config, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [r["step"] for r in run.steps] == [1, 2]
+    assert len(run.events("done")) == 1
+    assert storage.is_complete(str(tmp_path / "out" / "artifact"))
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "artifact"), local_files_only=True)
