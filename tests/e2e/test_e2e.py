@@ -1,7 +1,8 @@
 """The whole chain, for real: manifest -> operator -> Jobs -> pods running the trainer -> S3 -> status.
 
-One AlignmentRun (pretrain -> sft -> reward -> dpo -> evaluate on tiny models) is applied to the local
-control plane. The chart is installed with Helm and the operator runs as a process holding only the
+One AlignmentRun with every stage type on tiny models (pretrain -> sft -> reward -> generate, labelled
+by the reward model -> dpo on the generated pairs, ppo against the reward model, side by side ->
+evaluate) is applied to the local control plane. The chart is installed with Helm and the operator runs as a process holding only the
 chart's ServiceAccount token (from the TokenRequest API), so the chart's RBAC is shown to be enough.
 Every stage's pod is bound to the node agent's node and runs the real trainer, which reads its S3
 credentials from the Secret the pod references (neither the operator nor the agent has them). The
@@ -85,15 +86,79 @@ STAGES: list[dict[str, Any]] = [
         },
     },
     {
+        "name": "reward",
+        "type": "reward",
+        "inputs": {"model": {"from": "sft"}, "data": {"uri": "DATA/preferences.jsonl"}},
+        "hyperparameters": {
+            "max_steps": 6,
+            "batch_size": 8,
+            "learning_rate": 1e-3,
+            "max_length": 64,
+            "warmup_steps": 0,
+            "eval_fraction": 0.0,
+        },
+    },
+    {
+        # Sample answers from the SFT policy and let the reward model label them: RLHF's data step.
+        "name": "generate",
+        "type": "generate",
+        "inputs": {
+            "model": {"from": "sft"},
+            "rewardModel": {"from": "reward"},
+            "data": {"uri": "DATA/prompts.jsonl"},
+        },
+        "hyperparameters": {
+            "samples_per_prompt": 4,
+            "max_new_tokens": 12,
+            "max_prompts": 16,
+            "batch_size": 64,
+        },
+    },
+    {
         "name": "dpo",
         "type": "dpo",
-        "inputs": {"model": {"from": "sft"}, "data": {"uri": "DATA/preferences.jsonl"}},
+        "inputs": {"model": {"from": "sft"}, "data": {"from": "generate"}},
         "hyperparameters": {
             "max_steps": 6,
             "batch_size": 4,
             "learning_rate": 1e-3,
             "max_length": 64,
             "warmup_steps": 0,
+        },
+    },
+    {
+        "name": "ppo",
+        "type": "ppo",
+        "inputs": {
+            "model": {"from": "sft"},
+            "rewardModel": {"from": "reward"},
+            "data": {"uri": "DATA/prompts.jsonl"},
+        },
+        "hyperparameters": {
+            "steps": 3,
+            "rollout_batch_size": 8,
+            "mini_batch_size": 4,
+            "ppo_epochs": 1,
+            "max_new_tokens": 12,
+            "learning_rate": 1e-4,
+        },
+    },
+    {
+        "name": "evaluate",
+        "type": "evaluate",
+        "inputs": {
+            "model": {"from": "sft"},
+            "policies": [{"from": "dpo"}, {"from": "ppo"}],
+            "rewardModel": {"from": "reward"},
+            "data": {"uri": "DATA/eval_prompts.jsonl"},
+        },
+        "hyperparameters": {
+            "scorer": "vader",
+            "temperatures": [1.0],
+            "max_new_tokens": 12,
+            "max_prompts": 8,
+            "best_of_n": 2,
+            "plot": False,
         },
     },
 ]
@@ -392,7 +457,7 @@ def test_alignment_run_end_to_end(
         if stage["type"] not in MODEL_TYPES:
             continue
         local = download(s3, stage["output"], tmp_path / "artifacts" / name)
-        tokenizer = AutoTokenizer.from_pretrained(local, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(local, local_files_only=True)  # type: ignore[no-untyped-call]
         assert tokenizer("The film was").input_ids
         if stage["type"] == "reward":
             reward = AutoModelForSequenceClassification.from_pretrained(local, local_files_only=True)
@@ -400,6 +465,15 @@ def test_alignment_run_end_to_end(
         else:
             model = AutoModelForCausalLM.from_pretrained(local, local_files_only=True)
             assert model.config.hidden_size == TINY_MODEL["hidden_size"]
+
+    # The data stages' artifacts hold what the next stages read.
+    generated = s3.get_object(
+        Bucket=bucket, Key=f"runs/{namespace}/{RUN}/generate/artifact/preferences.jsonl"
+    )
+    pairs = [json.loads(line) for line in generated["Body"].read().decode().splitlines()]
+    assert pairs and all(pair["chosen_score"] > pair["rejected_score"] for pair in pairs)
+    results = s3.get_object(Bucket=bucket, Key=f"runs/{namespace}/{RUN}/evaluate/artifact/results.json")
+    assert {"dpo", "ppo"} <= set(json.loads(results["Body"].read())["policies"])
 
     # The operator's metrics saw the same story.
     assert 'kubealign_alignmentruns{phase="Succeeded"} 1.0' in metrics_text
