@@ -7,8 +7,11 @@ same eval prompts (``inputs.eval_data``, else ``inputs.data``) at each sampling 
 - reward: the mean score of the judge, a ground-truth scorer (``hyperparameters.scorer``,
   e.g. ``vader``) or else the reward model (``inputs.reward_model``). With both, the reward
   model's mean is reported as ``reward_model`` beside the scorer's ``reward``.
-- win_rate: the fraction of prompts where the policy's answer outscores the reference's answer
-  at the same temperature, ties counting 1/2 (the paper's win rate against a baseline).
+- win_rate: the fraction of prompts where the policy's answer outscores the baseline's answer,
+  ties counting 1/2. The baseline is the reference's answer at the same temperature
+  (``baseline: reference``), or the dataset's own answer to the prompt (``baseline: data``:
+  ``chosen``, ``completion`` or ``output`` of each eval row), as the paper compares summaries
+  with the human-written ones.
 - kl: mean over the policy's own samples of ``sum_t log pi(y_t) - log pi_ref(y_t)``, both at
   temperature 1: the Monte Carlo estimate of KL(pi || pi_ref) at temperature 1, and the
   models' log-ratio on the sampled answers at other temperatures.
@@ -21,7 +24,7 @@ Artifact: ``results.json`` shaped for a reward-KL frontier plot, and ``frontier.
 
     {"policies": {name: {temperature: {"reward", "kl", "win_rate", "n"}}},
      "best_of_n": {"n": N, "selector": ..., "kl": ..., "temperatures": {temperature: {...}}},
-     "judge": ..., "prompts": ...}
+     "judge": ..., "baseline": "reference" | "data", "prompts": ...}
 
 Each finished policy's results are checkpointed, so a restarted stage evaluates only the rest;
 the reference is sampled from fixed seeds, so the win rates of a resumed run are unchanged.
@@ -51,6 +54,7 @@ BEST_OF_N = "best_of_n"
 RESULTS_FILE = "results.json"
 PLOT_FILE = "frontier.png"
 UNIT_FILE = "unit.json"
+BASELINES = ("reference", "data")
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,8 @@ class Hyperparameters:
     samples_per_prompt: int = 1  # answers per prompt per policy and temperature
     batch_size: int = 64
     max_prompts: int = 0  # 0: every eval prompt
-    best_of_n: int = 4  # 0 disables the baseline
+    best_of_n: int = 4  # 0 disables the Best-of-N baseline
+    baseline: str = "reference"  # win rates against: reference | data
     plot: bool = True
     mixed_precision: str = "auto"
 
@@ -88,6 +93,7 @@ class Hyperparameters:
         if self.best_of_n == 1 or self.best_of_n < 0:
             raise ConfigError(f"hyperparameters.best_of_n: must be 0 (off) or >= 2, got {self.best_of_n}")
         require_choice("hyperparameters.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        require_choice("hyperparameters.baseline", self.baseline, BASELINES)
         self.sampling(1.0)
 
     def sampling(self, temperature: float) -> SamplingParams:
@@ -218,8 +224,13 @@ def evaluate_reference(
     tokenizer: Any,
     prompts: list[str],
     judges: Judges,
+    data_baseline: list[float] | None,
 ) -> tuple[dict[str, Any], dict[str, list[float]]]:
-    """The reference's cells and Best-of-N's, and the reference's judge scores per temperature (this rank)."""
+    """The reference's cells and Best-of-N's, and the baseline judge scores per temperature (this rank).
+
+    The baseline is ``data_baseline`` (the dataset's answers) when given, else the reference's
+    own answers at each temperature.
+    """
     cells: dict[str, Any] = {}
     baselines: dict[str, list[float]] = {}
     best: dict[str, Any] = {}
@@ -235,9 +246,9 @@ def evaluate_reference(
             max_prompt_tokens=hp.max_prompt_tokens,
         )
         scores = judges.score(samples)
-        baselines[key] = scores["judge"]
-        # The reference against itself: KL 0 and every comparison a tie, by definition.
-        cells[key] = _reduce(ctx, _sums(scores, scores["judge"], [0.0] * len(samples)))
+        # Against itself the reference ties every comparison, by definition; its KL is 0.
+        baselines[key] = scores["judge"] if data_baseline is None else data_baseline
+        cells[key] = _reduce(ctx, _sums(scores, baselines[key], [0.0] * len(samples)))
         if hp.best_of_n:
             best[key] = _reduce(
                 ctx,
@@ -248,7 +259,7 @@ def evaluate_reference(
                     prompts=prompts,
                     judges=judges,
                     temperature=temperature,
-                    baseline=scores["judge"],
+                    baseline=baselines[key],
                 ),
             )
     out: dict[str, Any] = {REFERENCE: cells}
@@ -366,13 +377,18 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     if REFERENCE in inputs.policies:
         raise ConfigError(f"inputs.policies.{REFERENCE}: the name is reserved for the reference policy")
     judges = _judges(ctx, hp)
-    all_prompts = data.load(data_uri, ctx.scratch / "data", data.prompt_text)
+    rows = data.read_rows(data_uri, ctx.scratch / "data")
     if hp.max_prompts:
-        all_prompts = all_prompts[: hp.max_prompts]
+        rows = rows[: hp.max_prompts]
+    all_prompts = [data.prompt_text(row) for row in rows]
     repeated = [prompt for prompt in all_prompts for _ in range(hp.samples_per_prompt)]
     if len(repeated) < ctx.world_size:
         raise data.DataError(f"{data_uri}: {len(repeated)} eval answers for {ctx.world_size} processes")
     prompts = repeated[ctx.rank :: ctx.world_size]
+    data_baseline = None
+    if hp.baseline == "data":
+        answers = [reference_answer(row) for row in rows for _ in range(hp.samples_per_prompt)]
+        data_baseline = judges.judge.score(prompts, answers[ctx.rank :: ctx.world_size])
     reference_dir = loop.fetch_model(ctx, reference_uri, REFERENCE)
     tokenizer = models.load_tokenizer(reference_dir)
     reference = use_fast_masks(models.load_causal_lm(reference_dir)).to(ctx.device).eval()
@@ -387,7 +403,13 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         baselines = {key: scores[ctx.rank :: ctx.world_size] for key, scores in done[0]["baselines"].items()}
     else:
         results, baselines = evaluate_reference(
-            ctx, hp, reference=reference, tokenizer=tokenizer, prompts=prompts, judges=judges
+            ctx,
+            hp,
+            reference=reference,
+            tokenizer=tokenizer,
+            prompts=prompts,
+            judges=judges,
+            data_baseline=data_baseline,
         )
         # Every rank's reference scores, in prompt order, so a resumed run compares against the same answers.
         gathered = ctx.gather(baselines)
@@ -424,6 +446,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     report: dict[str, Any] = {
         "policies": policies,
         "judge": judges.judge.name,
+        "baseline": hp.baseline,
         "prompts": len(all_prompts),
         "samples_per_prompt": hp.samples_per_prompt,
     }
@@ -439,6 +462,16 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     runtime.write_metrics(ctx, report)
     runtime.publish_artifact(ctx, write, metadata={"stage": ctx.config.stage, "type": "evaluate"})
     return metrics
+
+
+def reference_answer(row: data.Row) -> str:
+    """The dataset's own answer to an eval row: ``chosen``, else the SFT answer (completion/output)."""
+    try:
+        if "chosen" in row.fields:
+            return data.preference_example(row).chosen
+        return data.sft_example(row).completion
+    except data.DataError as exc:
+        raise data.DataError(f"hyperparameters.baseline=data needs each eval row's answer: {exc}") from exc
 
 
 def _headline(cells: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -472,7 +505,12 @@ def plot_frontier(report: dict[str, Any], path: Path) -> None:
         frontier.plot([cells[k]["kl"] for k in keys], [cells[k]["reward"] for k in keys], "o-", label=name)
         wins.plot([float(k) for k in keys], [cells[k]["win_rate"] for k in keys], "o-", label=name)
     frontier.set(xlabel="KL(pi || pi_ref), nats", ylabel=f"reward ({report['judge']})", title="Reward vs KL")
-    wins.set(xlabel="sampling temperature", ylabel="win rate vs reference", title="Win rate", ylim=(0, 1))
+    wins.set(
+        xlabel="sampling temperature",
+        ylabel=f"win rate vs {report['baseline']}",
+        title="Win rate",
+        ylim=(0, 1),
+    )
     frontier.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)

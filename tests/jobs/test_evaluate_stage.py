@@ -119,3 +119,50 @@ def test_a_stage_without_a_judge_fails_naming_the_field(
     monkeypatch.setenv("KUBEALIGN_SCRATCH", str(tmp_path / "scratch"))
     assert evaluate.main(["--config", str(config)]) == 2
     assert "hyperparameters.temperatures[1]: must be >= 0" in json.loads(termination.read_text())["error"]
+
+
+def test_win_rate_against_the_datasets_answers(
+    toy_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KUBEALIGN_TERMINATION_LOG", str(tmp_path / "termination-log"))
+    monkeypatch.setenv("KUBEALIGN_SCRATCH", str(tmp_path / "scratch"))
+    # The judge gives the dataset's answer "good" 1.0: a near-uniform policy rarely matches it.
+    rows = [{"prompt": p, "completion": "good"} for p in PROMPTS * 4]
+    eval_data = write_jsonl(tmp_path / "eval.jsonl", rows)
+    hyperparameters = {
+        "scorer": "word_fraction",
+        "scorer_options": {"words": ["good"]},
+        "temperatures": [1.0],
+        "max_new_tokens": 4,
+        "best_of_n": 0,
+        "baseline": "data",
+        "plot": False,
+    }
+    config = stage_config(
+        tmp_path,
+        stage_type="evaluate",
+        output=str(tmp_path / "out"),
+        inputs={"model": str(toy_models["reference"]), "eval_data": str(eval_data)},
+        hyperparameters=hyperparameters,
+    )
+    assert evaluate.main(["--config", str(config)]) == 0
+    results = json.loads((tmp_path / "out" / "artifact" / "results.json").read_text())
+    assert results["baseline"] == "data" and "best_of_n" not in results
+    cell = results["policies"]["reference"]["1.0"]
+    assert cell["win_rate"] < 0.3
+    # No answer can beat a 1.0; only answers scoring exactly 1.0 tie (1/2 each), and they are at most
+    # a `reward` fraction of all answers.
+    assert cell["win_rate"] <= 0.5 * cell["reward"] + 1e-9
+
+    no_answers = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    bad = stage_config(
+        tmp_path,
+        stage_type="evaluate",
+        output=str(tmp_path / "bad"),
+        inputs={"model": str(toy_models["reference"]), "eval_data": str(no_answers)},
+        hyperparameters=hyperparameters,
+    )
+    assert evaluate.main(["--config", str(bad)]) == 2
+    error = json.loads((tmp_path / "termination-log").read_text())["error"]
+    assert "hyperparameters.baseline=data needs each eval row's answer" in error
+    assert "line 1" in error
