@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from rlhf_toys import PROMPTS, save_toy_policy, write_jsonl
+from rlhf_toys import PROMPTS, save_toy_policy, save_toy_reward_model, write_jsonl
 from trainer_toys import parse_records, run_stage, stage_config, stage_env
 from transformers import AutoModelForCausalLM
 
@@ -206,3 +206,24 @@ def test_ppo_trains_data_parallel_on_two_processes(toy_inputs: dict[str, str], t
     assert len(run.events("done")) == 1
     assert storage.is_complete(str(tmp_path / "out" / "artifact"))
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "artifact"), local_files_only=True)
+
+
+def test_ppo_on_a_reward_model_reports_the_ground_truth_beside_it(
+    toy_inputs: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KUBEALIGN_TERMINATION_LOG", str(tmp_path / "termination-log"))
+    monkeypatch.setenv("KUBEALIGN_SCRATCH", str(tmp_path / "scratch"))
+    reward_model = save_toy_reward_model(tmp_path / "reward")
+    config = stage_config(
+        tmp_path,
+        stage_type="ppo",
+        output=str(tmp_path / "out"),
+        inputs={**toy_inputs, "reward_model": str(reward_model)},
+        hyperparameters={**TOY_REWARD, **FAST, "rollout_batch_size": 8, "steps": 2},
+    )
+    assert ppo.main(["--config", str(config)]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    # The policy optimises the reward model's score; the word-fraction scorer is only reported.
+    assert 0.0 <= metrics["true_score"] <= 1.0
+    assert metrics["score"] != metrics["true_score"]
+    assert storage.is_complete(str(tmp_path / "out" / "artifact"))
