@@ -66,11 +66,6 @@ def test_generated_pairs_train_reward_and_dpo_and_rankings_train_reward(
         assert run.termination is not None and run.termination["status"] == "succeeded", name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="data.data_files reads the artifact's own _MANIFEST.json as a data file; the operator wires "
-    "a generate stage's artifact prefix (not its file) into inputs.data",
-)
 def test_a_generate_artifact_prefix_is_a_dataset(tmp_path: Path) -> None:
     from kubealign_jobs import data, storage
 
