@@ -208,3 +208,19 @@ def test_build_context_carries_only_sources() -> None:
     assert lines[0] == "**", "the context must start from nothing and re-include sources"
     included = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     assert included == {"pyproject.toml", "README.md", "operator", "jobs"}
+
+
+def _final_user(image: str) -> int:
+    users = [ins.args for ins in parse(DOCKERFILES[image].read_text()) if ins.keyword == "USER"]
+    return int(users[-1].split(":")[0])
+
+
+def test_image_users_match_the_pods_that_run_them() -> None:
+    import yaml
+
+    from kubealign import render
+
+    # Trainer pods set runAsUser (render.py); the operator pod's comes from the chart's values.
+    assert _final_user("trainer") == render.RUN_AS_USER
+    values = yaml.safe_load((ROOT / "charts" / "kubealign" / "values.yaml").read_text())
+    assert _final_user("operator") == values["podSecurityContext"]["runAsUser"]
