@@ -402,15 +402,16 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         results = done[0]["results"]
         baselines = {key: scores[ctx.rank :: ctx.world_size] for key, scores in done[0]["baselines"].items()}
     else:
-        results, baselines = evaluate_reference(
-            ctx,
-            hp,
-            reference=reference,
-            tokenizer=tokenizer,
-            prompts=prompts,
-            judges=judges,
-            data_baseline=data_baseline,
-        )
+        with ctx.accelerator.autocast():
+            results, baselines = evaluate_reference(
+                ctx,
+                hp,
+                reference=reference,
+                tokenizer=tokenizer,
+                prompts=prompts,
+                judges=judges,
+                data_baseline=data_baseline,
+            )
         # Every rank's reference scores, in prompt order, so a resumed run compares against the same answers.
         gathered = ctx.gather(baselines)
         # Global answer i was rank (i mod W)'s answer number i // W.
@@ -428,17 +429,19 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         else:
             policy_dir = loop.fetch_model(ctx, inputs.policies[name], f"policy-{unit}")
             policy = use_fast_masks(models.load_causal_lm(policy_dir)).to(ctx.device).eval()
-            policies[name] = evaluate_policy(
-                ctx,
-                hp,
-                unit=unit,
-                policy=policy,
-                reference=reference,
-                tokenizer=tokenizer,
-                prompts=prompts,
-                judges=judges,
-                baselines=baselines,
-            )
+            # The same autocast for the policy and the reference: precision alone must not show up as KL.
+            with ctx.accelerator.autocast():
+                policies[name] = evaluate_policy(
+                    ctx,
+                    hp,
+                    unit=unit,
+                    policy=policy,
+                    reference=reference,
+                    tokenizer=tokenizer,
+                    prompts=prompts,
+                    judges=judges,
+                    baselines=baselines,
+                )
             del policy
             _save_unit(ctx, unit, {"name": name, "results": policies[name]})
         ctx.emit({"step": unit + 1, "total_steps": len(names), "policy": name, **_headline(policies[name])})

@@ -285,13 +285,15 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         start = chunk * hp.chunk_prompts
         indexed = list(enumerate(prompts))[start : start + hp.chunk_prompts]
         torch.manual_seed((config.seed * 1_000_003 + chunk) * 4099 + ctx.rank)
-        mine = label_prompts(
-            policy=policy,
-            tokenizer=tokenizer,
-            labeller=labeller,
-            prompts=indexed[ctx.rank :: ctx.world_size],
-            hp=hp,
-        )
+        # Mixed precision (bf16 on GPUs that have it) for sampling and the reward model alike.
+        with ctx.accelerator.autocast():
+            mine = label_prompts(
+                policy=policy,
+                tokenizer=tokenizer,
+                labeller=labeller,
+                prompts=indexed[ctx.rank :: ctx.world_size],
+                hp=hp,
+            )
         gathered = ctx.gather([item.to_json() for item in mine])
         if ctx.is_main:
             local = ctx.scratch / "chunk"

@@ -497,15 +497,18 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         mine = [prompts[i] for i in data.shard(indices, rank=rank, world_size=world)]
         seed = _seed(config.seed, step, rank)
         torch.manual_seed(seed)
-        rollout = collect_rollout(
-            model=unwrapped_model,
-            reference=reference,
-            tokenizer=tokenizer,
-            prompts=mine,
-            score_fn=score_fn,
-            beta=kl_controller.value,
-            hp=hp,
-        )
+        # Under mixed precision the reference must see the same autocast as the policy, or the
+        # precision gap alone would show up as KL.
+        with accelerator.autocast():
+            rollout = collect_rollout(
+                model=unwrapped_model,
+                reference=reference,
+                tokenizer=tokenizer,
+                prompts=mine,
+                score_fn=score_fn,
+                beta=kl_controller.value,
+                hp=hp,
+            )
         stats = ppo_update(
             model=wrapped,
             optimizer=optimizer,
