@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -56,3 +57,23 @@ def test_bad_scorer_config_names_the_field(name: str, options: dict[str, Any] | 
 def test_mismatched_lengths_are_an_error() -> None:
     with pytest.raises(ValueError, match="2 prompts but 1 completions"):
         scorers.make_scorer("vader").score(["a", "b"], ["c"])
+
+
+def test_reward_model_scorer_is_independent_of_batching(tmp_path: Path) -> None:
+    from rlhf_toys import save_toy_reward_model
+
+    folder = save_toy_reward_model(tmp_path / "reward")
+    scorer = scorers.load_reward_model_scorer(str(folder), tmp_path / "scratch", device="cpu", batch_size=2)
+    prompts = ["the movie", "the plot was very", "very", "the movie is", "the"]
+    completions = [
+        "good",
+        "bad and dull dull dull",
+        "fine great",
+        "the plot",
+        "good good good good good good",
+    ]
+    batched = scorer.score(prompts, completions)
+    # Padding to the longest sequence in a batch must not change any score.
+    one_by_one = [scorer.score([p], [c])[0] for p, c in zip(prompts, completions, strict=True)]
+    assert batched == pytest.approx(one_by_one, abs=1e-5)
+    assert len(set(batched)) == len(batched)
