@@ -57,7 +57,15 @@ from urllib.parse import urlparse
 import yaml
 
 from kubealign import api, plan, render
-from kubealign.progress import Display, Progress, StageView, metrics_table, parse_record, stage_table
+from kubealign.progress import (
+    Display,
+    Progress,
+    StageView,
+    format_duration,
+    metrics_table,
+    parse_record,
+    stage_table,
+)
 
 EXIT_SUCCEEDED: Final = 0
 EXIT_FAILED: Final = 1
@@ -642,11 +650,9 @@ class LocalRunner:
         return views
 
     def _draw(self) -> None:
-        elapsed = time.monotonic() - self.started
-        title = (
-            f"run {self.run.name}: {self.status.phase}, {self.status.progress or '0/0'} stages succeeded, "
-            f"{int(elapsed) // 60:02d}:{int(elapsed) % 60:02d} elapsed"
-        )
+        elapsed = format_duration(time.monotonic() - self.started)
+        progress = self.status.progress or "0/0"
+        title = f"run {self.run.name}: {self.status.phase}, {progress} stages succeeded, {elapsed} elapsed"
         self.display.update(title, self.views())
 
 
@@ -721,9 +727,12 @@ def run_manifest(path: Path, options: LocalOptions, out: TextIO, err: TextIO) ->
             display.print(line)
     display.print("")
     display.print(f"status: {runner.status_path}   logs: {options.workdir / 'logs'}")
+    elapsed = format_duration(time.monotonic() - runner.started)
     failed = status.condition("Failed")
     if code != EXIT_SUCCEEDED and failed is not None and failed.message:
-        display.print(f"run {status.phase}: {failed.message}")
+        display.print(f"run {run.name} {status.phase} after {elapsed}: {failed.message}")
+    else:
+        display.print(f"run {run.name} {status.phase} in {elapsed}")
     return code
 
 

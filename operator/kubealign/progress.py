@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 BAR_WIDTH = 24
+# What a progress line shows beside the step: the first of these a trainer reports. PPO has no
+# single loss; its mean score is what a watcher wants to see climb.
+HEADLINE_METRICS = ("loss", "score", "reward")
 
 
 @dataclass(frozen=True)
@@ -26,19 +29,22 @@ class Progress:
 
     step: int
     total_steps: int | None
-    loss: float | None
+    metric: str | None  # which of HEADLINE_METRICS ``value`` is
+    value: float | None
     at: float  # time.monotonic() when the line was read
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any], *, at: float) -> Progress:
         """From a trainer's log record; fields of the wrong type count as absent."""
-        step, total, loss = record.get("step"), record.get("total_steps"), record.get("loss")
+        step, total = record.get("step"), record.get("total_steps")
+        metric = next((name for name in HEADLINE_METRICS if _is_number(record.get(name))), None)
         return cls(
             step=step if isinstance(step, int) and not isinstance(step, bool) else 0,
             total_steps=total
             if isinstance(total, int) and not isinstance(total, bool) and total > 0
             else None,
-            loss=float(loss) if isinstance(loss, int | float) and not isinstance(loss, bool) else None,
+            metric=metric,
+            value=float(record[metric]) if metric else None,
             at=at,
         )
 
@@ -67,6 +73,10 @@ def parse_record(line: str) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         return None
     return doc if isinstance(doc, dict) else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def eta_seconds(first: Progress, latest: Progress) -> float | None:
@@ -98,7 +108,7 @@ def progress_line(view: StageView, *, name_width: int) -> str:
     latest = view.latest
     if latest is None:
         return f"{view.name:<{name_width}}  starting (attempt {view.attempts})"
-    loss = f"loss {latest.loss:.4f}" if latest.loss is not None else ""
+    loss = f"{latest.metric} {latest.value:.4f}" if latest.metric is not None else ""
     if latest.total_steps is None:
         return f"{view.name:<{name_width}}  step {latest.step}  {loss}".rstrip()
     fraction = latest.step / latest.total_steps

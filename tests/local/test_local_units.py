@@ -61,16 +61,19 @@ def write_manifest(
 @pytest.mark.parametrize(
     ("line", "expected"),
     [
-        ('{"stage": "sft", "step": 3, "total_steps": 10, "loss": 2.5}\n', (3, 10, 2.5)),
-        ('{"step": 7, "loss": 1}', (7, None, 1.0)),
-        ('{"step": 7, "total_steps": 0, "loss": "nan?"}', (7, None, None)),
+        ('{"stage": "sft", "step": 3, "total_steps": 10, "loss": 2.5}\n', (3, 10, "loss", 2.5)),
+        ('{"step": 7, "loss": 1, "score": 0.5}', (7, None, "loss", 1.0)),
+        ('{"step": 2, "total_steps": 40, "score": 0.25, "kl": 0.1}', (2, 40, "score", 0.25)),
+        ('{"step": 7, "total_steps": 0, "loss": "nan?"}', (7, None, None, None)),
     ],
 )
-def test_progress_from_trainer_lines(line: str, expected: tuple[int, int | None, float | None]) -> None:
+def test_progress_from_trainer_lines(
+    line: str, expected: tuple[int, int | None, str | None, float | None]
+) -> None:
     record = parse_record(line)
     assert record is not None
     progress = Progress.from_record(record, at=1.0)
-    assert (progress.step, progress.total_steps, progress.loss) == expected
+    assert (progress.step, progress.total_steps, progress.metric, progress.value) == expected
 
 
 @pytest.mark.parametrize("line", ["", "Traceback (most recent call last):", "{not json", "[1, 2]", "  "])
@@ -80,11 +83,11 @@ def test_non_records_are_ignored(line: str) -> None:
 
 def test_eta_uses_the_rate_since_the_attempts_first_line() -> None:
     # A resumed attempt starts at step 50: 10 steps in 5 s leaves 40 steps, 20 s.
-    first = Progress(step=50, total_steps=100, loss=None, at=100.0)
-    latest = Progress(step=60, total_steps=100, loss=1.0, at=105.0)
+    first = Progress(step=50, total_steps=100, metric=None, value=None, at=100.0)
+    latest = Progress(step=60, total_steps=100, metric="loss", value=1.0, at=105.0)
     assert eta_seconds(first, latest) == pytest.approx(20.0)
     assert eta_seconds(latest, latest) is None
-    assert eta_seconds(first, Progress(step=60, total_steps=None, loss=1.0, at=105.0)) is None
+    assert eta_seconds(first, Progress(step=60, total_steps=None, metric="loss", value=1.0, at=105.0)) is None
 
 
 @pytest.mark.parametrize(
@@ -101,8 +104,8 @@ def test_progress_line_shows_bar_steps_loss_and_eta() -> None:
         phase="Running",
         attempts=1,
         elapsed_s=5.0,
-        first=Progress(step=0, total_steps=200, loss=None, at=0.0),
-        latest=Progress(step=50, total_steps=200, loss=2.31415, at=10.0),
+        first=Progress(step=0, total_steps=200, metric=None, value=None, at=0.0),
+        latest=Progress(step=50, total_steps=200, metric="loss", value=2.31415, at=10.0),
     )
     line = progress_line(view, name_width=5)
     assert line.startswith("sft    [######------------------]  25%")
