@@ -450,8 +450,10 @@ class NodeAgent:
             try:
                 if not resource_version:
                     listing = self.core.list_pod_for_all_namespaces(field_selector=selector)
-                    for pod in listing.items:
-                        self._on_pod("ADDED", self.core.api_client.sanitize_for_serialization(pod))
+                    pods = [self.core.api_client.sanitize_for_serialization(pod) for pod in listing.items]
+                    for pod in pods:
+                        self._on_pod("ADDED", pod)
+                    self._forget_missing({str(pod["metadata"]["uid"]) for pod in pods})
                     resource_version = listing.metadata.resource_version
                 stream = watch.Watch().stream(  # type: ignore[no-untyped-call]
                     self.core.list_pod_for_all_namespaces,
@@ -497,6 +499,13 @@ class NodeAgent:
         elif pod["metadata"].get("deletionTimestamp"):
             grace = pod["metadata"].get("deletionGracePeriodSeconds")
             worker.kill(grace_seconds=30 if grace is None else int(grace), delete=True)
+
+    def _forget_missing(self, present: set[str]) -> None:
+        """After a relist: pods deleted while the watch was down get no DELETED event; stop them now."""
+        with self._lock:
+            gone = [worker for uid, worker in self._workers.items() if uid not in present]
+        for worker in gone:
+            worker.kill(grace_seconds=0, delete=False)
 
     def claim_preemption(self, pod: Mapping[str, Any]) -> str | None:
         """The stage to preempt in this pod, once per stage for the agent's lifetime."""
