@@ -42,7 +42,7 @@ def _train(tmp: Path, stage_type: str, policy: Path, dataset: str, extra: dict[s
     config = stage_config(
         tmp,
         stage_type=stage_type,
-        output=str(tmp / f"{stage_type}-{Path(dataset).name}"),
+        output=str(tmp / f"{stage_type}-{Path(dataset).parent.name}"),
         inputs={"model": str(policy), "data": dataset},
         hyperparameters={**TRAIN_BRIEFLY, **extra},
     )
@@ -55,10 +55,11 @@ def test_generated_pairs_train_reward_and_dpo_and_rankings_train_reward(
 ) -> None:
     pairs = _generate(tmp_path, toy_policy, "best_worst")
     rankings = _generate(tmp_path, toy_policy, "ranking")
+    # The trainers read the generate stage's artifact prefix, as the operator wires it.
     runs = {
-        "reward on pairs": _train(tmp_path, "reward", toy_policy, str(pairs / "preferences.jsonl"), {}),
-        "dpo on pairs": _train(tmp_path, "dpo", toy_policy, str(pairs / "preferences.jsonl"), {}),
-        "reward on rankings": _train(tmp_path, "reward", toy_policy, str(rankings / "rankings.jsonl"), {}),
+        "reward on pairs": _train(tmp_path, "reward", toy_policy, str(pairs), {}),
+        "dpo on pairs": _train(tmp_path, "dpo", toy_policy, str(pairs), {}),
+        "reward on rankings": _train(tmp_path, "reward", toy_policy, str(rankings), {}),
     }
     for name, run in runs.items():
         assert run.returncode == 0, f"{name}: {run.stderr[-3000:]}"
