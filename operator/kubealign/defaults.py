@@ -1,0 +1,55 @@
+"""Install-wide storage defaults for what a run's ``spec.storage`` leaves out.
+
+A platform team usually has one S3-compatible store and one conventional credentials Secret name
+per namespace. The Helm chart's ``s3.endpoint``, ``s3.region`` and ``s3.credentialsSecret`` values
+reach the operator as environment variables; a run that sets a field itself always keeps it.
+
+The defaults are applied to the manifest the operator reads, before validation and rendering, so
+every consumer (stage configs, trainer env, status) sees the same effective spec. The stored
+object is never rewritten: ``kubectl get alr -o yaml`` still shows what the user wrote.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+ENV_ENDPOINT: Final = "KUBEALIGN_DEFAULT_S3_ENDPOINT"
+ENV_REGION: Final = "KUBEALIGN_DEFAULT_S3_REGION"
+ENV_SECRET: Final = "KUBEALIGN_DEFAULT_S3_SECRET"
+
+
+@dataclass(frozen=True)
+class StorageDefaults:
+    """Defaults for ``spec.storage`` of runs whose ``uri`` is ``s3://``; None leaves a field unset."""
+
+    endpoint: str | None = None
+    region: str | None = None
+    secret_name: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> StorageDefaults:
+        env = os.environ if environ is None else environ
+        return cls(
+            endpoint=env.get(ENV_ENDPOINT) or None,
+            region=env.get(ENV_REGION) or None,
+            secret_name=env.get(ENV_SECRET) or None,
+        )
+
+    def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """A copy of ``manifest`` with the defaults filled into ``spec.storage`` where it has none."""
+        result = copy.deepcopy(dict(manifest))
+        storage = (result.get("spec") or {}).get("storage")
+        # file:// stores need no endpoint or credentials; a malformed spec is left for validation to name.
+        if not isinstance(storage, dict) or not str(storage.get("uri", "")).startswith("s3://"):
+            return result
+        if self.endpoint and not storage.get("endpoint"):
+            storage["endpoint"] = self.endpoint
+        if self.region and not storage.get("region"):
+            storage["region"] = self.region
+        if self.secret_name and not (storage.get("secretRef") or {}).get("name"):
+            storage["secretRef"] = {"name": self.secret_name}
+        return result
