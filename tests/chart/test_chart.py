@@ -17,6 +17,7 @@ import yaml
 
 import localcluster
 import sync_chart
+from kubealign import defaults
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "kubealign"
@@ -155,11 +156,25 @@ def test_metrics_can_be_turned_off(helm: str) -> None:
 
 
 def test_values_reach_the_operator(helm: str) -> None:
-    container = operator_container(render(helm, "verbose=true", "image.tag=dev", "health.port=8181"))
+    container = operator_container(
+        render(
+            helm,
+            "verbose=true",
+            "image.tag=dev",
+            "health.port=8181",
+            "s3.endpoint=http://minio.storage:9000",
+            "s3.credentialsSecret=team-s3",
+        )
+    )
     assert "--verbose" in container["args"]
     assert "--liveness=http://0.0.0.0:8181/healthz" in container["args"]
     assert container["image"].endswith(":dev")
-    assert "--verbose" not in operator_container(render(helm))["args"]
+    # The names the operator reads (kubealign.defaults); unset values set nothing.
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert env == {defaults.ENV_ENDPOINT: "http://minio.storage:9000", defaults.ENV_SECRET: "team-s3"}
+    plain = operator_container(render(helm))
+    assert "--verbose" not in plain["args"]
+    assert "env" not in plain
 
 
 def test_crd_ships_unchanged(helm: str) -> None:

@@ -2,7 +2,8 @@
 
 One AlignmentRun with every stage type on tiny models (pretrain -> sft -> reward -> generate, labelled
 by the reward model -> dpo on the generated pairs, ppo against the reward model, side by side ->
-evaluate) is applied to the local control plane. The chart is installed with Helm and the operator runs as a process holding only the
+evaluate) is applied to the local control plane. The chart is installed with Helm, and the operator
+runs as a process with its Deployment's args and env (the S3 defaults among them), holding only the
 chart's ServiceAccount token (from the TokenRequest API), so the chart's RBAC is shown to be enough.
 Every stage's pod is bound to the node agent's node and runs the real trainer, which reads its S3
 credentials from the Secret the pod references (neither the operator nor the agent has them). The
@@ -24,6 +25,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -224,30 +226,52 @@ def service_account_kubeconfig(
     return path
 
 
+@dataclass(frozen=True)
+class ChartOperator:
+    """What the installed chart's Deployment would run: its container's args and env, and its ports."""
+
+    args: list[str]
+    env: dict[str, str]
+    health_port: int
+    metrics_port: int
+
+
+def chart_operator(kube_api: Any, namespace: str) -> ChartOperator:
+    apps: Any = client.AppsV1Api(kube_api)
+    container = apps.read_namespaced_deployment(RELEASE, namespace).spec.template.spec.containers[0]
+    ports = {port.name: port.container_port for port in container.ports}
+    return ChartOperator(
+        # The Deployment listens on every interface of its pod; here, loopback is enough.
+        args=[arg.replace("0.0.0.0", "127.0.0.1") for arg in container.args],
+        env={item.name: item.value for item in container.env or []},
+        health_port=ports["health"],
+        metrics_port=ports["metrics"],
+    )
+
+
 @contextlib.contextmanager
-def operator_process(kubeconfig: Path, namespace: str, log: Path) -> Iterator[int]:
-    """``kubealign operator`` as a process, with the chart's flags; yields its metrics port once healthy."""
-    metrics_port, health_port = _free_port(), _free_port()
+def operator_process(chart: ChartOperator, kubeconfig: Path, log: Path) -> Iterator[None]:
+    """``kubealign operator`` as a process with the chart's args and env, until it reports healthy."""
     command = [
         str(Path(sys.executable).parent / "kubealign"),
         "operator",
-        f"--namespace={namespace}",
+        *chart.args,
         f"--kubeconfig={kubeconfig}",
-        f"--metrics-port={metrics_port}",
-        f"--liveness=http://127.0.0.1:{health_port}/healthz",
+        # Only the resync safety net is tightened (30s by default), to keep the test short.
         "--resync-seconds=5",
     ]
     # Only the ServiceAccount's kubeconfig, and no S3 credentials: the operator never needs them.
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "KUBECONFIG"}
+    env.update(chart.env)
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 60
-        while not _healthy(f"http://127.0.0.1:{health_port}/healthz"):
+        while not _healthy(f"http://127.0.0.1:{chart.health_port}/healthz"):
             if process.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the operator never became healthy; its log:\n{log.read_text()}")
             time.sleep(0.2)
-        yield metrics_port
+        yield
     finally:
         process.terminate()
         try:
@@ -290,7 +314,7 @@ def upload_data(s3: Any, bucket: str) -> str:
     return f"s3://{bucket}/data"
 
 
-def run_manifest(*, data: str, storage: str, endpoint: str, agent: RunningAgent) -> dict[str, Any]:
+def run_manifest(*, data: str, storage: str, agent: RunningAgent) -> dict[str, Any]:
     stages = json.loads(json.dumps(STAGES).replace("DATA/", data + "/"))
     for stage in stages:
         stage["nodeSelector"] = agent.node_selector
@@ -304,12 +328,8 @@ def run_manifest(*, data: str, storage: str, endpoint: str, agent: RunningAgent)
         "spec": {
             # The node agent runs the checkout's code; the image is what a real node would pull.
             "image": "ghcr.io/kubealign/kubealign-trainer:0.1.0",
-            "storage": {
-                "uri": storage,
-                "endpoint": endpoint,
-                "region": "us-east-1",
-                "secretRef": {"name": "s3"},
-            },
+            # Endpoint, region and credentials Secret come from the chart's s3.* defaults.
+            "storage": {"uri": storage},
             "stages": stages,
         },
     }
@@ -372,7 +392,13 @@ def test_alignment_run_end_to_end(
         str(CHART),
         f"--namespace={operator_namespace}",
         f"--set=watchNamespaces={{{namespace}}}",
+        f"--set=s3.endpoint={s3_server.endpoint}",
+        f"--set=s3.region={s3_server.region}",
+        "--set=s3.credentialsSecret=s3",
+        f"--set=health.port={_free_port()}",
+        f"--set=metrics.port={_free_port()}",
     )
+    chart = chart_operator(kube_api, operator_namespace)
     kubeconfig = service_account_kubeconfig(
         kube_api,
         cluster,
@@ -399,15 +425,15 @@ def test_alignment_run_end_to_end(
 
     with (
         node_agent(cluster.kubeconfig, tmp_path, f"--preempt-stage={PREEMPTED_STAGE}") as agent,
-        operator_process(kubeconfig, namespace, operator_log) as metrics_port,
+        operator_process(chart, kubeconfig, operator_log),
     ):
-        manifest = run_manifest(data=data, storage=storage, endpoint=s3_server.endpoint, agent=agent)
+        manifest = run_manifest(data=data, storage=storage, agent=agent)
         custom.create_namespaced_custom_object(
             "kubealign.io", "v1alpha1", namespace, "alignmentruns", manifest
         )
         run = wait_for_run(custom, namespace, agent=agent, operator_log=operator_log)
         elapsed = time.monotonic() - started
-        metrics_text = scrape(metrics_port)
+        metrics_text = scrape(chart.metrics_port)
     print(f"e2e: run {run['status']['phase']} after {elapsed:.1f}s wall time (chart install included)")
 
     status = run["status"]
