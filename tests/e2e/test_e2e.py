@@ -501,6 +501,10 @@ def test_alignment_run_end_to_end(
     results = s3.get_object(Bucket=bucket, Key=f"runs/{namespace}/{RUN}/evaluate/artifact/results.json")
     assert {"dpo", "ppo"} <= set(json.loads(results["Body"].read())["policies"])
 
+    # The chart's RBAC was enough: no request of the operator's was refused, by kopf or the reconciler.
+    assert "Forbidden" not in operator_log.read_text(), operator_log.read_text()[-4000:]
+    assert "kubealign_reconcile_errors_total{" not in metrics_text, metrics_text
+
     # The operator's metrics saw the same story.
     assert 'kubealign_alignmentruns{phase="Succeeded"} 1.0' in metrics_text
     assert f'kubealign_stage_retries_total{{type="{PREEMPTED_STAGE}"}} 1.0' in metrics_text
