@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from kubealign_jobs import data, loop, runtime, scorers, storage
+from kubealign_jobs import data, loop, rl, runtime, scorers, storage
 from kubealign_jobs import model as models
 from kubealign_jobs.attention import use_fast_masks
 from kubealign_jobs.config import ConfigError
@@ -334,7 +334,7 @@ def evaluate_policy(
         )
         logps = completion_logps(policy, samples, batch_size=hp.batch_size)
         ref_logps = completion_logps(reference, samples, batch_size=hp.batch_size)
-        kl = (logps - ref_logps).sum(dim=1).tolist()
+        kl = rl.sequence_kl(logps, ref_logps, samples.completion_mask).tolist()
         cells[key] = _reduce(ctx, _sums(judges.score(samples), baselines[key], kl))
     return cells
 
