@@ -283,7 +283,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         if chunk in done:
             continue
         start = chunk * hp.chunk_prompts
-        indexed = list(enumerate(prompts))[start : start + hp.chunk_prompts]
+        indexed = [(i, prompts[i]) for i in range(start, min(start + hp.chunk_prompts, len(prompts)))]
         torch.manual_seed((config.seed * 1_000_003 + chunk) * 4099 + ctx.rank)
         # Mixed precision (bf16 on GPUs that have it) for sampling and the reward model alike.
         with ctx.accelerator.autocast():
