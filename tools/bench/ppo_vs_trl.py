@@ -119,7 +119,7 @@ def time_kubealign(
             rollout=rollout,
             hp=hp,
             generator=generator,
-            backward=lambda loss: loss.backward(),
+            backward=torch.Tensor.backward,
             clip_grad_norm=lambda norm: torch.nn.utils.clip_grad_norm_(model.parameters(), norm),
         )
         times.append(time.perf_counter() - start)
@@ -173,7 +173,7 @@ def time_trl(
     )
     stamps: list[float] = []
 
-    class Stamp(TrainerCallback):  # type: ignore[misc]
+    class Stamp(TrainerCallback):
         def on_train_begin(self, *_: Any, **__: Any) -> None:
             stamps.append(time.perf_counter())
 
@@ -191,7 +191,7 @@ def time_trl(
         eval_dataset=dataset.select(range(args.batch_size)),
         callbacks=[Stamp()],
     )
-    trainer.train()
+    trainer.train()  # type: ignore[no-untyped-call]
     intervals = [b - a for a, b in itertools.pairwise(stamps)]
     if len(intervals) != total:
         raise RuntimeError(f"expected {total} TRL batches, timed {len(intervals)}")
