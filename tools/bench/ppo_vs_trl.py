@@ -13,9 +13,15 @@ policy's last hidden state.
 
 One batch is one rollout (generate, score, log-probs, values, advantages) and its PPO update
 (``--ppo-epochs`` passes over ``--batch-size / --mini-batch-size`` minibatches). TRL's time per
-batch is the interval between consecutive ``on_step_end`` callbacks; kubealign's is the time of
-``collect_rollout`` + ``ppo_update``. The first ``--warmup`` batches of each are not counted.
-Prints the median seconds per batch of each, and the ratio.
+batch is the interval between consecutive ``on_step_end`` callbacks (everything its loop does
+per batch); kubealign's is the time of ``collect_rollout`` + ``ppo_update``. The sides alternate
+for ``--rounds`` rounds of ``--batches`` timed batches each (TRL gets a fresh trainer per round;
+the first ``--warmup`` batches of a trainer are not timed), so a change in the machine's load
+hits both alike.
+
+Prints, per side, the median wall time and the median CPU time of this process per batch, and
+the ratios. On a shared machine the CPU time is the steadier figure: other processes stretch
+the wall time of whichever side happens to run beside them.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +80,22 @@ def build_models(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path, l
     return policy_dir, reward_dir, prompts
 
 
-def time_kubealign(
+Timing = tuple[float, float]  # (wall seconds, CPU seconds of this process)
+
+
+def clock() -> Timing:
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: Timing) -> Timing:
+    wall, cpu = clock()
+    return wall - start[0], cpu - start[1]
+
+
+def kubealign_runner(
     args: argparse.Namespace, policy_dir: Path, reward_dir: Path, prompts: list[str]
-) -> list[float]:
+) -> Callable[[int], list[Timing]]:
+    """A function that runs the next ``n`` PPO batches of one continuing kubealign run, timing each."""
     tokenizer = models.load_tokenizer(policy_dir)
     model = ppo.PolicyWithValueHead(use_fast_masks(models.load_causal_lm(policy_dir)))
     reference = use_fast_masks(models.load_causal_lm(policy_dir)).eval().requires_grad_(False)
@@ -92,43 +112,51 @@ def time_kubealign(
         learning_rate=3e-6,
         init_kl_coef=0.05,
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=hp.learning_rate)
+    optimizer = ppo.make_optimizer(model, hp)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     generator = torch.Generator().manual_seed(0)
+    batches_done = 0
 
     def score_fn(samples: Samples) -> torch.Tensor:
         return scorers.score_tensor(reward, samples.prompts, samples.completions)
 
-    times = []
-    for batch in range(args.warmup + args.batches):
-        rows = [prompts[(batch * args.batch_size + i) % len(prompts)] for i in range(args.batch_size)]
-        start = time.perf_counter()
-        rollout = ppo.collect_rollout(
-            model=model,
-            reference=reference,
-            tokenizer=tokenizer,
-            prompts=rows,
-            score_fn=score_fn,
-            beta=0.05,
-            hp=hp,
-        )
-        ppo.ppo_update(
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            rollout=rollout,
-            hp=hp,
-            generator=generator,
-            backward=torch.Tensor.backward,
-            clip_grad_norm=lambda norm: torch.nn.utils.clip_grad_norm_(model.parameters(), norm),
-        )
-        times.append(time.perf_counter() - start)
-    return times[args.warmup :]
+    def run(n: int) -> list[Timing]:
+        nonlocal batches_done
+        timings = []
+        for _ in range(n):
+            first = batches_done * args.batch_size
+            rows = [prompts[(first + i) % len(prompts)] for i in range(args.batch_size)]
+            start = clock()
+            rollout = ppo.collect_rollout(
+                model=model,
+                reference=reference,
+                tokenizer=tokenizer,
+                prompts=rows,
+                score_fn=score_fn,
+                beta=0.05,
+                hp=hp,
+            )
+            ppo.ppo_update(
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                rollout=rollout,
+                hp=hp,
+                generator=generator,
+                backward=torch.Tensor.backward,
+                clip_grad_norm=lambda norm: torch.nn.utils.clip_grad_norm_(model.parameters(), norm),
+            )
+            timings.append(since(start))
+            batches_done += 1
+        return timings
+
+    return run
 
 
-def time_trl(
+def trl_round(
     args: argparse.Namespace, policy_dir: Path, reward_dir: Path, prompts: list[str], workdir: Path
-) -> list[float]:
+) -> list[Timing]:
+    """A fresh TRL PPOTrainer over ``--warmup + --batches`` batches; the timings of the last ``--batches``."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
@@ -151,9 +179,11 @@ def time_trl(
     total = args.warmup + args.batches
     config = PPOConfig(
         output_dir=str(workdir / "trl"),
-        per_device_train_batch_size=args.mini_batch_size,
-        gradient_accumulation_steps=args.batch_size // args.mini_batch_size,
-        num_mini_batches=1,
+        # One optimizer step per minibatch of --mini-batch-size rows, as kubealign does: TRL's
+        # minibatch is local_batch / num_mini_batches, and with no accumulation each is one step.
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        num_mini_batches=args.batch_size // args.mini_batch_size,
         num_ppo_epochs=args.ppo_epochs,
         total_episodes=total * args.batch_size,
         local_rollout_forward_batch_size=args.batch_size,
@@ -171,14 +201,14 @@ def time_trl(
         bf16=False,
         fp16=False,
     )
-    stamps: list[float] = []
+    stamps: list[Timing] = []
 
     class Stamp(TrainerCallback):
         def on_train_begin(self, *_: Any, **__: Any) -> None:
-            stamps.append(time.perf_counter())
+            stamps.append(clock())
 
         def on_step_end(self, *_: Any, **__: Any) -> None:
-            stamps.append(time.perf_counter())
+            stamps.append(clock())
 
     trainer = PPOTrainer(
         args=config,
@@ -192,7 +222,7 @@ def time_trl(
         callbacks=[Stamp()],
     )
     trainer.train()  # type: ignore[no-untyped-call]
-    intervals = [b - a for a, b in itertools.pairwise(stamps)]
+    intervals = [(b[0] - a[0], b[1] - a[1]) for a, b in itertools.pairwise(stamps)]
     if len(intervals) != total:
         raise RuntimeError(f"expected {total} TRL batches, timed {len(intervals)}")
     return intervals[args.warmup :]
@@ -209,8 +239,9 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab-size", type=int, default=1024)
-    parser.add_argument("--batches", type=int, default=6, help="timed batches per side")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed batches per side")
+    parser.add_argument("--batches", type=int, default=3, help="timed batches per side and round")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed batches before each side's timing")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (kubealign, then TRL)")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on a shared box)"
     )
@@ -229,15 +260,21 @@ def main() -> int:
             f"response_length={args.response_length}; device={device} threads={args.threads}",
             flush=True,
         )
-        ours = time_kubealign(args, policy_dir, reward_dir, prompts)
-        theirs = time_trl(args, policy_dir, reward_dir, prompts, workdir)
+        ours_next = kubealign_runner(args, policy_dir, reward_dir, prompts)
+        ours_next(args.warmup)
+        ours: list[Timing] = []
+        theirs: list[Timing] = []
+        # Rounds alternate the two sides, so a change in the machine's load hits both alike.
+        for _ in range(args.rounds):
+            ours += ours_next(args.batches)
+            theirs += trl_round(args, policy_dir, reward_dir, prompts, workdir)
 
-    ours_median, theirs_median = statistics.median(ours), statistics.median(theirs)
-    print(f"kubealign ppo : {ours_median * 1000:8.1f} ms/batch  (median of {len(ours)}; all: {_ms(ours)})")
-    print(
-        f"trl PPOTrainer: {theirs_median * 1000:8.1f} ms/batch  (median of {len(theirs)}; all: {_ms(theirs)})"
-    )
-    print(f"speedup: {theirs_median / ours_median:.2f}x (target >= 2x)")
+    for label, index in (("wall", 0), ("cpu", 1)):
+        mine = statistics.median(t[index] for t in ours)
+        trl = statistics.median(t[index] for t in theirs)
+        print(f"{label} kubealign ppo : {mine * 1000:8.1f} ms/batch  (all: {_ms([t[index] for t in ours])})")
+        print(f"{label} trl PPOTrainer: {trl * 1000:8.1f} ms/batch  (all: {_ms([t[index] for t in theirs])})")
+        print(f"{label} speedup: {trl / mine:.2f}x (target >= 2x)")
     return 0
 
 
