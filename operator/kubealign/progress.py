@@ -187,8 +187,8 @@ class Display:
         self._out.flush()
 
     def close(self) -> None:
-        """Leave the last view on screen; later output goes below it."""
-        self._drawn_lines = 0
+        """Take the live view off the screen: the closing tables that follow replace it."""
+        self._clear()
 
     def _clear(self) -> None:
         if self._interactive and self._drawn_lines:
