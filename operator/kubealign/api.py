@@ -4,7 +4,8 @@ The CRD in ``crds/alignmentruns.kubealign.io.yaml`` is the single source of trut
 it (through the package-data symlink ``kubealign/crd/``), validates manifests against its structural
 schema with jsonschema, and re-implements each of its CEL rules (``x-kubernetes-validations``) in
 Python, so the local runner rejects exactly what the API server rejects. On top of that it checks
-what the schema does not say (which stage types an input may come from); the operator reports those
+what the schema does not say (which stage types an input may come from, and, for the operator, that
+every stage has a trainer image once install-wide defaults are applied); the operator reports those
 as a ``Valid=False`` condition instead of crashing.
 
 Everything here is pure: dicts in, frozen dataclasses and lists of ``FieldError`` out.
@@ -22,6 +23,8 @@ from typing import Any, Final
 
 import jsonschema
 import yaml
+
+from kubealign.defaults import ENV_IMAGE
 
 GROUP: Final = "kubealign.io"
 VERSION: Final = "v1alpha1"
@@ -197,7 +200,6 @@ MSG_RUN_NAME: Final = (
     "metadata.name must be a DNS label (at most 63 lowercase letters, digits and '-', starting with a "
     "letter): it names the run's Jobs, Services and labels"
 )
-MSG_IMAGE: Final = "spec.image is required unless every stage sets its own image"
 MSG_SELF_INPUT: Final = "a stage cannot take input from itself"
 MSG_EXACTLY_ONE: Final = "set exactly one of from or uri"
 MSG_POLICY_NAME: Final = "a policy given by uri needs a name"
@@ -230,10 +232,7 @@ def _cel_errors(manifest: Mapping[str, Any]) -> list[FieldError]:
     name = str(manifest.get("metadata", {}).get("name", ""))
     if not (len(name) <= 63 and _DNS_LABEL.fullmatch(name)):
         errors.append(FieldError("metadata.name", MSG_RUN_NAME))
-    spec = manifest["spec"]
-    stages: Sequence[Mapping[str, Any]] = spec["stages"]
-    if "image" not in spec and not all("image" in stage for stage in stages):
-        errors.append(FieldError("spec.image", MSG_IMAGE))
+    stages: Sequence[Mapping[str, Any]] = manifest["spec"]["stages"]
     names = [stage["name"] for stage in stages]
     for index, stage in enumerate(stages):
         at = f"spec.stages[{index}]"
@@ -304,6 +303,24 @@ def _semantic_errors(manifest: Mapping[str, Any]) -> list[FieldError]:
     return errors
 
 
+def _image_errors(manifest: Mapping[str, Any]) -> list[FieldError]:
+    """Pods need an image: from the stage, spec.image, or the install-wide default filled in before."""
+    spec = manifest["spec"]
+    if "image" in spec:
+        return []
+    without = [stage["name"] for stage in spec["stages"] if "image" not in stage]
+    if not without:
+        return []
+    return [
+        FieldError(
+            "spec.image",
+            f"no trainer image for stage(s) {', '.join(without)}: set spec.image, an image on every "
+            f"stage, or the operator's install-wide default (Helm value defaultTrainerImage / env "
+            f"{ENV_IMAGE})",
+        )
+    ]
+
+
 def _duplicate_stage_errors(manifest: Mapping[str, Any]) -> list[FieldError]:
     """The list-map key of spec.stages (x-kubernetes-list-map-keys: [name]) must be unique."""
     errors: list[FieldError] = []
@@ -315,11 +332,13 @@ def _duplicate_stage_errors(manifest: Mapping[str, Any]) -> list[FieldError]:
     return errors
 
 
-def validate(manifest: Mapping[str, Any]) -> list[FieldError]:
+def validate(manifest: Mapping[str, Any], *, require_image: bool = False) -> list[FieldError]:
     """Every reason ``manifest`` is not a valid AlignmentRun; empty when it is.
 
     Structural schema first (types, enums, patterns, required and unknown fields); when that passes,
     the CEL rules and list-map keys; when those pass, the checks only the operator makes.
+    ``require_image`` (the operator, after applying its install-wide defaults) also demands a trainer
+    image for every stage; the local runner and offline validation need none.
     """
     if not isinstance(manifest, Mapping):
         return [FieldError("(root)", "expected an AlignmentRun object")]
@@ -335,7 +354,10 @@ def validate(manifest: Mapping[str, Any]) -> list[FieldError]:
     errors.extend(_structural_errors(manifest))
     if errors:
         return errors
-    for check in (_duplicate_stage_errors, _cel_errors, _semantic_errors):
+    checks = [_duplicate_stage_errors, _cel_errors, _semantic_errors]
+    if require_image:
+        checks.append(_image_errors)
+    for check in checks:
         errors.extend(check(manifest))
         if errors:
             return errors

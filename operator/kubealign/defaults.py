@@ -1,8 +1,9 @@
-"""Install-wide storage defaults for what a run's ``spec.storage`` leaves out.
+"""Install-wide defaults for what a run's spec leaves out: the trainer image and storage settings.
 
-A platform team usually has one S3-compatible store and one conventional credentials Secret name
-per namespace. The Helm chart's ``s3.endpoint``, ``s3.region`` and ``s3.credentialsSecret`` values
-reach the operator as environment variables; a run that sets a field itself always keeps it.
+A platform team usually has one trainer image, one S3-compatible store and one conventional
+credentials Secret name per namespace. The Helm chart's ``defaultTrainerImage``, ``s3.endpoint``,
+``s3.region`` and ``s3.credentialsSecret`` values reach the operator as environment variables; a
+run that sets a field itself always keeps it.
 
 The defaults are applied to the manifest the operator reads, before validation and rendering, so
 every consumer (stage configs, trainer env, status) sees the same effective spec. The stored
@@ -17,32 +18,41 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+ENV_IMAGE: Final = "KUBEALIGN_DEFAULT_IMAGE"
 ENV_ENDPOINT: Final = "KUBEALIGN_DEFAULT_S3_ENDPOINT"
 ENV_REGION: Final = "KUBEALIGN_DEFAULT_S3_REGION"
 ENV_SECRET: Final = "KUBEALIGN_DEFAULT_S3_SECRET"
 
 
 @dataclass(frozen=True)
-class StorageDefaults:
-    """Defaults for ``spec.storage`` of runs whose ``uri`` is ``s3://``; None leaves a field unset."""
+class InstallDefaults:
+    """Defaults for ``spec.image`` and for ``spec.storage`` of ``s3://`` runs; None sets nothing."""
 
+    image: str | None = None
     endpoint: str | None = None
     region: str | None = None
     secret_name: str | None = None
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> StorageDefaults:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> InstallDefaults:
         env = os.environ if environ is None else environ
         return cls(
+            image=env.get(ENV_IMAGE) or None,
             endpoint=env.get(ENV_ENDPOINT) or None,
             region=env.get(ENV_REGION) or None,
             secret_name=env.get(ENV_SECRET) or None,
         )
 
     def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
-        """A copy of ``manifest`` with the defaults filled into ``spec.storage`` where it has none."""
+        """A copy of ``manifest`` with the defaults filled into ``spec`` where it has none."""
         result = copy.deepcopy(dict(manifest))
-        storage = (result.get("spec") or {}).get("storage")
+        spec = result.get("spec")
+        if not isinstance(spec, dict):
+            return result
+        # Only an absent image: an empty one is invalid, and validation should say so.
+        if self.image and spec.get("image") is None:
+            spec["image"] = self.image
+        storage = spec.get("storage")
         # file:// stores need no endpoint or credentials; a malformed spec is left for validation to name.
         if not isinstance(storage, dict) or not str(storage.get("uri", "")).startswith("s3://"):
             return result

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from kubealign import api, plan, render
-from kubealign.defaults import StorageDefaults
+from kubealign.defaults import InstallDefaults
 from kubealign.k8s import Kube, KubeError
 from kubealign.k8s import now as utc_now
 from kubealign.metrics import OPERATOR_METRICS, OperatorMetrics
@@ -55,13 +55,13 @@ class Reconciler:
         *,
         clock: Callable[[], str] = utc_now,
         metrics: OperatorMetrics = OPERATOR_METRICS,
-        storage_defaults: StorageDefaults | None = None,
+        defaults: InstallDefaults | None = None,
     ) -> None:
         self.kube = kube
         self._clock = clock
         self.metrics = metrics
-        # The chart's s3.* values, for runs whose spec.storage leaves them out.
-        self.storage_defaults = storage_defaults or StorageDefaults.from_env()
+        # The chart's defaultTrainerImage and s3.* values, for runs whose spec leaves them out.
+        self.defaults = defaults if defaults is not None else InstallDefaults.from_env()
         self._guard = threading.Lock()
         # (namespace, name) -> whether another pass was requested while one is running.
         self._running: dict[tuple[str, str], bool] = {}
@@ -137,9 +137,12 @@ class Reconciler:
         if manifest is None:
             self.metrics.forget_run(namespace=namespace, name=name)
             return None
-        manifest = self.storage_defaults.apply(manifest)
-        # The status is ours and already known to be well-formed; checking the spec is enough.
-        errors = api.validate({key: value for key, value in manifest.items() if key != "status"})
+        manifest = self.defaults.apply(manifest)
+        # The status is ours and already known to be well-formed; checking the spec is enough. Pods
+        # need an image, which neither the run, its stages nor this install may have provided.
+        errors = api.validate(
+            {key: value for key, value in manifest.items() if key != "status"}, require_image=True
+        )
         previous = api.RunStatus.from_dict(manifest.get("status"))
         try:
             run = api.AlignmentRun.from_manifest(manifest)

@@ -164,6 +164,7 @@ def test_values_reach_the_operator(helm: str) -> None:
             "health.port=8181",
             "s3.endpoint=http://minio.storage:9000",
             "s3.credentialsSecret=team-s3",
+            "defaultTrainerImage=ghcr.io/team/trainer:1.2",
         )
     )
     assert "--verbose" in container["args"]
@@ -171,10 +172,24 @@ def test_values_reach_the_operator(helm: str) -> None:
     assert container["image"].endswith(":dev")
     # The names the operator reads (kubealign.defaults); unset values set nothing.
     env = {item["name"]: item["value"] for item in container["env"]}
-    assert env == {defaults.ENV_ENDPOINT: "http://minio.storage:9000", defaults.ENV_SECRET: "team-s3"}
+    assert env == {
+        defaults.ENV_IMAGE: "ghcr.io/team/trainer:1.2",
+        defaults.ENV_ENDPOINT: "http://minio.storage:9000",
+        defaults.ENV_SECRET: "team-s3",
+    }
+    # What the operator makes of the rendered env: the image fills a run that names none.
+    installed = defaults.InstallDefaults.from_env(env)
+    assert installed.image == "ghcr.io/team/trainer:1.2"
     plain = operator_container(render(helm))
     assert "--verbose" not in plain["args"]
     assert "env" not in plain
+
+
+def test_default_trainer_image_alone_sets_only_its_variable(helm: str) -> None:
+    container = operator_container(render(helm, "defaultTrainerImage=trainer:2"))
+    assert container["env"] == [{"name": defaults.ENV_IMAGE, "value": "trainer:2"}]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["defaultTrainerImage"] == "", "no image is assumed unless the platform team sets one"
 
 
 def test_crd_ships_unchanged(helm: str) -> None:

@@ -65,6 +65,17 @@ def test_api_server_rejects_invalid_run_naming_the_field(
     assert api.validate(case["manifest"])
 
 
+def test_api_server_accepts_a_run_without_any_image(cluster: Cluster, crd: None, namespace: str) -> None:
+    """The image may come from the operator's install-wide default, which only the operator knows."""
+    body = manifest(name="imageless")
+    del body["spec"]["image"]
+    submit(cluster, namespace, body)
+    stored = json.loads(cluster.kubectl("get", "alr", "imageless", "-n", namespace, "-o", "json").stdout)
+    assert "image" not in stored["spec"]
+    assert api.validate(stored) == []
+    assert [e.path for e in api.validate(stored, require_image=True)] == ["spec.image"]
+
+
 def test_api_server_accepts_the_full_pipeline_and_applies_defaults(
     cluster: Cluster, crd: None, namespace: str
 ) -> None:

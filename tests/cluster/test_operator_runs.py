@@ -29,7 +29,9 @@ from operator_harness import (
 from run_builders import manifest, pipeline, src, stage, uri
 
 from kubealign import render
+from kubealign.defaults import InstallDefaults
 from kubealign.k8s import Kube
+from kubealign.reconcile import Reconciler
 
 if TYPE_CHECKING:
     from conftest import Cluster
@@ -397,6 +399,30 @@ def test_invalid_spec_beyond_the_schema_is_a_condition_not_a_crash(
     status = reader.wait_phase("semantic", "Succeeded", timeout=60)
     assert status["observedGeneration"] == 2
     assert {c["type"]: c["status"] for c in status["conditions"]}["Valid"] == "True"
+
+
+def test_a_run_without_any_image_waits_for_the_install_default(
+    cluster: Cluster, namespace: str, crd: None, reader: Reader
+) -> None:
+    """The API server accepts a run with no image; the operator reports it until the install provides one."""
+    body = manifest([stage("sft", "sft", inputs={"data": uri("s3://d/sft")})], name="imageless")
+    del body["spec"]["image"]
+    submit(cluster, namespace, body)
+
+    outcome = Reconciler(reader.kube, defaults=InstallDefaults()).reconcile(namespace, "imageless")
+    assert outcome is not None and outcome.actions == ()
+    status = reader.status("imageless")
+    valid = {c["type"]: c for c in status["conditions"]}["Valid"]
+    assert (status["phase"], valid["status"], valid["reason"]) == ("Failed", "False", "InvalidSpec")
+    assert "spec.image" in valid["message"] and "defaultTrainerImage" in valid["message"]
+    assert reader.jobs("imageless") == {}
+
+    install = InstallDefaults(image="registry.example/trainer:install")
+    Reconciler(reader.kube, defaults=install).reconcile(namespace, "imageless")
+    (job,) = reader.jobs("imageless").values()
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/trainer:install"
+    assert {c["type"]: c["status"] for c in reader.status("imageless")["conditions"]}["Valid"] == "True"
+    assert "image" not in reader.run("imageless")["spec"], "the stored run is never rewritten"
 
 
 def test_spec_changes_reach_only_stages_not_yet_started(

@@ -34,7 +34,6 @@ def test_every_cel_rule_of_the_crd_has_a_python_twin() -> None:
     crd_messages = {rule["message"] for _, rule in api.cel_rules()}
     twins = {
         api.MSG_RUN_NAME,
-        api.MSG_IMAGE,
         api.MSG_SELF_INPUT,
         api.MSG_EXACTLY_ONE,
         api.MSG_POLICY_NAME,
@@ -188,6 +187,26 @@ def test_manifest_lines_point_at_the_field() -> None:
     # A missing field points at its nearest parent that is in the file.
     assert first.line_of("spec.stages[0].resources.nodes") == 8
     assert second.start_line == 13
+
+
+def test_a_run_without_any_image_is_valid_until_the_operator_needs_one() -> None:
+    """The schema leaves the image to the install-wide default; the operator names what is missing."""
+    body = manifest(pipeline()[:2])
+    del body["spec"]["image"]
+    body["spec"]["stages"][0]["image"] = "trainer:pretrain"
+    assert api.validate(body) == []
+    (error,) = api.validate(body, require_image=True)
+    assert error.path == "spec.image"
+    assert "stage(s) sft:" in error.message and "defaultTrainerImage" in error.message
+    body["spec"]["stages"][1]["image"] = "trainer:sft"
+    assert api.validate(body, require_image=True) == []
+    assert api.validate(manifest(), require_image=True) == []
+
+
+def test_the_image_check_waits_for_the_schema_to_pass() -> None:
+    body = manifest([stage("sft", "sft", inputs={"data": uri("http://nope")})])
+    del body["spec"]["image"]
+    assert [e.path for e in api.validate(body, require_image=True)] == ["spec.stages[0].inputs.data.uri"]
 
 
 def test_validate_never_raises_on_garbage() -> None:
