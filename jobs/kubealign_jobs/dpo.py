@@ -14,7 +14,8 @@ Speed without approximation:
   with a manifest and a fingerprint of the reference weights and the tokenised data. A retry
   (or a resumed run) reuses them; training then holds one model, not two.
 - Chosen and rejected answers go through the policy in one concatenated forward pass.
-- Logits are only computed from the first completion position of the batch on.
+- The LM head and log-softmax run only on positions that predict completion tokens
+  (`model.CompletionLogps`), never on prompt or padding positions.
 
 Output: ``<output>/artifact`` (the policy + tokenizer), ``<output>/metrics.json`` with the
 loss, implicit-reward accuracy and margins (held-out ones too when ``eval_data`` is given).
@@ -177,7 +178,7 @@ def reference_logps(
         log.warning("stored reference log-probs at %s are for other data or weights; recomputing", uri)
 
     ref_dir = loop.fetch_model(ctx, reference_uri, "reference")
-    reference = models.load_causal_lm(ref_dir).to(ctx.device).eval()
+    reference = models.CompletionLogps(models.load_causal_lm(ref_dir)).to(ctx.device).eval()
     batch_size = hp.reference_batch_size or 4 * loop.micro_batch_size(hp, ctx.world_size)
     result = {}
     for name, pairs in splits.items():
@@ -276,9 +277,9 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     result = loop.train(
         ctx,
         hp,
-        model=policy,
+        model=models.CompletionLogps(policy),
         task=task,
-        save_model=lambda m, dest: models.save_pretrained(m, tokenizer, dest),
+        save_model=lambda _, dest: models.save_pretrained(policy, tokenizer, dest),
         resume=resume,
         evaluate=evaluate,
         extra_state={"beta": hp.beta},

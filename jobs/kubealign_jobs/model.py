@@ -210,6 +210,24 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
     return _LOGITS_TO_KEEP_SUPPORT[kind]
 
 
+def causal_attention_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask to hand the model: all ones when every row is right-padded.
+
+    With right padding, causal attention alone already keeps every real token from seeing
+    padding (padding only ever comes after it), and position ids are the same either way, so
+    the outputs at real tokens do not change. An all-ones mask lets transformers skip building
+    a 4-D mask (a vmap over Python functions that costs more than the whole forward pass of a
+    small model) and run SDPA's causal kernel. ``None`` would not do: transformers then infers
+    packed sequences from the position ids and builds the 4-D mask anyway. Left- or
+    middle-padded rows keep their mask.
+    """
+    if attention_mask is None:
+        return None
+    if bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        return torch.ones_like(attention_mask)
+    return attention_mask
+
+
 def completion_logits(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
 ) -> tuple[torch.Tensor, int]:
@@ -230,7 +248,7 @@ def completion_logits(
         offset = max(first - 1, 0)
         kwargs["logits_to_keep"] = seq_len - offset
     logits: torch.Tensor = model(
-        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
+        input_ids=input_ids, attention_mask=causal_attention_mask(attention_mask), use_cache=False, **kwargs
     ).logits
     return logits[:, : seq_len - 1 - offset], offset  # (B, T-1-offset, V): the last position predicts nothing
 
@@ -238,7 +256,14 @@ def completion_logits(
 def token_logps(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
 ) -> torch.Tensor:
-    """Per-token log-probs (B, T-1) of ``input_ids[:, 1:]``; zero wherever ``completion_mask[:, 1:]`` is 0."""
+    """Per-token log-probs (B, T-1) of ``input_ids[:, 1:]``; zero wherever ``completion_mask[:, 1:]`` is 0.
+
+    ``model`` is a causal LM, or a `CompletionLogps` wrapper (possibly inside DDP), which
+    computes the LM head on completion positions only.
+    """
+    if isinstance(getattr(model, "module", model), CompletionLogps):
+        per_token: torch.Tensor = model(input_ids, attention_mask, completion_mask)
+        return per_token
     logits, offset = completion_logits(model, input_ids, attention_mask, completion_mask)
     labels = input_ids[:, offset + 1 :]
     per_token = logps_from_logits(logits, labels)
@@ -247,6 +272,51 @@ def token_logps(
     if offset:
         per_token = functional.pad(per_token, (offset, 0))
     return per_token
+
+
+# Architectures whose logits are exactly ``lm_head(last_hidden_state)``: no soft-capping
+# (Gemma 2), logit scale (Cohere) or other post-processing that the shortcut below would skip.
+PLAIN_HEAD_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "olmo2"}
+)
+
+
+class CompletionLogps(nn.Module):
+    """A causal LM that returns the log-probs of completion tokens only, for training.
+
+    ``forward(input_ids, attention_mask, completion_mask) -> (B, T-1)`` log-probs, zero off the
+    completion. The LM head (hidden x vocab per position) and the log-softmax are the largest
+    costs of a preference step on a small model and the largest activations on a large one;
+    here they run only on the positions that predict a completion token, never on prompt or
+    padding positions. For architectures outside `PLAIN_HEAD_MODEL_TYPES` it falls back to the
+    full forward. Wrap before ``accelerator.prepare`` so DDP sees one forward per step.
+    """
+
+    def __init__(self, lm: PreTrainedModel) -> None:
+        super().__init__()
+        self.lm = lm
+        self.head_only_on_completions = (
+            getattr(lm.config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES
+            and lm.get_output_embeddings() is not None  # type: ignore[no-untyped-call]
+        )
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        self.lm.gradient_checkpointing_enable(**kwargs)  # type: ignore[no-untyped-call]
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+    ) -> torch.Tensor:
+        if not self.head_only_on_completions:
+            return token_logps(self.lm, input_ids, attention_mask, completion_mask)
+        hidden: torch.Tensor = self.lm.base_model(
+            input_ids=input_ids, attention_mask=causal_attention_mask(attention_mask), use_cache=False
+        ).last_hidden_state  # (B, T, H)
+        predicts = completion_mask[:, 1:].bool()  # (B, T-1): position t predicts completion token t + 1
+        head = self.lm.get_output_embeddings()  # type: ignore[no-untyped-call]
+        logits = head(hidden[:, :-1][predicts])  # (N, V) for the N completion tokens
+        values = logps_from_logits(logits, input_ids[:, 1:][predicts])  # (N,)
+        per_token = torch.zeros(predicts.shape, dtype=values.dtype, device=values.device)
+        return per_token.masked_scatter(predicts, values)
 
 
 def logps_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -274,7 +344,9 @@ def sequence_logps(
 
 def reward_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scalar reward of each sequence (B,), as transformers pools it (the last non-pad token)."""
-    logits: torch.Tensor = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logits: torch.Tensor = model(
+        input_ids=input_ids, attention_mask=causal_attention_mask(attention_mask), use_cache=False
+    ).logits
     return logits.squeeze(-1).float()
 
 

@@ -103,9 +103,9 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     result = loop.train(
         ctx,
         hp,
-        model=lm,
+        model=models.CompletionLogps(lm),
         task=completion_task(encoded, tokenizer, hp),
-        save_model=lambda m, dest: models.save_pretrained(m, tokenizer, dest),
+        save_model=lambda _, dest: models.save_pretrained(lm, tokenizer, dest),
         resume=resume,
         evaluate=evaluate,
     )

@@ -43,7 +43,10 @@ def test_dpo_loss_matches_trl_dpo_trainer(tmp_path: Path, beta: float) -> None:
     trl_grads = torch.autograd.grad(trl_loss, list(policy.parameters()))
 
     ids, mask, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-    policy_chosen, policy_rejected = models.sequence_logps(policy, ids, mask, completion).chunk(2)
+    # The path the dpo stage trains through: LM head on completion positions only.
+    policy_chosen, policy_rejected = models.sequence_logps(
+        models.CompletionLogps(policy), ids, mask, completion
+    ).chunk(2)
     with torch.no_grad():
         ref_chosen, ref_rejected = models.sequence_logps(reference, ids, mask, completion).chunk(2)
     losses, chosen_rewards, rejected_rewards = dpo_loss(

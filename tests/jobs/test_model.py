@@ -1,0 +1,108 @@
+"""Models: building, offline loading, and log-prob paths that must agree exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from trainer_toys import TINY_GPT2, TINY_LLAMA, sentences
+
+from kubealign_jobs import data
+from kubealign_jobs import model as models
+
+TINY_GEMMA = {  # not in PLAIN_HEAD_MODEL_TYPES: exercises the full-forward fallback
+    "arch": "gemma",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "max_position_embeddings": 128,
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> object:
+    return models.train_tokenizer(sentences(200), vocab_size=300)
+
+
+def _batch(tokenizer: object) -> data.CompletionBatch:
+    pairs = [
+        ("Review the plot:", " it was good."),
+        ("The cast", " was dull and the ending was awful."),
+        ("x", " y"),
+    ]
+    encoded = [data.encode_prompt_completion(tokenizer, p, c, max_length=64) for p, c in pairs]
+    return data.collate(encoded, pad_token_id=tokenizer.pad_token_id)  # type: ignore[attr-defined]
+
+
+def _reference_logps(lm: torch.nn.Module, batch: data.CompletionBatch) -> torch.Tensor:
+    """The textbook computation: full logits with the padding mask, log_softmax, gather, mask."""
+    logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    logps = torch.log_softmax(logits, dim=-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    return logps * batch.completion_mask[:, 1:]
+
+
+@pytest.mark.parametrize("spec", [TINY_LLAMA, TINY_GPT2, TINY_GEMMA], ids=["llama", "gpt2", "gemma"])
+def test_log_prob_paths_agree(tokenizer: object, spec: dict[str, object]) -> None:
+    torch.manual_seed(0)
+    lm = models.build_causal_lm(dict(spec), tokenizer=tokenizer).double().eval()  # type: ignore[arg-type]
+    batch = _batch(tokenizer)
+    expected = _reference_logps(lm, batch)
+    generic = models.token_logps(lm, batch.input_ids, batch.attention_mask, batch.completion_mask)
+    wrapper = models.CompletionLogps(lm)
+    assert wrapper.head_only_on_completions == (spec["arch"] != "gemma")
+    shortcut = models.token_logps(wrapper, batch.input_ids, batch.attention_mask, batch.completion_mask)
+    torch.testing.assert_close(generic, expected, rtol=0, atol=1e-10)
+    torch.testing.assert_close(shortcut, expected, rtol=0, atol=1e-10)
+    sums = models.sequence_logps(wrapper, batch.input_ids, batch.attention_mask, batch.completion_mask)
+    torch.testing.assert_close(sums, expected.sum(-1), rtol=0, atol=1e-10)
+    assert (expected[batch.completion_mask[:, 1:] == 0] == 0).all() and (sums < 0).all()
+
+
+def test_completion_logps_gradients_match_full_forward(tokenizer: object) -> None:
+    torch.manual_seed(0)
+    lm = models.build_causal_lm(dict(TINY_LLAMA), tokenizer=tokenizer).double()  # type: ignore[arg-type]
+    batch = _batch(tokenizer)
+    full = torch.autograd.grad(_reference_logps(lm, batch).sum(), list(lm.parameters()))
+    wrapper = models.CompletionLogps(lm)
+    short = torch.autograd.grad(
+        models.sequence_logps(wrapper, batch.input_ids, batch.attention_mask, batch.completion_mask).sum(),
+        list(lm.parameters()),
+    )
+    for a, b in zip(full, short, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_left_padded_rows_keep_their_mask() -> None:
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    assert torch.equal(models.causal_attention_mask(right), torch.ones_like(right))  # type: ignore[arg-type]
+    assert models.causal_attention_mask(left) is left
+
+
+def test_reward_scores_read_the_last_real_token(tokenizer: object, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    lm_dir = models.save_pretrained(
+        models.build_causal_lm(dict(TINY_LLAMA), tokenizer=tokenizer),  # type: ignore[arg-type]
+        tokenizer,  # type: ignore[arg-type]
+        tmp_path / "lm",
+    )
+    scorer = models.load_reward_model(lm_dir, tokenizer=tokenizer).eval()  # type: ignore[arg-type]
+    batch = _batch(tokenizer)
+    together = models.reward_scores(scorer, batch.input_ids, batch.attention_mask)
+    for row in range(batch.input_ids.shape[0]):
+        length = int(batch.attention_mask[row].sum())
+        alone = models.reward_scores(
+            scorer, batch.input_ids[row : row + 1, :length], batch.attention_mask[row : row + 1, :length]
+        )
+        torch.testing.assert_close(together[row : row + 1], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_no_hub_names(tmp_path: Path) -> None:
+    with pytest.raises(models.ModelError, match="not a local directory"):
+        models.load_causal_lm(Path("meta-llama/Llama-3-8B"))
+    with pytest.raises(models.ModelError, match="cannot build 'nope'"):
+        models.build_causal_lm({"arch": "nope"}, tokenizer=models.train_tokenizer(["a b"], vocab_size=260))

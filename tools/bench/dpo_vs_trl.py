@@ -1,0 +1,392 @@
+#!/usr/bin/env python3
+"""DPO and reward-model training steps per second: kubealign against TRL 1.12, in one run.
+
+    .venv/bin/python tools/bench/dpo_vs_trl.py
+    .venv/bin/python tools/bench/dpo_vs_trl.py --steps 60 --batch-size 16 --hidden 128 --layers 4
+
+Both sides train the same tiny Llama (saved once, loaded by each), on the same preference
+pairs built from the sentiment example, with the same batch size, beta, learning rate
+(constant), fused AdamW, gradient clipping at 1.0, the same precision (fp32 on CPU, bf16
+autocast on GPU), and the same batches in the same order:
+TRL gets the dataset in kubealign's sampler order and a sequential sampler. The token
+sequences are identical too (TRL's prompts carry the BOS token as text), so the per-step
+losses must agree; the script prints the largest difference.
+
+Timed: only training steps. A side's figure is 1 / the median interval between consecutive
+step ends after ``--warmup`` steps (TRL: ``on_step_end`` callbacks; kubealign: its per-step
+JSON records). Intervals are in process CPU time with one torch thread (``--threads 1``, the
+default) on CPU, so other jobs on a shared machine distort the figures less; with a GPU (or
+``--wall``) they are wall-clock time. ``--rounds`` alternates the sides and prints medians.
+Dataset tokenisation, model loading and kubealign's one-off reference log-prob pass happen
+before that window; the reference pass is printed separately, and so is TRL with
+``precompute_ref_log_probs=True`` (its own one-off pass, also outside the window).
+
+The reward comparison is the same against TRL's RewardTrainer (Bradley-Terry on pairs), with
+TRL given the same token ids (``chosen_ids``/``rejected_ids``) as kubealign builds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402  (the environment switches above must precede the imports)
+
+from kubealign_jobs import data, dpo, reward, runtime  # noqa: E402
+from kubealign_jobs import model as models  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SENTIMENT = REPO_ROOT / "examples" / "sentiment" / "data"
+
+
+def build_inputs(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path, Path, list[dict[str, str]]]:
+    """Tokenizer + tiny Llama + reward model on disk, and preference rows in kubealign's batch order."""
+    sft = [json.loads(line) for line in (SENTIMENT / "sft.jsonl").read_text().splitlines()]
+    corpus = (SENTIMENT / "corpus.txt").read_text().splitlines()
+    tokenizer = models.train_tokenizer(corpus, vocab_size=args.vocab_size)
+    torch.manual_seed(0)
+    spec = {
+        "arch": "llama",
+        "hidden_size": args.hidden,
+        "intermediate_size": 4 * args.hidden,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 256,
+    }
+    policy_dir = models.save_pretrained(
+        models.build_causal_lm(spec, tokenizer=tokenizer), tokenizer, workdir / "policy"
+    )
+    torch.manual_seed(1)
+    reward_dir = models.save_pretrained(
+        models.load_reward_model(policy_dir, tokenizer=tokenizer), tokenizer, workdir / "reward_init"
+    )
+    count = args.steps * args.batch_size
+    rows = [
+        {
+            "prompt": sft[i]["prompt"],
+            "chosen": sft[i]["completion"],
+            "rejected": sft[(i + 7) % len(sft)]["completion"],
+        }
+        for i in range(count)
+    ]
+    data_path = workdir / "pairs.jsonl"
+    data_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # The order kubealign's sampler will draw them in; TRL reads them sequentially in this order.
+    sampler = data.EpochSampler(count, args.batch_size, seed=0)
+    position = data.DataPosition()
+    order: list[int] = []
+    for _ in range(args.steps):
+        batch, position = sampler.next_batch(position)
+        order.extend(batch)
+    return policy_dir, reward_dir, data_path, [rows[i] for i in order]
+
+
+def run_kubealign(
+    stage: str, args: argparse.Namespace, workdir: Path, model_dir: Path, data_path: Path
+) -> tuple[float, list[float], dict[str, float]]:
+    """Run the stage in-process; return steps/s over the timed window, per-step losses, extra timings."""
+    hyper: dict[str, Any] = {
+        "max_steps": args.steps,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "warmup_steps": 0,
+        "lr_schedule": "constant",
+        "log_every": 1,
+        "checkpoint_every": 0,
+        "max_length": 128,
+        "mixed_precision": "bf16" if torch.cuda.is_available() else "no",
+    }
+    if stage == "dpo":
+        hyper["beta"] = args.beta
+    else:
+        hyper["eval_fraction"] = 0.0
+    workdir.mkdir(parents=True, exist_ok=True)
+    output = workdir / f"ours-{stage}"
+    config = {
+        "run": "bench",
+        "stage": stage,
+        "type": stage,
+        "output": str(output),
+        "inputs": {"model": str(model_dir), "data": str(data_path)},
+        "hyperparameters": hyper,
+    }
+    config_path = workdir / f"{stage}.json"
+    config_path.write_text(json.dumps(config))
+    stamps: list[tuple[float, dict[str, Any]]] = []
+    original = runtime.emit
+
+    def recording_emit(record: dict[str, Any]) -> None:
+        stamps.append((clock(), record))
+
+    runtime.emit = recording_emit
+    fresh_accelerate_state()
+    started = clock()
+    try:
+        module = dpo if stage == "dpo" else reward
+        code = module.main(["--config", str(config_path)])
+    finally:
+        runtime.emit = original
+    if code != 0:
+        raise SystemExit(f"kubealign {stage} failed with exit code {code}")
+    steps = [(t, r) for t, r in stamps if "step" in r and "event" not in r]
+    rate = steps_per_second([t for t, _ in steps], args.warmup)
+    extra: dict[str, float] = {}
+    if stage == "dpo":
+        ref_done = next(t for t, r in stamps if r.get("event") == "reference_logps")
+        extra["reference_pass_s"] = ref_done - started
+    return rate, [float(r["loss"]) for _, r in steps], extra
+
+
+def clock() -> float:
+    now: float = CLOCK[0]()
+    return now
+
+
+CLOCK: list[Any] = [time.process_time]
+
+
+def steps_per_second(step_ends: list[float], warmup: int) -> float:
+    """1 / median step time after the warmup: robust to the odd preemption on a shared machine."""
+    intervals = [b - a for a, b in itertools.pairwise(step_ends[warmup - 1 :])]
+    return 1.0 / statistics.median(intervals)
+
+
+def fresh_accelerate_state() -> None:
+    """Each side sets up accelerate its own way; the process-wide singleton must not leak between them."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
+
+
+def run_trl_dpo(
+    args: argparse.Namespace, workdir: Path, model_dir: Path, rows: list[dict[str, str]], *, precompute: bool
+) -> tuple[float, list[float]]:
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import TrainerCallback
+    from trl.trainer.dpo_config import DPOConfig
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    tokenizer = models.load_tokenizer(model_dir)
+    losses: list[torch.Tensor] = []
+    stamps: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            stamps.append(clock())
+
+    class InOrderDPOTrainer(DPOTrainer):
+        def _get_train_sampler(self, *_: Any, **__: Any) -> SequentialSampler:
+            return SequentialSampler(self.train_dataset)  # type: ignore[arg-type]
+
+        def compute_loss(self, *a: Any, **k: Any) -> Any:
+            loss = super().compute_loss(*a, **k)  # type: ignore[no-untyped-call]
+            losses.append(loss.detach())
+            return loss
+
+    fresh_accelerate_state()
+    bos_rows = [{**r, "prompt": tokenizer.bos_token + r["prompt"]} for r in rows]
+    config = DPOConfig(
+        output_dir=str(workdir / "trl-dpo"),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="constant",
+        beta=args.beta,
+        max_grad_norm=1.0,
+        optim="adamw_torch_fused",  # the transformers default with torch >= 2.8, as on our side
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available(),  # TRL defaults to bf16 even on CPU; both sides: same precision
+        dataloader_pin_memory=False,
+        max_length=128,
+        precompute_ref_log_probs=precompute,
+        seed=0,
+    )
+    trainer = InOrderDPOTrainer(
+        model=models.load_causal_lm(model_dir),
+        ref_model=None if precompute else models.load_causal_lm(model_dir),
+        args=config,
+        train_dataset=Dataset.from_list(bos_rows),
+        processing_class=tokenizer,
+        callbacks=[Timer()],
+    )
+    trainer.train()
+    return steps_per_second(stamps, args.warmup), [float(x) for x in losses]
+
+
+def run_trl_reward(
+    args: argparse.Namespace, workdir: Path, reward_dir: Path, rows: list[dict[str, str]]
+) -> tuple[float, list[float]]:
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import TrainerCallback
+    from trl.trainer.reward_config import RewardConfig
+    from trl.trainer.reward_trainer import RewardTrainer
+
+    tokenizer = models.load_tokenizer(reward_dir)
+    losses: list[torch.Tensor] = []
+    stamps: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            stamps.append(clock())
+
+    class InOrderRewardTrainer(RewardTrainer):
+        def _get_train_sampler(self, *_: Any, **__: Any) -> SequentialSampler:
+            return SequentialSampler(self.train_dataset)  # type: ignore[arg-type]
+
+        def compute_loss(self, *a: Any, **k: Any) -> Any:
+            loss = super().compute_loss(*a, **k)  # type: ignore[no-untyped-call]
+            losses.append(loss.detach())
+            return loss
+
+    fresh_accelerate_state()
+    # The exact sequences kubealign scores: [bos] prompt answer [eos].
+    tokenized = []
+    for row in rows:
+        chosen, rejected = data.encode_ranking(
+            tokenizer, row["prompt"], (row["chosen"], row["rejected"]), max_length=128
+        ).sequences
+        tokenized.append({"chosen_ids": list(chosen.ids), "rejected_ids": list(rejected.ids)})
+    config = RewardConfig(
+        output_dir=str(workdir / "trl-reward"),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        optim="adamw_torch_fused",  # the transformers default with torch >= 2.8, as on our side
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available(),  # TRL defaults to bf16 even on CPU; both sides: same precision
+        dataloader_pin_memory=False,
+        max_length=128,
+        seed=0,
+    )
+    trainer = InOrderRewardTrainer(
+        model=models.load_reward_model(reward_dir, tokenizer=tokenizer),
+        args=config,
+        train_dataset=Dataset.from_list(tokenized),
+        processing_class=tokenizer,
+        callbacks=[Timer()],
+    )
+    trainer.train()
+    return steps_per_second(stamps, args.warmup), [float(x) for x in losses]
+
+
+@dataclass
+class Comparison:
+    """One kubealign-vs-TRL pairing over several rounds."""
+
+    name: str
+    ours: list[float] = field(default_factory=list)
+    theirs: list[float] = field(default_factory=list)
+    our_losses: list[float] = field(default_factory=list)
+    their_losses: list[float] = field(default_factory=list)
+
+    def add(self, ours: tuple[float, list[float]], theirs: tuple[float, list[float]]) -> None:
+        self.ours.append(ours[0])
+        self.theirs.append(theirs[0])
+        self.our_losses, self.their_losses = ours[1], theirs[1]
+
+    def report(self) -> None:
+        diffs = [abs(a - b) for a, b in zip(self.our_losses, self.their_losses, strict=True)]
+        ratios = [a / b for a, b in zip(self.ours, self.theirs, strict=True)]
+        print(
+            f"{self.name:<34} kubealign {statistics.median(self.ours):7.2f} steps/s   "
+            f"TRL {statistics.median(self.theirs):7.2f} steps/s   ratio {statistics.median(ratios):5.2f}x "
+            f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})   |loss diff| step 1 {diffs[0]:.1e}, "
+            f"max {max(diffs):.1e} over {len(diffs)} steps "
+            f"(loss {self.our_losses[0]:.4f} -> {self.our_losses[-1]:.4f})"
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5, help="steps not timed, at the start of each run")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating runs of each side; medians are printed"
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--only", choices=("dpo", "reward"), default=None)
+    parser.add_argument("--wall", action="store_true", help="time wall-clock instead of CPU time")
+    args = parser.parse_args()
+    if args.wall or torch.cuda.is_available():
+        CLOCK[0] = time.perf_counter
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dpo_default = Comparison("DPO vs DPOTrainer")
+    dpo_precomputed = Comparison("DPO vs DPOTrainer(precompute ref)")
+    reward_pairs = Comparison("reward vs RewardTrainer")
+    reference_pass: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="kubealign-bench-") as tmp:
+        workdir = Path(tmp)
+        policy_dir, reward_dir, data_path, ordered = build_inputs(args, workdir)
+        device = (
+            torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}"
+        )
+        clock_name = "wall-clock" if CLOCK[0] is time.perf_counter else "process CPU"
+        print(
+            f"device {device}; llama hidden {args.hidden} x {args.layers} layers; "
+            f"batch {args.batch_size} pairs; "
+            f"{args.steps} steps ({args.warmup} untimed); {args.rounds} rounds; {clock_name} time",
+            flush=True,
+        )
+        for round_index in range(args.rounds):
+            if args.only in (None, "dpo"):
+                rate, losses, extra = run_kubealign(
+                    "dpo", args, workdir / f"r{round_index}", policy_dir, data_path
+                )
+                reference_pass.append(extra["reference_pass_s"])
+                dpo_default.add(
+                    (rate, losses), run_trl_dpo(args, workdir, policy_dir, ordered, precompute=False)
+                )
+                dpo_precomputed.add(
+                    (rate, losses), run_trl_dpo(args, workdir, policy_dir, ordered, precompute=True)
+                )
+            if args.only in (None, "reward"):
+                rate, losses, _ = run_kubealign(
+                    "reward", args, workdir / f"r{round_index}", reward_dir, data_path
+                )
+                reward_pairs.add((rate, losses), run_trl_reward(args, workdir, reward_dir, ordered))
+    for comparison in (dpo_default, dpo_precomputed, reward_pairs):
+        if comparison.ours:
+            comparison.report()
+    if reference_pass:
+        print(
+            "kubealign DPO, start to reference log-probs ready (one-off, stored for retries): "
+            f"{statistics.median(reference_pass):.2f} s"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
