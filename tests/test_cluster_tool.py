@@ -59,6 +59,29 @@ def test_binaries_are_cached_by_the_versions_the_wrapper_modules_pin(tmp_path: P
     assert localcluster.BINARY_BY_NAME["kwok"].ldflags() == "-s -w"
 
 
+def test_helm_assumes_the_kubernetes_version_of_its_client_go_offline() -> None:
+    """As helm's Makefile does: client-go v0.N.x speaks Kubernetes 1.N, which `helm template` assumes."""
+    helm = localcluster.BINARY_BY_NAME["helm"]
+    client_go = helm.requirement("k8s.io/client-go")
+    minor = client_go.split(".")[1]
+    assert localcluster.helm_kube_version(client_go) == ("1", minor)
+    flags = helm.ldflags().split()
+    for package in ("helm.sh/helm/v3/pkg/chartutil", "helm.sh/helm/v3/pkg/lint/rules"):
+        assert f"{package}.k8sVersionMajor=1" in flags
+        assert f"{package}.k8sVersionMinor={minor}" in flags
+    assert f"helm.sh/helm/v3/internal/version.version={helm.version()}" in flags
+    assert localcluster.helm_kube_version("v0.37.2") == ("1", "37")
+    with pytest.raises(localcluster.ClusterError, match="client-go"):
+        localcluster.helm_kube_version("v1.37")
+
+
+def test_the_build_key_follows_the_flags() -> None:
+    keys = {binary.name: binary.build_key() for binary in localcluster.BINARIES}
+    # One wrapper module, one set of flags, but different packages: different binaries.
+    assert len(set(keys.values())) == len(keys)
+    assert all(len(key) == 12 for key in keys.values())
+
+
 def test_built_kubectl_reports_the_pinned_version() -> None:
     kubectl = localcluster.BINARY_BY_NAME["kubectl"]
     if not kubectl.path().is_file():
@@ -274,6 +297,45 @@ def test_a_build_moves_the_binary_into_the_cache_only_when_it_succeeds(
     assert etcd.path().read_text() == "built\n"
     log = (tmp_path / "cache" / "build-logs" / f"etcd-{etcd.version()}.log").read_text()
     assert "-trimpath -ldflags -s -w -o" in log
+    assert etcd.stamp_path().read_text() == f"{etcd.build_key()}\n"
+    assert etcd.current()
+
+
+def test_a_binary_built_with_other_flags_is_rebuilt_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("KUBEALIGN_CACHE_DIR", str(tmp_path / "cache"))
+    builds = tmp_path / "builds"
+    fake_go(
+        tmp_path,
+        'if [ "$1" = version ]; then echo "go version go1.26.8 linux/amd64"; exit 0; fi\n'
+        f'echo "$@" >>"{builds}"\n'
+        'while [ $# -gt 0 ]; do [ "$1" = -o ] && out=$2; shift; done; echo rebuilt >"$out"\n',
+    )
+    monkeypatch.setenv("PATH", str(tmp_path))
+    helm = localcluster.BINARY_BY_NAME["helm"]
+    for binary in localcluster.BINARIES:
+        binary.path().parent.mkdir(parents=True, exist_ok=True)
+        binary.path().write_text("cached\n")
+        if binary is not helm:
+            binary.stamp_path().write_text(f"{binary.build_key()}\n")
+    localcluster.kwok_stage_crd_path().parent.mkdir(parents=True)
+    localcluster.kwok_stage_crd_path().write_text("kind: CustomResourceDefinition\n")
+
+    # Built before build keys existed, or with other flags: stale for `build`, still usable by `up`.
+    assert localcluster.stale_binaries() == [helm]
+    helm.stamp_path().write_text("0123456789ab\n")
+    assert localcluster.stale_binaries() == [helm]
+    assert localcluster.missing_binaries() == []
+
+    localcluster.build()
+    localcluster.build()
+
+    (command,) = builds.read_text().splitlines()
+    assert helm.ldflags() in command and helm.package in command
+    assert helm.path().read_text() == "rebuilt\n" and helm.current()
+    assert localcluster.stale_binaries() == []
+    assert localcluster.BINARY_BY_NAME["kubectl"].path().read_text() == "cached\n"
 
 
 def test_a_component_dying_at_start_fails_fast_with_its_log(tmp_path: Path) -> None:

@@ -2,8 +2,8 @@
 
 It builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok and helm
 from source with plain `go build` (wrapper modules in tools/go/, binaries cached outside the repo
-by version), then starts them on free 127.0.0.1 ports with TLS, client-certificate auth, RBAC and
-service-account signing keys, and lets kwok play the kubelet for N fake GPU nodes.
+by version and build flags), then starts them on free 127.0.0.1 ports with TLS, client-certificate
+auth, RBAC and service-account signing keys, and lets kwok play the kubelet for N fake GPU nodes.
 
 Standard library only: it has to run before the project's virtualenv exists.
 
@@ -155,9 +155,13 @@ class Binary:
     upstream: str  # the module whose version keys the cache directory
     package: str  # what `go build` builds, relative to the wrapper module
 
-    def version(self) -> str:
+    def requirement(self, module: str) -> str:
+        """The version of `module` that the wrapper module's go.mod pins."""
         go_mod = (GO_MODULES_DIR / self.module_dir / "go.mod").read_text()
-        return go_mod_requirement(go_mod, self.upstream)
+        return go_mod_requirement(go_mod, module)
+
+    def version(self) -> str:
+        return self.requirement(self.upstream)
 
     def path(self, cache: Path | None = None) -> Path:
         root = cache if cache is not None else cache_dir()
@@ -168,9 +172,27 @@ class Binary:
         if self.module_dir == "kubernetes":
             return kubernetes_ldflags(self.version())
         if self.module_dir == "helm":
-            # What helm's Makefile stamps; unstamped, `helm version` says only "v3.22".
-            return f"-s -w -X helm.sh/helm/v3/internal/version.version={self.version()}"
+            return helm_ldflags(self.version(), client_go=self.requirement("k8s.io/client-go"))
         return "-s -w"
+
+    def build_flags(self) -> list[str]:
+        """What `go build` is given besides `-o` and the package."""
+        return ["-trimpath", "-ldflags", self.ldflags()]
+
+    def build_key(self) -> str:
+        """A short hash of the build flags and package: the version alone does not say how it was built."""
+        flags = json.dumps([*self.build_flags(), self.package])
+        return hashlib.sha256(flags.encode()).hexdigest()[:12]
+
+    def stamp_path(self, cache: Path | None = None) -> Path:
+        """Beside the binary, the build_key it was built with (written once the binary is in place)."""
+        binary = self.path(cache)
+        return binary.with_name(f"{binary.name}.build-key")
+
+    def current(self) -> bool:
+        """Built, and with today's flags: changed flags (or a build from before stamps) rebuild once."""
+        stamp = self.stamp_path()
+        return self.path().is_file() and stamp.is_file() and stamp.read_text().strip() == self.build_key()
 
 
 BINARIES = (
@@ -240,6 +262,26 @@ def kubernetes_ldflags(version: str) -> str:
     return " ".join(["-s -w", *(f"-X {key}={value}" for key, value in stamps.items())])
 
 
+def helm_kube_version(client_go: str) -> tuple[str, str]:
+    """The Kubernetes (major, minor) that helm's Makefile derives from k8s.io/client-go: v0.N.x -> 1.N."""
+    match = re.fullmatch(r"v(\d+)\.(\d+)\.\d+", client_go)
+    if match is None:
+        raise ClusterError(f"unexpected k8s.io/client-go version {client_go!r}")
+    return str(int(match.group(1)) + 1), match.group(2)
+
+
+def helm_ldflags(version: str, *, client_go: str) -> str:
+    """What helm's Makefile stamps: its version (else `helm version` says only "v3.22"), and the
+    Kubernetes version its client libraries speak, which offline `helm template` and `helm lint`
+    assume (else v1.20, and a chart's `kubeVersion: >=1.30` fails without `--kube-version`)."""
+    major, minor = helm_kube_version(client_go)
+    stamps = {"helm.sh/helm/v3/internal/version.version": version}
+    for package in ("helm.sh/helm/v3/pkg/lint/rules", "helm.sh/helm/v3/pkg/chartutil"):
+        stamps[f"{package}.k8sVersionMajor"] = major
+        stamps[f"{package}.k8sVersionMinor"] = minor
+    return " ".join(["-s -w", *(f"-X {key}={value}" for key, value in stamps.items())])
+
+
 def check_go() -> str:
     """Return the go executable, or explain precisely what is wrong with the toolchain."""
     needed = ".".join(str(part) for part in required_go_version())
@@ -286,7 +328,7 @@ def build_binary(go: str, binary: Binary, index: int, total: int) -> None:
     # Link to a temporary name and rename: an interrupted build never leaves a file that a later
     # run would mistake for a cached binary.
     partial = target.with_name(f".{binary.name}.partial-{os.getpid()}")
-    command = [go, "build", "-trimpath", "-ldflags", binary.ldflags(), "-o", str(partial), binary.package]
+    command = [go, "build", *binary.build_flags(), "-o", str(partial), binary.package]
     log(f"[{index}/{total}] building {binary.name} {binary.version()} (log: {log_path})")
     started = time.monotonic()
     next_report = started + 30
@@ -319,6 +361,11 @@ def build_binary(go: str, binary: Binary, index: int, total: int) -> None:
             f"last lines of the go output (full log: {log_path}):\n{tail(log_path)}"
         )
     os.replace(partial, target)
+    # After the binary: a crash in between leaves an old stamp, which only costs one more build.
+    stamp = binary.stamp_path()
+    partial_stamp = stamp.with_name(f".{stamp.name}.partial-{os.getpid()}")
+    partial_stamp.write_text(f"{binary.build_key()}\n")
+    os.replace(partial_stamp, stamp)
     size = target.stat().st_size / 2**20
     log(f"      built {binary.name} in {format_seconds(elapsed)} ({size:.1f} MiB)")
 
@@ -347,26 +394,34 @@ def fetch_kwok_stage_crd(go: str) -> None:
 
 
 def missing_binaries() -> list[Binary]:
+    """Binaries not built at all; `up` runs with ones built with older flags until the next build."""
     return [binary for binary in BINARIES if not binary.path().is_file()]
 
 
+def stale_binaries() -> list[Binary]:
+    """Binaries that `build` (re)builds: missing, or built with other flags than today's."""
+    return [binary for binary in BINARIES if not binary.current()]
+
+
 def build() -> None:
-    missing = missing_binaries()
+    stale = stale_binaries()
     for binary in BINARIES:
-        if binary not in missing:
+        if binary not in stale:
             log(f"{binary.name} {binary.version()}: cached at {binary.path()}")
-    if not missing and kwok_stage_crd_path().is_file():
+        elif binary.path().is_file():
+            log(f"{binary.name} {binary.version()}: cached, but not built with today's flags; rebuilding")
+    if not stale and kwok_stage_crd_path().is_file():
         log("all binaries cached; nothing to build")
         return
     go = check_go()
-    if missing:
+    if stale:
         log(
-            f"building {len(missing)} binaries with {go} (a cold build takes tens of minutes "
+            f"building {len(stale)} binaries with {go} (a cold build takes tens of minutes "
             "on 2 cores; the go build cache makes later ones faster)"
         )
     started = time.monotonic()
-    for index, binary in enumerate(missing, start=1):
-        build_binary(go, binary, index, len(missing))
+    for index, binary in enumerate(stale, start=1):
+        build_binary(go, binary, index, len(stale))
     if not kwok_stage_crd_path().is_file():
         fetch_kwok_stage_crd(go)
     log(f"build finished in {format_seconds(time.monotonic() - started)}")

@@ -108,6 +108,13 @@ def test_helm_lint_is_clean(helm: str, sets: tuple[str, ...]) -> None:
     assert "0 chart(s) failed" in output
 
 
+def test_offline_template_and_lint_need_no_kube_version(helm: str) -> None:
+    """helm is stamped with its client-go's Kubernetes version, which meets the chart's kubeVersion."""
+    docs = [doc for doc in yaml.safe_load_all(run_helm(helm, "template", "kubealign", str(CHART))) if doc]
+    assert only(docs, "Deployment")["metadata"]["name"] == "kubealign"
+    assert "0 chart(s) failed" in run_helm(helm, "lint", "--strict", str(CHART))
+
+
 def test_deployment_is_single_hardened_and_probed(helm: str) -> None:
     docs = render(helm)
     deployment = only(docs, "Deployment")
