@@ -236,6 +236,11 @@ def finished_jobs(run: api.AlignmentRun, previous: api.RunStatus | None) -> list
     Times, attempts and metrics come from the previous status when it recorded the same stage as
     succeeded; otherwise from the stage's metrics file.
     """
+    from kubealign_jobs import storage
+    from kubealign_jobs.config import StorageSettings
+
+    # The runner reads the store as the stages do: the manifest's endpoint, else AWS_ENDPOINT_URL.
+    storage.configure(StorageSettings(endpoint=run.spec.storage.endpoint, region=run.spec.storage.region))
     jobs = []
     now = utc_now()
     for stage in run.spec.stages:

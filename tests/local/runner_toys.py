@@ -36,7 +36,9 @@ class Workspace:
 
     root: Path
 
-    def manifest(self, name: str, stages: Sequence[dict[str, Any]], *, filename: str | None = None) -> Path:
+    def manifest(
+        self, name: str, stages: Sequence[dict[str, Any]], *, storage: str = "file:///unused"
+    ) -> Path:
         """Write an AlignmentRun with these stages next to the data; inputs may use file://./ paths."""
         doc = {
             "apiVersion": "kubealign.io/v1alpha1",
@@ -44,11 +46,11 @@ class Workspace:
             "metadata": {"name": name},
             "spec": {
                 "image": "kubealign/trainer:test",
-                "storage": {"uri": "file:///unused"},
+                "storage": {"uri": storage},
                 "stages": list(stages),
             },
         }
-        path = self.root / (filename or f"{name}.yaml")
+        path = self.root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
         return path
 

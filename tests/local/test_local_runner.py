@@ -230,6 +230,27 @@ def test_failing_stage_is_retried_then_fails_the_run(workspace: Workspace, tmp_p
     assert (tmp_path / "work" / "logs" / "broken.log").read_text().count("=== ") == 2
 
 
+def test_s3_storage_holds_the_artifacts_and_a_rerun_skips_them(
+    workspace: Workspace, s3: Any, bucket: str, tmp_path: Path
+) -> None:
+    """With s3:// storage the stages publish to the bucket (the moto server from the environment)."""
+    manifest = workspace.manifest(
+        "on-s3", [sft_stage("only", model=BASE, steps=2)], storage=f"s3://{bucket}/runs"
+    )
+    workdir = tmp_path / "work"
+    result = run_cli("run", manifest, "--local", "--workdir", workdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    keys = {item["Key"] for item in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert {"runs/default/on-s3/only/artifact/_MANIFEST.json", "runs/default/on-s3/only/metrics.json"} <= keys
+    assert not (workdir / "storage").exists()
+    (only,) = json.loads((workdir / "status.json").read_text())["stages"]
+    assert only["output"] == f"s3://{bucket}/runs/default/on-s3/only/artifact"
+
+    rerun = run_cli("run", manifest, "--local", "--workdir", workdir, timeout=60)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "only: artifact complete, skipped" in rerun.stdout
+
+
 def test_invalid_manifest_fails_with_the_field_named(workspace: Workspace, tmp_path: Path) -> None:
     manifest = workspace.manifest(
         "invalid",
