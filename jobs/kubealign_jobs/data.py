@@ -94,9 +94,7 @@ def data_files(uri: str, scratch: Path) -> list[tuple[str, Path]]:
         return [(uri, local)]
     # An upstream stage's artifact (inputs.data: {from: generate}) carries its manifest: not data.
     found = sorted(
-        p
-        for p in local.rglob("*")
-        if p.is_file() and p.suffix in DATA_SUFFIXES and p.name != MANIFEST_FILE
+        p for p in local.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES and p.name != MANIFEST_FILE
     )
     if not found:
         raise DataError(f"{uri}: no data files ({', '.join(DATA_SUFFIXES)}) found")
@@ -297,24 +295,51 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
     return ids
 
 
-def encode_prompt_completion(tokenizer: Any, prompt: str, completion: str, *, max_length: int) -> Encoded:
+# Texts per batched tokenizer call: large enough for the Rust tokenizer's parallelism,
+# small enough to bound the memory of one call.
+_ENCODE_CHUNK = 4096
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of many texts through batched calls (an order of magnitude faster than one by one)."""
+    ids: list[list[int]] = []
+    for start in range(0, len(texts), _ENCODE_CHUNK):
+        ids.extend(
+            tokenizer(list(texts[start : start + _ENCODE_CHUNK]), add_special_tokens=False)["input_ids"]
+        )
+    return ids
+
+
+def join_prompt_completion(
+    tokenizer: Any, prompt_ids: Sequence[int], completion_ids: Sequence[int], *, max_length: int
+) -> Encoded:
     """``[bos] prompt completion [eos]``, truncated to ``max_length`` tokens.
 
     Truncation keeps the end of the prompt (the part next to the answer) and at least half of
     ``max_length`` for the completion, whose tail is cut last.
     """
-    prompt_ids = _special(tokenizer.bos_token_id) + encode_text(tokenizer, prompt)
-    completion_ids = encode_text(tokenizer, completion) + _special(tokenizer.eos_token_id)
-    if len(prompt_ids) + len(completion_ids) > max_length:
-        prompt_budget = max(max_length - len(completion_ids), max_length // 2)
-        prompt_ids = prompt_ids[-prompt_budget:] if prompt_budget > 0 else []
-        completion_ids = completion_ids[: max_length - len(prompt_ids)]
-    return Encoded(ids=tuple(prompt_ids + completion_ids), prompt_length=len(prompt_ids))
+    prompt = _special(tokenizer.bos_token_id) + list(prompt_ids)
+    completion = list(completion_ids) + _special(tokenizer.eos_token_id)
+    if len(prompt) + len(completion) > max_length:
+        prompt_budget = max(max_length - len(completion), max_length // 2)
+        prompt = prompt[-prompt_budget:] if prompt_budget > 0 else []
+        completion = completion[: max_length - len(prompt)]
+    return Encoded(ids=tuple(prompt + completion), prompt_length=len(prompt))
+
+
+def encode_prompt_completion(tokenizer: Any, prompt: str, completion: str, *, max_length: int) -> Encoded:
+    """One ``[bos] prompt completion [eos]`` sequence (see `join_prompt_completion`)."""
+    return join_prompt_completion(
+        tokenizer, encode_text(tokenizer, prompt), encode_text(tokenizer, completion), max_length=max_length
+    )
 
 
 def encode_sft(tokenizer: Any, examples: Sequence[SFTExample], *, max_length: int) -> list[Encoded]:
+    prompts = encode_texts(tokenizer, [e.prompt for e in examples])
+    completions = encode_texts(tokenizer, [e.completion for e in examples])
     return [
-        encode_prompt_completion(tokenizer, e.prompt, e.completion, max_length=max_length) for e in examples
+        join_prompt_completion(tokenizer, p, c, max_length=max_length)
+        for p, c in zip(prompts, completions, strict=True)
     ]
 
 
@@ -328,17 +353,31 @@ class EncodedRanking:
 def encode_ranking(
     tokenizer: Any, prompt: str, responses: Sequence[str], *, max_length: int
 ) -> EncodedRanking:
-    return EncodedRanking(
-        tuple(encode_prompt_completion(tokenizer, prompt, r, max_length=max_length) for r in responses)
-    )
+    return encode_rankings(tokenizer, [RankedExample(prompt, tuple(responses))], max_length=max_length)[0]
+
+
+def encode_rankings(
+    tokenizer: Any, examples: Sequence[RankedExample], *, max_length: int
+) -> list[EncodedRanking]:
+    """Rankings (pairs are rankings of two) with every prompt and answer tokenised in batched calls."""
+    prompts = encode_texts(tokenizer, [e.prompt for e in examples])
+    answers = iter(encode_texts(tokenizer, [r for e in examples for r in e.responses]))
+    return [
+        EncodedRanking(
+            tuple(
+                join_prompt_completion(tokenizer, prompt, next(answers), max_length=max_length)
+                for _ in example.responses
+            )
+        )
+        for prompt, example in zip(prompts, examples, strict=True)
+    ]
 
 
 def encode_preferences(
     tokenizer: Any, examples: Sequence[PreferenceExample], *, max_length: int
 ) -> list[EncodedRanking]:
-    return [
-        encode_ranking(tokenizer, e.prompt, (e.chosen, e.rejected), max_length=max_length) for e in examples
-    ]
+    rankings = [RankedExample(e.prompt, (e.chosen, e.rejected)) for e in examples]
+    return encode_rankings(tokenizer, rankings, max_length=max_length)
 
 
 def pack_texts(tokenizer: Any, texts: Sequence[str], *, block_size: int) -> torch.Tensor:
@@ -348,8 +387,8 @@ def pack_texts(tokenizer: Any, texts: Sequence[str], *, block_size: int) -> torc
     """
     stream: list[int] = []
     bos, eos = _special(tokenizer.bos_token_id), _special(tokenizer.eos_token_id)
-    for text in texts:
-        stream.extend(bos + encode_text(tokenizer, text) + eos)
+    for ids in encode_texts(tokenizer, texts):
+        stream.extend(bos + ids + eos)
     blocks = len(stream) // block_size
     if blocks == 0:
         raise DataError(f"corpus has {len(stream)} tokens, fewer than one block of block_size={block_size}")

@@ -170,12 +170,8 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     else:
         rows, held_out = split_held_out(rows, fraction=hp.eval_fraction, seed=ctx.config.seed)
 
-    def encode(examples: list[data.RankedExample]) -> list[data.EncodedRanking]:
-        return [
-            data.encode_ranking(tokenizer, e.prompt, e.responses, max_length=hp.max_length) for e in examples
-        ]
-
-    encoded, eval_encoded = encode(rows), encode(held_out)
+    encoded = data.encode_rankings(tokenizer, rows, max_length=hp.max_length)
+    eval_encoded = data.encode_rankings(tokenizer, held_out, max_length=hp.max_length)
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
     if eval_encoded:
         size = loop.micro_batch_size(hp, ctx.world_size)

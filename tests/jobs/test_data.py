@@ -167,3 +167,18 @@ def test_collate_pads_to_multiple() -> None:
     assert batch.input_ids.shape == (1, 8)
     assert batch.num_completion_tokens == 2
     assert torch.equal(batch.input_ids[0, 3:], torch.full((5,), 9))
+
+
+def test_batched_encoding_equals_one_by_one(tokenizer: object) -> None:
+    rows = [data.RankedExample("Review the plot:", (" good.", " it was dull and long.", " x"))] * 3
+    rows.append(data.RankedExample(" ".join(["the movie was good"] * 30), (" bad.", " fine.")))
+    batched = data.encode_rankings(tokenizer, rows, max_length=32)
+    single = [
+        data.EncodedRanking(
+            tuple(data.encode_prompt_completion(tokenizer, r.prompt, a, max_length=32) for a in r.responses)
+        )
+        for r in rows
+    ]
+    assert batched == single
+    sft = [data.SFTExample(r.prompt, r.responses[0]) for r in rows]
+    assert data.encode_sft(tokenizer, sft, max_length=32) == [s.sequences[0] for s in single]
