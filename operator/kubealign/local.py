@@ -441,7 +441,15 @@ class LocalRunner:
         return EXIT_SUCCEEDED if self.status.phase == "Succeeded" else EXIT_FAILED
 
     def request_stop(self, signum: int, _frame: FrameType | None = None) -> None:
-        """Signal handler: the loop stops the stages and records the interruption."""
+        """Signal handler: the loop stops the stages and records the interruption.
+
+        A second signal while the stages are being stopped kills them at once, as a second
+        Ctrl-C does in most tools; their published checkpoints stay valid either way.
+        """
+        if self.stop_signal is not None:
+            for attempt in list(self.attempts.values()):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(attempt.process.pid, signal.SIGKILL)
         self.stop_signal = signum
 
     def _launch_ready(self) -> None:
