@@ -771,9 +771,9 @@ def add_parser(subparsers: Any) -> None:
             "Validate the manifest as the API server would, then run its stages as local processes "
             "(python -m kubealign_jobs.<type>), independent ones side by side, with live progress. "
             "file:// storage goes under the workdir; file://./path inputs are relative to the "
-            "manifest. A rerun skips finished stages and resumes unfinished ones from their "
-            "checkpoints. Exit status: 0 succeeded, 1 a stage failed, 2 invalid manifest, 130 "
-            "interrupted."
+            "manifest. A rerun skips stages whose artifact is complete (delete a stage's folder "
+            "under the storage to redo it) and resumes unfinished ones from their checkpoints. "
+            "Exit status: 0 succeeded, 1 a stage failed, 2 invalid manifest, 130 interrupted."
         ),
     )
     parser.add_argument("manifest", type=Path, metavar="MANIFEST", help="an AlignmentRun YAML file")
