@@ -41,6 +41,7 @@ def _upload(bucket: str, model_dir: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_dpo_trains_stores_reference_logps_and_resumes(bucket: str, tmp_path: Path, arch: str) -> None:
     from transformers import AutoModelForCausalLM

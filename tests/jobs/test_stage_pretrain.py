@@ -25,6 +25,7 @@ HYPER = {
 }
 
 
+@pytest.mark.slow
 def test_pretrain_from_scratch_trains_tokenizer_and_model(bucket: str, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

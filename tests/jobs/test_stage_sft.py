@@ -138,6 +138,7 @@ def test_unknown_hyperparameter_is_named(bucket: str, tmp_path: Path) -> None:
     assert "hyperparameters.learning_rat: unknown hyperparameter" in run.stderr
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_checkpoint_without_reseeing_data(
     bucket: str, tiny_lm_dir: Path, tmp_path: Path
 ) -> None:
