@@ -144,7 +144,21 @@ def list_checkpoints(checkpoints_uri: str) -> list[tuple[int, str]]:
 
 def load_checkpoint(uri: str, scratch: Path) -> Checkpoint:
     """Fetch and verify one checkpoint; `storage.StorageError` or `CheckpointError` when it is bad."""
-    local = storage.fetch_dir(uri, scratch / uri.rstrip("/").rsplit("/", 1)[-1], require_manifest=True)
+    storage.fetch_dir(uri, local_dir(uri, scratch), require_manifest=True)
+    return open_checkpoint(uri, scratch)
+
+
+def local_dir(uri: str, scratch: Path) -> Path:
+    """Where a checkpoint is read from: its own directory when local, else its copy under ``scratch``."""
+    location = storage.parse_uri(uri)
+    if location.scheme == "file" and location.path is not None:
+        return location.path
+    return scratch / uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def open_checkpoint(uri: str, scratch: Path) -> Checkpoint:
+    """A checkpoint already fetched and verified into ``scratch`` (by this or another local process)."""
+    local = local_dir(uri, scratch)
     try:
         state = torch.load(local / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unpickling failure means the file is unusable

@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from kubealign_jobs import checkpoint as checkpoints
-from kubealign_jobs import storage
 from kubealign_jobs.config import ConfigError
 from kubealign_jobs.data import DataPosition, EpochSampler, shard
 from kubealign_jobs.runtime import StageContext, require_choice
@@ -174,24 +173,28 @@ def require_input(value: str | None, field: str) -> str:
 
 
 def fetch_model(ctx: StageContext, uri: str, name: str = "model") -> Path:
-    """Fetch a save_pretrained folder into this process's scratch (verified when it has a manifest)."""
-    return storage.fetch_dir(uri, ctx.scratch / "inputs" / name)
+    """Fetch a save_pretrained folder once per node (verified when it has a manifest)."""
+    return ctx.fetch_shared(uri, f"inputs/{name}")
 
 
 # ---------------------------------------------------------------------------- resume
 
 
 def find_resume_checkpoint(ctx: StageContext) -> checkpoints.Checkpoint | None:
-    """The newest good checkpoint of this stage, agreed by all ranks (rank 0 chooses)."""
-    chosen = None
-    if ctx.is_main:
-        found = checkpoints.latest_checkpoint(ctx.config.checkpoints, ctx.scratch / "resume")
-        chosen = found.uri if found else None
-    chosen = ctx.broadcast(chosen)
+    """The newest good checkpoint of this stage, agreed by all ranks and fetched once per node.
+
+    Rank 0 chooses (skipping damaged checkpoints); the first process of every other node
+    fetches and verifies that one; the rest read the node's copy.
+    """
+    resume_dir = ctx.node_scratch / "resume"
+    found = checkpoints.latest_checkpoint(ctx.config.checkpoints, resume_dir) if ctx.is_main else None
+    chosen = ctx.broadcast(found.uri if found else None)
     if chosen is None:
         return None
-    # Each process loads (and verifies) its own copy: nodes share no filesystem.
-    return checkpoints.load_checkpoint(chosen, ctx.scratch / "resume")
+    if ctx.is_local_main and found is None:
+        found = checkpoints.load_checkpoint(chosen, resume_dir)
+    ctx.barrier()
+    return found or checkpoints.open_checkpoint(chosen, resume_dir)
 
 
 # ---------------------------------------------------------------------------- the loop

@@ -209,6 +209,7 @@ class StageContext:
     config: StageConfig
     accelerator: Any  # accelerate.Accelerator
     scratch: Path  # this process's local scratch directory
+    node_scratch: Path  # shared by the processes of this node: inputs are fetched once per node
     started: float
 
     @property
@@ -238,6 +239,21 @@ class StageContext:
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
+
+    def fetch_shared(self, uri: str, name: str) -> Path:
+        """Fetch ``uri`` (file or prefix) once per node, by the node's first process; all get its path.
+
+        Eight processes of a GPU node would otherwise download (and verify) the same
+        multi-gigabyte weights eight times.
+        """
+        dest = self.node_scratch / name
+        record = self.node_scratch / f"{name}.path"
+        if self.is_local_main:
+            path = storage.fetch(uri, dest)
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(str(path))
+        self.barrier()
+        return Path(record.read_text())
 
     def broadcast(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (any picklable object)."""
@@ -319,10 +335,21 @@ def _make_accelerator(mixed_precision: str) -> Any:
     return Accelerator(cpu=not cuda, mixed_precision=mixed_precision, kwargs_handlers=handlers)
 
 
-def _scratch_dir(rank: int) -> Path:
+def _scratch_root() -> Path:
     base = os.environ.get(SCRATCH_ENV)
-    root = Path(base) if base else Path(tempfile.gettempdir()) / "kubealign"
-    path = root / f"rank-{rank}-{os.getpid()}"
+    return Path(base) if base else Path(tempfile.gettempdir()) / "kubealign"
+
+
+def _scratch_dir(rank: int) -> Path:
+    path = _scratch_root() / f"rank-{rank}-{os.getpid()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _node_scratch_dir(config: StageConfig) -> Path:
+    # torchrun gives all workers of one launch the same run id; a plain process has its own.
+    launch = os.environ.get("TORCHELASTIC_RUN_ID") or f"pid{os.getpid()}"
+    path = _scratch_root() / f"node-{config.run}-{config.stage}-{launch}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -403,13 +430,19 @@ def run_stage(
 
         set_seed(config.seed)
         ctx = StageContext(
-            config=config, accelerator=accelerator, scratch=_scratch_dir(rank), started=started
+            config=config,
+            accelerator=accelerator,
+            scratch=_scratch_dir(rank),
+            node_scratch=_node_scratch_dir(config),
+            started=started,
         )
         try:
             metrics = train(ctx, hp)
             ctx.barrier()
         finally:
             shutil.rmtree(ctx.scratch, ignore_errors=True)
+            if ctx.is_local_main:
+                shutil.rmtree(ctx.node_scratch, ignore_errors=True)
         if ctx.is_main:
             result = {"status": "succeeded", "stage": stage, "artifact": config.artifact, **metrics}
             ctx.emit({"event": "done", **metrics, "elapsed_s": round(time.time() - started, 3)})

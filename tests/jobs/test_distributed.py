@@ -70,3 +70,28 @@ def test_two_processes_match_one(stage_type: str, bucket: str, tmp_path: Path) -
     assert runs[2].termination is not None and runs[2].termination["status"] == "succeeded"
     if stage_type == "dpo":
         assert runs[2].termination["eval_loss"] == pytest.approx(runs[1].termination["eval_loss"], rel=1e-4)  # type: ignore[index]
+
+
+def test_two_processes_resume_from_one_node_copy(bucket: str, tmp_path: Path) -> None:
+    inputs, hyper = _setup("dpo", bucket, tmp_path)
+    output = f"s3://{bucket}/ns/run/dpo-resume"
+
+    def run(max_steps: int) -> Any:
+        config = stage_config(
+            tmp_path,
+            stage_type="dpo",
+            output=output,
+            inputs=inputs,
+            hyperparameters={**hyper, "max_steps": max_steps},
+            distributed={"nnodes": 1, "nproc_per_node": 2},
+        )
+        return run_stage("dpo", config, tmp_path, timeout=600)
+
+    first = run(3)
+    assert first.returncode == 0, first.stderr[-4000:]
+    storage.delete_prefix(f"{output}/artifact")
+    resumed = run(5)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert resumed.events("resumed")[0]["step"] == 3
+    assert [r["step"] for r in resumed.steps] == [4, 5]
+    assert resumed.events("reference_logps")[0]["source"] == f"{output}/reference_logps"
