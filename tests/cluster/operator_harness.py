@@ -25,12 +25,10 @@ from kubealign.handlers import serve
 from kubealign.k8s import Kube
 
 if TYPE_CHECKING:
-    from conftest import Cluster
+    from tests.conftest import Cluster
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO_ROOT / "crds" / api.CRD_FILE
-# The same manifest builders as the unit tests, so both plan for the same runs.
-sys.path.insert(0, str(REPO_ROOT / "tests" / "operator"))
 
 
 def wait_until(what: str, check: Callable[[], Any], *, timeout: float = 60, interval: float = 0.1) -> Any:

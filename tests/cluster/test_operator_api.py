@@ -7,13 +7,13 @@ import json
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from operator_harness import install_crd, submit
-from run_builders import invalid_cases, manifest
 
 from kubealign import api
+from tests.cluster.operator_harness import install_crd, submit
+from tests.operator.run_builders import invalid_cases, manifest
 
 if TYPE_CHECKING:
-    from conftest import Cluster
+    from tests.conftest import Cluster
 
 pytestmark = pytest.mark.cluster
 

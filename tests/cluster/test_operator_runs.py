@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
-from operator_harness import (
+
+from kubealign import render
+from kubealign.defaults import InstallDefaults
+from kubealign.k8s import Kube
+from kubealign.reconcile import Reconciler
+from tests.cluster.operator_harness import (
     REPO_ROOT,
     OperatorProcess,
     Reader,
@@ -26,15 +31,10 @@ from operator_harness import (
     submit,
     wait_until,
 )
-from run_builders import manifest, pipeline, src, stage, uri
-
-from kubealign import render
-from kubealign.defaults import InstallDefaults
-from kubealign.k8s import Kube
-from kubealign.reconcile import Reconciler
+from tests.operator.run_builders import manifest, pipeline, src, stage, uri
 
 if TYPE_CHECKING:
-    from conftest import Cluster
+    from tests.conftest import Cluster
 
 pytestmark = pytest.mark.cluster
 

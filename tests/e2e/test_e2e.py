@@ -31,11 +31,11 @@ from typing import Any
 
 import pytest
 import yaml
-from agent_fixture import RunningAgent, node_agent
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 import localcluster
+from tests.e2e.agent_fixture import RunningAgent, node_agent
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "kubealign"

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_fixture import RunningAgent, node_agent
 from kubernetes import client
+
+from tests.e2e.agent_fixture import RunningAgent, node_agent
 
 # Runs inside the pod: reports what it was given in the termination message, fails on request.
 # (Paths reach it through env: the agent maps container paths in env, args and workingDir, not in code.)

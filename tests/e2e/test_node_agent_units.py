@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from node_agent import (
+
+from tests.e2e.node_agent import (
     AgentSettings,
     PathMap,
     PodSpecError,

@@ -39,7 +39,7 @@ def toy_tokenizer() -> PreTrainedTokenizerFast:
     vocab.update({word: index + 4 for index, word in enumerate(WORDS)})
     tokenizer = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tokenizer,
         pad_token=models.PAD_TOKEN,
         bos_token=models.BOS_TOKEN,

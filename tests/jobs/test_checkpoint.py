@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from trainer_toys import save_tiny_lm
 
 from kubealign_jobs import checkpoint, storage
 from kubealign_jobs import model as models
+from tests.jobs.trainer_toys import save_tiny_lm
 
 
 @pytest.fixture(scope="module")

@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from trainer_toys import preference_rows, sentences, write_jsonl
+from transformers import PreTrainedTokenizerFast
 
 from kubealign_jobs import data, storage
 from kubealign_jobs import model as models
 from kubealign_jobs.data import DataError, DataPosition, EpochSampler
+from tests.jobs.trainer_toys import preference_rows, sentences, write_jsonl
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> object:
+def tokenizer() -> PreTrainedTokenizerFast:
     return models.train_tokenizer(sentences(200), vocab_size=300)
 
 
 def test_sft_row_formats(tmp_path: Path) -> None:
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"instruction": "Say hi", "output": "hi"},
         {"instruction": "Translate", "input": "chat", "output": "cat"},
         {"prompt": "2+2=", "completion": "4"},
@@ -34,7 +36,7 @@ def test_sft_row_formats(tmp_path: Path) -> None:
 
 
 def test_preference_and_ranked_rows(tmp_path: Path) -> None:
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"question": "What is your name?", "chosen": "My name is Mary", "rejected": "Whats it to you?"},
         {"prompt": "q", "responses": ["a", "b", "c"]},
     ]
@@ -100,14 +102,14 @@ def test_prefix_of_files_on_s3(bucket: str, tmp_path: Path) -> None:
         data.load(uri, tmp_path / "again", data.preference_example)
 
 
-def test_prompt_completion_encoding_masks_the_prompt(tokenizer: object) -> None:
+def test_prompt_completion_encoding_masks_the_prompt(tokenizer: PreTrainedTokenizerFast) -> None:
     encoded = data.encode_prompt_completion(tokenizer, "Review the plot:", " it was good.", max_length=64)
     prompt_ids = [
         tokenizer.bos_token_id,
         *tokenizer("Review the plot:", add_special_tokens=False)["input_ids"],
-    ]  # type: ignore[attr-defined]
+    ]
     assert list(encoded.ids[: encoded.prompt_length]) == prompt_ids
-    assert encoded.ids[-1] == tokenizer.eos_token_id  # type: ignore[attr-defined]
+    assert encoded.ids[-1] == tokenizer.eos_token_id
     batch = data.collate([encoded, data.Encoded((1, 5, 6), 2)], pad_token_id=0)
     assert batch.completion_mask[0].tolist() == [0] * encoded.prompt_length + [1] * (
         len(encoded.ids) - encoded.prompt_length
@@ -116,18 +118,18 @@ def test_prompt_completion_encoding_masks_the_prompt(tokenizer: object) -> None:
     assert batch.attention_mask[1].sum() == 3 and batch.input_ids[1, 3:].eq(0).all()
 
 
-def test_truncation_keeps_prompt_end_and_completion_start(tokenizer: object) -> None:
+def test_truncation_keeps_prompt_end_and_completion_start(tokenizer: PreTrainedTokenizerFast) -> None:
     long_prompt = " ".join(["the movie was good"] * 40)
     encoded = data.encode_prompt_completion(tokenizer, long_prompt, " it was dull.", max_length=24)
     assert len(encoded.ids) == 24
-    completion = tokenizer(" it was dull.", add_special_tokens=False)["input_ids"]  # type: ignore[operator]
-    assert list(encoded.ids[encoded.prompt_length :]) == [*completion, tokenizer.eos_token_id]  # type: ignore[attr-defined]
+    completion = tokenizer(" it was dull.", add_special_tokens=False)["input_ids"]
+    assert list(encoded.ids[encoded.prompt_length :]) == [*completion, tokenizer.eos_token_id]
 
 
-def test_pack_texts_blocks(tokenizer: object) -> None:
+def test_pack_texts_blocks(tokenizer: PreTrainedTokenizerFast) -> None:
     blocks = data.pack_texts(tokenizer, sentences(30), block_size=16)
     assert blocks.shape[1] == 16 and blocks.shape[0] >= 10
-    assert int((blocks == tokenizer.eos_token_id).sum()) >= 29  # type: ignore[attr-defined]
+    assert int((blocks == tokenizer.eos_token_id).sum()) >= 29
     with pytest.raises(DataError, match="fewer than one block"):
         data.pack_texts(tokenizer, ["hi"], block_size=512)
 
@@ -169,7 +171,7 @@ def test_collate_pads_to_multiple() -> None:
     assert torch.equal(batch.input_ids[0, 3:], torch.full((5,), 9))
 
 
-def test_batched_encoding_equals_one_by_one(tokenizer: object) -> None:
+def test_batched_encoding_equals_one_by_one(tokenizer: PreTrainedTokenizerFast) -> None:
     rows = [data.RankedExample("Review the plot:", (" good.", " it was dull and long.", " x"))] * 3
     rows.append(data.RankedExample(" ".join(["the movie was good"] * 30), (" bad.", " fine.")))
     batched = data.encode_rankings(tokenizer, rows, max_length=32)

@@ -7,9 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_toys import TINY_LLAMA, preference_rows, run_stage, save_tiny_lm, sentences, stage_config
 
 from kubealign_jobs import checkpoint, storage
+from tests.jobs.trainer_toys import (
+    TINY_LLAMA,
+    preference_rows,
+    run_stage,
+    save_tiny_lm,
+    sentences,
+    stage_config,
+)
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 

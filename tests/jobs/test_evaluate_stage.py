@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rlhf_toys import PROMPTS, save_toy_policy, write_jsonl
-from trainer_toys import run_stage, stage_config
 
 from kubealign_jobs import evaluate, storage
 from kubealign_jobs.evaluate import best_of_n_kl, temperature_key, win_rate
+from tests.jobs.rlhf_toys import PROMPTS, save_toy_policy, write_jsonl
+from tests.jobs.trainer_toys import run_stage, stage_config
 
 
 def test_win_rate_counts_ties_as_half() -> None:

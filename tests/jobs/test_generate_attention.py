@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import torch
-from rlhf_toys import PROMPTS, save_toy_policy
 from transformers.masking_utils import (
     causal_mask_function,
     sdpa_mask_recent_torch,
@@ -19,6 +18,7 @@ from transformers.masking_utils import (
 from kubealign_jobs import model as models
 from kubealign_jobs.attention import IMPLEMENTATION, broadcast_sdpa_mask, use_fast_masks
 from kubealign_jobs.sampling import SamplingParams, completion_logps, sample
+from tests.jobs.rlhf_toys import PROMPTS, save_toy_policy
 
 
 @pytest.mark.parametrize(

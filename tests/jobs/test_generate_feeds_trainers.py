@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rlhf_toys import PROMPTS, save_toy_policy, write_jsonl
-from trainer_toys import StageRun, run_stage, stage_config
+
+from tests.jobs.rlhf_toys import PROMPTS, save_toy_policy, write_jsonl
+from tests.jobs.trainer_toys import StageRun, run_stage, stage_config
 
 TRAIN_BRIEFLY = {"max_steps": 2, "batch_size": 4, "checkpoint_every": 0, "log_every": 1, "warmup_steps": 0}
 

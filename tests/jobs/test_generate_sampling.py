@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rlhf_toys import PROMPTS, save_toy_policy
 
 from kubealign_jobs import model as models
 from kubealign_jobs.sampling import SamplingParams, completion_mask, sample
+from tests.jobs.rlhf_toys import PROMPTS, save_toy_policy
 
 
 @pytest.fixture(scope="module")

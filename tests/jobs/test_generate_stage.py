@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rlhf_toys import PROMPTS, read_jsonl, save_toy_policy, write_jsonl
-from trainer_toys import run_stage, stage_config
 
 from kubealign_jobs import data, generate, storage
 from kubealign_jobs.generate import LabelledPrompt, preference_rows
+from tests.jobs.rlhf_toys import PROMPTS, read_jsonl, save_toy_policy, write_jsonl
+from tests.jobs.trainer_toys import run_stage, stage_config
 
 
 def _labelled(completions: list[str], scores: list[float]) -> LabelledPrompt:

@@ -54,7 +54,7 @@ def test_dpo_gradient_raises_chosen_and_lowers_rejected() -> None:
     losses, chosen_rewards, _ = dpo_loss(
         chosen, rejected, torch.tensor([-5.0, -3.0]), torch.tensor([-5.0, -1.0]), 0.1
     )
-    losses.sum().backward()
+    losses.sum().backward()  # type: ignore[no-untyped-call]
     assert chosen.grad is not None and rejected.grad is not None
     assert (chosen.grad < 0).all()  # descending the loss increases log pi(y_w|x)
     assert (rejected.grad > 0).all()  # ... and decreases log pi(y_l|x)
@@ -76,7 +76,7 @@ def test_bradley_terry_hand_values_and_gradient() -> None:
     loss = bradley_terry_loss(chosen, rejected)
     expected = (math.log1p(math.exp(-1.0)) + LN2 + math.log1p(math.exp(2.0))) / 3
     assert loss.item() == pytest.approx(expected, rel=1e-6)
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]
     assert chosen.grad is not None and rejected.grad is not None
     assert (chosen.grad < 0).all() and (rejected.grad > 0).all()
 
@@ -115,7 +115,7 @@ def test_plackett_luce_ragged_rankings_match_unpadded() -> None:
     losses = plackett_luce_losses(scores, valid)
     torch.testing.assert_close(losses[0], plackett_luce_losses(scores[:1, :3].detach())[0])
     torch.testing.assert_close(losses[1], plackett_luce_losses(scores[1:].detach())[0])
-    losses.sum().backward()
+    losses.sum().backward()  # type: ignore[no-untyped-call]
     assert scores.grad is not None
     assert torch.isfinite(scores.grad).all() and scores.grad[0, 3].item() == 0.0
 

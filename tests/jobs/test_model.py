@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from trainer_toys import TINY_GPT2, TINY_LLAMA, sentences
+from transformers import PreTrainedTokenizerFast
 
 from kubealign_jobs import data
 from kubealign_jobs import model as models
+from tests.jobs.trainer_toys import TINY_GPT2, TINY_LLAMA, sentences
 
 TINY_GEMMA = {  # not in PLAIN_HEAD_MODEL_TYPES: exercises the full-forward fallback
     "arch": "gemma",
@@ -24,18 +26,18 @@ TINY_GEMMA = {  # not in PLAIN_HEAD_MODEL_TYPES: exercises the full-forward fall
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> object:
+def tokenizer() -> PreTrainedTokenizerFast:
     return models.train_tokenizer(sentences(200), vocab_size=300)
 
 
-def _batch(tokenizer: object) -> data.CompletionBatch:
+def _batch(tokenizer: PreTrainedTokenizerFast) -> data.CompletionBatch:
     pairs = [
         ("Review the plot:", " it was good."),
         ("The cast", " was dull and the ending was awful."),
         ("x", " y"),
     ]
     encoded = [data.encode_prompt_completion(tokenizer, p, c, max_length=64) for p, c in pairs]
-    return data.collate(encoded, pad_token_id=tokenizer.pad_token_id)  # type: ignore[attr-defined]
+    return data.collate(encoded, pad_token_id=tokenizer.pad_token_id)
 
 
 def _reference_logps(lm: torch.nn.Module, batch: data.CompletionBatch) -> torch.Tensor:
@@ -46,9 +48,9 @@ def _reference_logps(lm: torch.nn.Module, batch: data.CompletionBatch) -> torch.
 
 
 @pytest.mark.parametrize("spec", [TINY_LLAMA, TINY_GPT2, TINY_GEMMA], ids=["llama", "gpt2", "gemma"])
-def test_log_prob_paths_agree(tokenizer: object, spec: dict[str, object]) -> None:
+def test_log_prob_paths_agree(tokenizer: PreTrainedTokenizerFast, spec: dict[str, Any]) -> None:
     torch.manual_seed(0)
-    lm = models.build_causal_lm(dict(spec), tokenizer=tokenizer).double().eval()  # type: ignore[arg-type]
+    lm = models.build_causal_lm(dict(spec), tokenizer=tokenizer).double().eval()  # type: ignore[no-untyped-call]
     batch = _batch(tokenizer)
     expected = _reference_logps(lm, batch)
     generic = models.token_logps(lm, batch.input_ids, batch.attention_mask, batch.completion_mask)
@@ -62,9 +64,9 @@ def test_log_prob_paths_agree(tokenizer: object, spec: dict[str, object]) -> Non
     assert (expected[batch.completion_mask[:, 1:] == 0] == 0).all() and (sums < 0).all()
 
 
-def test_completion_logps_gradients_match_full_forward(tokenizer: object) -> None:
+def test_completion_logps_gradients_match_full_forward(tokenizer: PreTrainedTokenizerFast) -> None:
     torch.manual_seed(0)
-    lm = models.build_causal_lm(dict(TINY_LLAMA), tokenizer=tokenizer).double()  # type: ignore[arg-type]
+    lm = models.build_causal_lm(dict(TINY_LLAMA), tokenizer=tokenizer).double()
     batch = _batch(tokenizer)
     full = torch.autograd.grad(_reference_logps(lm, batch).sum(), list(lm.parameters()))
     wrapper = models.CompletionLogps(lm)
@@ -79,18 +81,19 @@ def test_completion_logps_gradients_match_full_forward(tokenizer: object) -> Non
 def test_left_padded_rows_keep_their_mask() -> None:
     right = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
-    assert torch.equal(models.causal_attention_mask(right), torch.ones_like(right))  # type: ignore[arg-type]
+    kept = models.causal_attention_mask(right)
+    assert kept is not None and torch.equal(kept, torch.ones_like(right))
     assert models.causal_attention_mask(left) is left
 
 
-def test_reward_scores_read_the_last_real_token(tokenizer: object, tmp_path: Path) -> None:
+def test_reward_scores_read_the_last_real_token(tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
     torch.manual_seed(0)
     lm_dir = models.save_pretrained(
-        models.build_causal_lm(dict(TINY_LLAMA), tokenizer=tokenizer),  # type: ignore[arg-type]
-        tokenizer,  # type: ignore[arg-type]
+        models.build_causal_lm(dict(TINY_LLAMA), tokenizer=tokenizer),
+        tokenizer,
         tmp_path / "lm",
     )
-    scorer = models.load_reward_model(lm_dir, tokenizer=tokenizer).eval()  # type: ignore[arg-type]
+    scorer = models.load_reward_model(lm_dir, tokenizer=tokenizer).eval()  # type: ignore[no-untyped-call]
     batch = _batch(tokenizer)
     together = models.reward_scores(scorer, batch.input_ids, batch.attention_mask)
     for row in range(batch.input_ids.shape[0]):

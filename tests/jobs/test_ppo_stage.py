@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 import torch
-from rlhf_toys import PROMPTS, save_toy_policy, save_toy_reward_model, write_jsonl
-from trainer_toys import parse_records, run_stage, stage_config, stage_env
 from transformers import AutoModelForCausalLM
 
 from kubealign_jobs import ppo, storage
+from tests.jobs.rlhf_toys import PROMPTS, save_toy_policy, save_toy_reward_model, write_jsonl
+from tests.jobs.trainer_toys import parse_records, run_stage, stage_config, stage_env
 
 TOY_REWARD = {"scorer": "word_fraction", "scorer_options": {"words": ["good"]}}
 FAST = {

@@ -29,7 +29,7 @@ def test_hyperparameters_are_checked_by_name_and_type() -> None:
     parsed = runtime.parse_hyperparameters(Toy, {"rate": 1, "steps": 5, "maybe": "y", "sizes": [1, 2]})
     assert parsed == Toy(rate=1.0, steps=5, maybe="y", sizes=[1, 2])
     assert isinstance(parsed.rate, float)
-    for values, message in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"rat": 1.0}, r"hyperparameters\.rat: unknown hyperparameter for this stage \(known: flag, maybe"),
         ({"steps": 2.5}, r"hyperparameters\.steps: expected an integer, got 2\.5"),
         ({"steps": True}, r"hyperparameters\.steps: expected an integer, got True"),
@@ -38,7 +38,8 @@ def test_hyperparameters_are_checked_by_name_and_type() -> None:
         ({"maybe": 3}, r"hyperparameters\.maybe: expected a string, got 3"),
         ({"spec": [1]}, r"hyperparameters\.spec: expected an object"),
         ({"sizes": [1, "a"]}, r"hyperparameters\.sizes\[1\]: expected an integer"),
-    ]:
+    ]
+    for values, message in cases:
         with pytest.raises(ConfigError, match=message):
             runtime.parse_hyperparameters(Toy, values)
 

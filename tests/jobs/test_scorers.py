@@ -60,7 +60,7 @@ def test_mismatched_lengths_are_an_error() -> None:
 
 
 def test_reward_model_scorer_is_independent_of_batching(tmp_path: Path) -> None:
-    from rlhf_toys import save_toy_reward_model
+    from tests.jobs.rlhf_toys import save_toy_reward_model
 
     folder = save_toy_reward_model(tmp_path / "reward")
     scorer = scorers.load_reward_model_scorer(str(folder), tmp_path / "scratch", device="cpu", batch_size=2)

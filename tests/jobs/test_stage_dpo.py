@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_toys import TINY_GPT2, preference_rows, run_stage, save_tiny_lm, stage_config
 
 from kubealign_jobs import checkpoint, storage
+from tests.jobs.trainer_toys import TINY_GPT2, preference_rows, run_stage, save_tiny_lm, stage_config
 
 pytestmark = pytest.mark.s3
 

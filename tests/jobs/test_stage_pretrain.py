@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_toys import TINY_LLAMA, run_stage, sentences, stage_config
 
 from kubealign_jobs import storage
+from tests.jobs.trainer_toys import TINY_LLAMA, run_stage, sentences, stage_config
 
 pytestmark = pytest.mark.s3
 
@@ -46,7 +46,7 @@ def test_pretrain_from_scratch_trains_tokenizer_and_model(bucket: str, tmp_path:
 
     local = storage.fetch_dir(f"{output}/artifact", tmp_path / "artifact")
     lm = AutoModelForCausalLM.from_pretrained(str(local))
-    tokenizer = AutoTokenizer.from_pretrained(str(local))
+    tokenizer = AutoTokenizer.from_pretrained(str(local))  # type: ignore[no-untyped-call]
     assert (tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token) == (
         "<|pad|>",
         "<|bos|>",
@@ -55,6 +55,7 @@ def test_pretrain_from_scratch_trains_tokenizer_and_model(bucket: str, tmp_path:
     prompt = tokenizer("<|bos|>The movie was", return_tensors="pt", add_special_tokens=False)
     with torch.inference_mode():
         out = lm.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert isinstance(out, torch.Tensor)  # generate() returns bare ids without return_dict_in_generate
     assert out.shape[1] == prompt.input_ids.shape[1] + 5
 
     # Continue from the step-16 checkpoint with a longer budget: the tokenizer comes back with
@@ -71,7 +72,8 @@ def test_pretrain_from_scratch_trains_tokenizer_and_model(bucket: str, tmp_path:
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.events("resumed")[0]["step"] == 16
     assert [r["step"] for r in resumed.steps] == [20]
-    again = AutoTokenizer.from_pretrained(str(storage.fetch_dir(f"{output}/artifact", tmp_path / "again")))
+    again_dir = storage.fetch_dir(f"{output}/artifact", tmp_path / "again")
+    again = AutoTokenizer.from_pretrained(str(again_dir))  # type: ignore[no-untyped-call]
     assert again.get_vocab() == tokenizer.get_vocab()
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_toys import preference_rows, ranked_rows, run_stage, save_tiny_lm, stage_config
 
 from kubealign_jobs import storage
+from tests.jobs.trainer_toys import preference_rows, ranked_rows, run_stage, save_tiny_lm, stage_config
 
 pytestmark = pytest.mark.s3
 
@@ -49,7 +49,7 @@ def test_reward_model_learns_preferences_and_loads(bucket: str, tmp_path: Path, 
 
     local = storage.fetch_dir(f"{output}/artifact", tmp_path / "artifact")
     scorer = AutoModelForSequenceClassification.from_pretrained(str(local))
-    tokenizer = AutoTokenizer.from_pretrained(str(local))
+    tokenizer = AutoTokenizer.from_pretrained(str(local))  # type: ignore[no-untyped-call]
     assert scorer.config.num_labels == 1
     texts = [
         "<|bos|>Review the plot: it was wonderful.<|eos|>",

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_toys import (
+
+from kubealign_jobs import checkpoint, storage
+from kubealign_jobs.config import MANIFEST_FILE
+from tests.jobs.trainer_toys import (
     parse_records,
     preference_rows,
     run_stage,
@@ -20,9 +23,6 @@ from trainer_toys import (
     stage_env,
     write_jsonl,
 )
-
-from kubealign_jobs import checkpoint, storage
-from kubealign_jobs.config import MANIFEST_FILE
 
 pytestmark = pytest.mark.s3
 
@@ -83,7 +83,7 @@ def test_sft_trains_publishes_and_loads_with_transformers(
 
     local = storage.fetch_dir(f"{output}/artifact", tmp_path / "artifact")
     lm = AutoModelForCausalLM.from_pretrained(str(local))
-    tokenizer = AutoTokenizer.from_pretrained(str(local))
+    tokenizer = AutoTokenizer.from_pretrained(str(local))  # type: ignore[no-untyped-call]
     ids = tokenizer("Review the plot:", return_tensors="pt").input_ids
     with torch.inference_mode():
         assert lm(ids).logits.shape[-1] == len(tokenizer)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_toys import preference_rows, save_tiny_lm
 
 from kubealign_jobs import model as models
 from kubealign_jobs.losses import dpo_loss
+from tests.jobs.trainer_toys import preference_rows, save_tiny_lm
 
 trl = pytest.importorskip("trl")
 

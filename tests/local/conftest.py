@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from runner_toys import Workspace, make_workspace
+
+from tests.local.runner_toys import Workspace, make_workspace
 
 
 @pytest.fixture(scope="session")

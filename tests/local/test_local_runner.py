@@ -22,9 +22,9 @@ from typing import Any
 
 import jsonschema
 import pytest
-from runner_toys import Workspace, kubealign, sft_stage
 
 from kubealign import api
+from tests.local.runner_toys import Workspace, kubealign, sft_stage
 
 BASE = {"uri": "file://./base"}
 RUN_TIMEOUT_S = 300

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from run_builders import invalid_cases, manifest, pipeline, src, stage, uri
 
 from kubealign import api
+from tests.operator.run_builders import invalid_cases, manifest, pipeline, src, stage, uri
 
 CASES = invalid_cases()
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from run_builders import manifest
 
 from kubealign import api
 from kubealign.cli import main
+from tests.operator.run_builders import manifest
 
 
 def test_crd_prints_the_custom_resource_definition(capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from run_builders import UID, job, manifest, pod, run, src, stage, uri
 
 from kubealign import api, plan
 from kubealign.plan import CreateAttempt, JobState, SetSuspended
+from tests.operator.run_builders import UID, job, manifest, pod, run, src, stage, uri
 
 NOW = "2026-01-01T01:00:00Z"
 

@@ -7,10 +7,9 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from run_builders import job
-
 from kubealign.k8s import Kube
 from kubealign.reconcile import Outcome, Reconciler
+from tests.operator.run_builders import job
 
 
 class Recorder(Reconciler):

@@ -6,10 +6,10 @@ import json
 from typing import Any
 
 import pytest
-from run_builders import IMAGE, STORAGE, UID, manifest, run, src, stage, uri
 
 from kubealign import render
 from kubealign_jobs.config import StageConfig
+from tests.operator.run_builders import IMAGE, STORAGE, UID, manifest, run, src, stage, uri
 
 
 def _env(job: dict[str, Any]) -> dict[str, Any]:

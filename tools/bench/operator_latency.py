@@ -72,7 +72,7 @@ class JobClock:
         self.completed: dict[str, float] = {}
         self._batch = kubernetes.client.BatchV1Api(client)
         self._namespace = namespace
-        self._watch = kubernetes.watch.Watch()
+        self._watch = kubernetes.watch.Watch()  # type: ignore[no-untyped-call]
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -82,7 +82,7 @@ class JobClock:
             self._stamp()
 
     def _stamp(self) -> None:
-        for event in self._watch.stream(
+        for event in self._watch.stream(  # type: ignore[no-untyped-call]
             self._batch.list_namespaced_job, self._namespace, timeout_seconds=3600
         ):
             now = time.monotonic()
@@ -97,7 +97,7 @@ class JobClock:
         self._thread.start()
 
     def stop(self) -> None:
-        self._watch.stop()
+        self._watch.stop()  # type: ignore[no-untyped-call]
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -134,7 +134,7 @@ def measure(kubeconfig: str, context: str, *, runs: int, stages: int, pod_second
         kubeconfig, context, "wait", "--for=condition=Established", f"crd/{api.CRD_NAME}", "--timeout=60s"
     )
     kubectl(kubeconfig, context, "create", "namespace", namespace)
-    client = kubernetes.config.new_client_from_config(
+    client = kubernetes.config.new_client_from_config(  # type: ignore[no-untyped-call]
         config_file=kubeconfig, context=context, persist_config=False
     )
     kube = Kube.connect(kubeconfig=kubeconfig, context=context)
