@@ -858,7 +858,7 @@ RUN_DELAY = {
     },
 }
 
-NODE_READY_TEMPLATE = """\
+NODE_HEARTBEAT_TEMPLATE = """\
 {{ $now := Now }}
 {{ $since := or .metadata.creationTimestamp $now }}
 conditions:
@@ -870,6 +870,10 @@ conditions:
   status: {{ .status | Quote }}
   type: {{ .type | Quote }}
 {{ end }}
+"""
+
+# A Ready node: the heartbeat conditions plus the status kwok fills in once.
+NODE_READY_TEMPLATE = NODE_HEARTBEAT_TEMPLATE + """\
 addresses:
 - address: {{ NodeIP | Quote }}
   type: InternalIP
@@ -887,20 +891,6 @@ nodeInfo:
   osImage: ""
   systemUUID: ""
 phase: Running
-"""
-
-NODE_HEARTBEAT_TEMPLATE = """\
-{{ $now := Now }}
-{{ $since := or .metadata.creationTimestamp $now }}
-conditions:
-{{ range NodeConditions }}
-- lastHeartbeatTime: {{ $now | Quote }}
-  lastTransitionTime: {{ $since | Quote }}
-  message: {{ .message | Quote }}
-  reason: {{ .reason | Quote }}
-  status: {{ .status | Quote }}
-  type: {{ .type | Quote }}
-{{ end }}
 """
 
 POD_RUNNING_TEMPLATE = """\
