@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -13,22 +12,12 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from tests.cluster.operator_harness import wait_until
+
 if TYPE_CHECKING:
     from tests.conftest import Cluster
 
 pytestmark = pytest.mark.cluster
-
-
-def wait_until(what: str, check: Callable[[], Any], *, timeout: float = 60) -> Any:
-    """Poll until `check()` returns something truthy, and return it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.2)
 
 
 def as_dict(api: client.ApiClient, obj: object) -> dict[str, Any]:
