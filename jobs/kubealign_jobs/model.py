@@ -343,11 +343,101 @@ def sequence_logps(
 
 
 def reward_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar reward of each sequence (B,), as transformers pools it (the last non-pad token)."""
+    """Scalar reward of each sequence (B,), as transformers pools it (the last non-pad token).
+
+    ``model`` is a sequence classifier with one label, or a `LastTokenReward` wrapper (possibly
+    inside DDP), which runs the last layer on the scored token only.
+    """
+    if isinstance(getattr(model, "module", model), LastTokenReward):
+        scores: torch.Tensor = model(input_ids, attention_mask)
+        return scores
     logits: torch.Tensor = model(
         input_ids=input_ids, attention_mask=causal_attention_mask(attention_mask), use_cache=False
     ).logits
     return logits.squeeze(-1).float()
+
+
+def last_non_pad_index(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """(B,) position of each row's rightmost non-pad token: the token transformers' classifiers score."""
+    positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+    return (positions * (input_ids != pad_token_id)).argmax(dim=-1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LastTokenReward(nn.Module):
+    """A reward model that computes only what its score depends on, for training.
+
+    ``forward(input_ids, attention_mask) -> (B,)`` scores, equal (up to float rounding) to
+    `reward_scores` on the wrapped ``AutoModelForSequenceClassification``. That model runs
+    every layer, the final norm and the scalar head on every position and then keeps one
+    position per row. The score reads the last layer's output at one token only, so here
+    the last layer computes keys and values for all positions but the query, attention
+    output, MLP, final norm and head for the scored token alone: on a small model that is
+    most of one layer's forward and backward. Llama-architecture models with SDPA attention
+    and right-padded rows take this path; anything else falls back to the full forward.
+    Wrap before ``accelerator.prepare`` so DDP sees one forward per step.
+    """
+
+    def __init__(self, scorer: PreTrainedModel) -> None:
+        super().__init__()
+        self.scorer = scorer
+        config = scorer.config
+        self.pad_token_id: int | None = config.pad_token_id
+        self.last_layer_on_scored_token = (
+            getattr(config, "model_type", None) == "llama"
+            and getattr(config, "_attn_implementation", None) == "sdpa"
+            and self.pad_token_id is not None
+            and isinstance(getattr(scorer, "score", None), nn.Linear)
+        )
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        self.scorer.gradient_checkpointing_enable(**kwargs)  # type: ignore[no-untyped-call]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = causal_attention_mask(attention_mask)
+        dropout = float(getattr(self.scorer.config, "attention_dropout", 0.0))
+        right_padded = mask is not None and mask is not attention_mask
+        if not (self.last_layer_on_scored_token and right_padded and (dropout == 0.0 or not self.training)):
+            return reward_scores(self.scorer, input_ids, attention_mask)
+        assert self.pad_token_id is not None  # checked in __init__
+        base: Any = self.scorer.base_model
+        batch, length = input_ids.shape
+        hidden: torch.Tensor = base.embed_tokens(input_ids)
+        position_ids = torch.arange(length, device=input_ids.device).unsqueeze(0)
+        cos, sin = base.rotary_emb(hidden, position_ids)  # (1, T, head_dim)
+        # No mask: with right padding, causal attention alone keeps real tokens from seeing
+        # padding (see `causal_attention_mask`), and SDPA then runs its causal kernel.
+        for layer in base.layers[: len(base.layers) - 1]:
+            hidden = layer(
+                hidden, attention_mask=None, position_ids=position_ids, position_embeddings=(cos, sin)
+            )
+        last = last_non_pad_index(input_ids, self.pad_token_id)  # (B,)
+        rows = torch.arange(batch, device=input_ids.device)
+        layer = base.layers[-1]
+        attn = layer.self_attn
+        normed = layer.input_layernorm(hidden)  # (B, T, H): keys and values need every position
+        head_dim = attn.head_dim
+        keys = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)  # (B, KV, T, D)
+        values = attn.v_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+        keys = keys * cos.unsqueeze(1) + _rotate_half(keys) * sin.unsqueeze(1)
+        query = attn.q_proj(normed[rows, last]).view(batch, -1, 1, head_dim)  # (B, heads, 1, D)
+        cos_q, sin_q = cos[0, last].view(batch, 1, 1, head_dim), sin[0, last].view(batch, 1, 1, head_dim)
+        query = query * cos_q + _rotate_half(query) * sin_q
+        if attn.num_key_value_groups > 1:
+            keys = keys.repeat_interleave(attn.num_key_value_groups, dim=1)
+            values = values.repeat_interleave(attn.num_key_value_groups, dim=1)
+        visible = (position_ids <= last.unsqueeze(1)).view(batch, 1, 1, length)  # causal for the scored token
+        attended = functional.scaled_dot_product_attention(
+            query, keys, values, attn_mask=visible, scale=attn.scaling
+        )  # (B, heads, 1, D)
+        token = hidden[rows, last] + attn.o_proj(attended.reshape(batch, -1))
+        token = token + layer.mlp(layer.post_attention_layernorm(token))
+        score: torch.Tensor = self.scorer.score(base.norm(token))  # type: ignore[operator]
+        return score.squeeze(-1).float()
 
 
 def disable_dropout(model: nn.Module) -> None:

@@ -189,9 +189,10 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     result = loop.train(
         ctx,
         hp,
-        model=reward_model,
+        # The wrapper runs the last layer on the scored token only; the classifier is what is saved.
+        model=models.LastTokenReward(reward_model),
         task=task,
-        save_model=lambda m, dest: models.save_pretrained(m, tokenizer, dest),
+        save_model=lambda _, dest: models.save_pretrained(reward_model, tokenizer, dest),
         resume=resume,
         evaluate=evaluate,
     )
