@@ -216,6 +216,20 @@ def _seed(config_seed: int, unit: int, temperature_index: int, rank: int) -> int
     return ((config_seed * 1_000_003 + unit) * 101 + temperature_index) * 4099 + rank
 
 
+def _sample(
+    hp: Hyperparameters, model: Any, tokenizer: Any, prompts: list[str], temperature: float
+) -> Samples:
+    """``model``'s answers to ``prompts`` at ``temperature``, with the stage's batch and prompt limits."""
+    return sample(
+        model,
+        tokenizer,
+        prompts,
+        hp.sampling(temperature),
+        batch_size=hp.batch_size,
+        max_prompt_tokens=hp.max_prompt_tokens,
+    )
+
+
 def evaluate_reference(
     ctx: StageContext,
     hp: Hyperparameters,
@@ -237,14 +251,7 @@ def evaluate_reference(
     for t_index, temperature in enumerate(hp.temperatures):
         key = temperature_key(temperature)
         torch.manual_seed(_seed(ctx.config.seed, 0, t_index, ctx.rank))
-        samples = sample(
-            reference,
-            tokenizer,
-            prompts,
-            hp.sampling(temperature),
-            batch_size=hp.batch_size,
-            max_prompt_tokens=hp.max_prompt_tokens,
-        )
+        samples = _sample(hp, reference, tokenizer, prompts, temperature)
         scores = judges.score(samples)
         # Against itself the reference ties every comparison, by definition; its KL is 0.
         baselines[key] = scores["judge"] if data_baseline is None else data_baseline
@@ -285,14 +292,7 @@ def _best_of_n(
 ) -> Sums:
     n = hp.best_of_n
     repeated = [prompt for prompt in prompts for _ in range(n)]
-    samples = sample(
-        reference,
-        tokenizer,
-        repeated,
-        hp.sampling(temperature),
-        batch_size=hp.batch_size,
-        max_prompt_tokens=hp.max_prompt_tokens,
-    )
+    samples = _sample(hp, reference, tokenizer, repeated, temperature)
     selection = judges.selector.score(samples.prompts, samples.completions)
     picks = [max(range(i * n, (i + 1) * n), key=lambda j: selection[j]) for i in range(len(prompts))]
     chosen = Samples(
@@ -324,14 +324,7 @@ def evaluate_policy(
     for t_index, temperature in enumerate(hp.temperatures):
         key = temperature_key(temperature)
         torch.manual_seed(_seed(ctx.config.seed, unit, t_index, ctx.rank))
-        samples = sample(
-            policy,
-            tokenizer,
-            prompts,
-            hp.sampling(temperature),
-            batch_size=hp.batch_size,
-            max_prompt_tokens=hp.max_prompt_tokens,
-        )
+        samples = _sample(hp, policy, tokenizer, prompts, temperature)
         logps = completion_logps(policy, samples, batch_size=hp.batch_size)
         ref_logps = completion_logps(reference, samples, batch_size=hp.batch_size)
         kl = rl.sequence_kl(logps, ref_logps, samples.completion_mask).tolist()
