@@ -45,36 +45,16 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402  (the environment switches above must precede the imports)
+from _common import SENTIMENT, build_policy_and_reward  # noqa: E402
 
 from kubealign_jobs import data, dpo, reward, runtime  # noqa: E402
 from kubealign_jobs import model as models  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SENTIMENT = REPO_ROOT / "examples" / "sentiment" / "data"
 
 
 def build_inputs(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path, Path, list[dict[str, str]]]:
     """Tokenizer + tiny Llama + reward model on disk, and preference rows in kubealign's batch order."""
     sft = [json.loads(line) for line in (SENTIMENT / "sft.jsonl").read_text().splitlines()]
-    corpus = (SENTIMENT / "corpus.txt").read_text().splitlines()
-    tokenizer = models.train_tokenizer(corpus, vocab_size=args.vocab_size)
-    torch.manual_seed(0)
-    spec = {
-        "arch": "llama",
-        "hidden_size": args.hidden,
-        "intermediate_size": 4 * args.hidden,
-        "num_hidden_layers": args.layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 256,
-    }
-    policy_dir = models.save_pretrained(
-        models.build_causal_lm(spec, tokenizer=tokenizer), tokenizer, workdir / "policy"
-    )
-    torch.manual_seed(1)
-    reward_dir = models.save_pretrained(
-        models.load_reward_model(policy_dir, tokenizer=tokenizer), tokenizer, workdir / "reward_init"
-    )
+    policy_dir, reward_dir = build_policy_and_reward(args, workdir, reward_name="reward_init")
     count = args.steps * args.batch_size
     rows = [
         {

@@ -45,6 +45,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402  (the environment switches above must precede the imports)
+from _common import SENTIMENT, build_policy_and_reward  # noqa: E402
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 
 from kubealign_jobs import model as models  # noqa: E402
@@ -52,31 +53,11 @@ from kubealign_jobs import ppo, scorers  # noqa: E402
 from kubealign_jobs.attention import use_fast_masks  # noqa: E402
 from kubealign_jobs.sampling import Samples  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SENTIMENT = REPO_ROOT / "examples" / "sentiment" / "data"
-
 
 def build_models(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path, list[str]]:
     """A tokenizer trained on the sentiment corpus, a tiny Llama policy and a reward model, on disk."""
-    corpus = (SENTIMENT / "corpus.txt").read_text().splitlines()
     prompts = [json.loads(line)["prompt"] for line in (SENTIMENT / "prompts.jsonl").read_text().splitlines()]
-    tokenizer = models.train_tokenizer(corpus, vocab_size=args.vocab_size)
-    torch.manual_seed(0)
-    spec = {
-        "arch": "llama",
-        "hidden_size": args.hidden,
-        "intermediate_size": 4 * args.hidden,
-        "num_hidden_layers": args.layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 256,
-    }
-    policy_dir = models.save_pretrained(
-        models.build_causal_lm(spec, tokenizer=tokenizer), tokenizer, workdir / "policy"
-    )
-    torch.manual_seed(1)
-    reward = models.load_reward_model(policy_dir, tokenizer=tokenizer)
-    reward_dir = models.save_pretrained(reward, tokenizer, workdir / "reward")
+    policy_dir, reward_dir = build_policy_and_reward(args, workdir, reward_name="reward")
     return policy_dir, reward_dir, prompts
 
 
