@@ -38,7 +38,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -49,6 +49,9 @@ from _common import SENTIMENT, build_policy_and_reward  # noqa: E402
 
 from kubealign_jobs import data, dpo, reward, runtime  # noqa: E402
 from kubealign_jobs import model as models  # noqa: E402
+
+if TYPE_CHECKING:
+    from transformers import Trainer
 
 
 def build_inputs(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path, Path, list[dict[str, str]]]:
@@ -154,16 +157,17 @@ def fresh_accelerate_state() -> None:
     PartialState._reset_state()
 
 
-def run_trl_dpo(
-    args: argparse.Namespace, workdir: Path, model_dir: Path, rows: list[dict[str, str]], *, precompute: bool
+def train_in_order(
+    trainer_class: type[Trainer], warmup: int, **trainer_args: Any
 ) -> tuple[float, list[float]]:
-    from datasets import Dataset
+    """Train a TRL trainer on its dataset in order; return its steps/s after ``warmup`` and each step's loss.
+
+    The sequential sampler makes TRL take the batches kubealign's sampler drew (the rows come
+    in that order), so the two sides' losses can be compared step by step.
+    """
     from torch.utils.data import SequentialSampler
     from transformers import TrainerCallback
-    from trl.trainer.dpo_config import DPOConfig
-    from trl.trainer.dpo_trainer import DPOTrainer
 
-    tokenizer = models.load_tokenizer(model_dir)
     losses: list[torch.Tensor] = []
     stamps: list[float] = []
 
@@ -171,14 +175,27 @@ def run_trl_dpo(
         def on_step_end(self, *_: Any, **__: Any) -> None:
             stamps.append(clock())
 
-    class InOrderDPOTrainer(DPOTrainer):
+    class InOrder(trainer_class):  # type: ignore[misc,valid-type]
         def _get_train_sampler(self, *_: Any, **__: Any) -> SequentialSampler:
-            return SequentialSampler(self.train_dataset)  # type: ignore[arg-type]
+            return SequentialSampler(self.train_dataset)
 
         def compute_loss(self, *a: Any, **k: Any) -> Any:
-            loss = super().compute_loss(*a, **k)  # type: ignore[no-untyped-call]
+            loss = super().compute_loss(*a, **k)
             losses.append(loss.detach())
             return loss
+
+    InOrder(callbacks=[Timer()], **trainer_args).train()
+    return steps_per_second(stamps, warmup), [float(x) for x in losses]
+
+
+def run_trl_dpo(
+    args: argparse.Namespace, workdir: Path, model_dir: Path, rows: list[dict[str, str]], *, precompute: bool
+) -> tuple[float, list[float]]:
+    from datasets import Dataset
+    from trl.trainer.dpo_config import DPOConfig
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    tokenizer = models.load_tokenizer(model_dir)
 
     fresh_accelerate_state()
     bos_rows = [{**r, "prompt": tokenizer.bos_token + r["prompt"]} for r in rows]
@@ -201,43 +218,25 @@ def run_trl_dpo(
         precompute_ref_log_probs=precompute,
         seed=0,
     )
-    trainer = InOrderDPOTrainer(
+    return train_in_order(
+        DPOTrainer,
+        args.warmup,
         model=models.load_causal_lm(model_dir),
         ref_model=None if precompute else models.load_causal_lm(model_dir),
         args=config,
         train_dataset=Dataset.from_list(bos_rows),
         processing_class=tokenizer,
-        callbacks=[Timer()],
     )
-    trainer.train()
-    return steps_per_second(stamps, args.warmup), [float(x) for x in losses]
 
 
 def run_trl_reward(
     args: argparse.Namespace, workdir: Path, reward_dir: Path, rows: list[dict[str, str]]
 ) -> tuple[float, list[float]]:
     from datasets import Dataset
-    from torch.utils.data import SequentialSampler
-    from transformers import TrainerCallback
     from trl.trainer.reward_config import RewardConfig
     from trl.trainer.reward_trainer import RewardTrainer
 
     tokenizer = models.load_tokenizer(reward_dir)
-    losses: list[torch.Tensor] = []
-    stamps: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_end(self, *_: Any, **__: Any) -> None:
-            stamps.append(clock())
-
-    class InOrderRewardTrainer(RewardTrainer):
-        def _get_train_sampler(self, *_: Any, **__: Any) -> SequentialSampler:
-            return SequentialSampler(self.train_dataset)  # type: ignore[arg-type]
-
-        def compute_loss(self, *a: Any, **k: Any) -> Any:
-            loss = super().compute_loss(*a, **k)  # type: ignore[no-untyped-call]
-            losses.append(loss.detach())
-            return loss
 
     fresh_accelerate_state()
     # The exact sequences kubealign scores: [bos] prompt answer [eos].
@@ -264,15 +263,14 @@ def run_trl_reward(
         max_length=128,
         seed=0,
     )
-    trainer = InOrderRewardTrainer(
+    return train_in_order(
+        RewardTrainer,
+        args.warmup,
         model=models.load_reward_model(reward_dir, tokenizer=tokenizer),
         args=config,
         train_dataset=Dataset.from_list(tokenized),
         processing_class=tokenizer,
-        callbacks=[Timer()],
     )
-    trainer.train()
-    return steps_per_second(stamps, args.warmup), [float(x) for x in losses]
 
 
 @dataclass
