@@ -207,7 +207,28 @@ def test_build_context_carries_only_sources() -> None:
     ]
     assert lines[0] == "**", "the context must start from nothing and re-include sources"
     included = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert included == {"pyproject.toml", "README.md", "operator", "jobs"}
+    assert included == {"pyproject.toml", "README.md", "operator", "jobs", "crds"}
+
+
+def _copied_sources(image: str) -> set[str]:
+    """The top-level paths a Dockerfile copies from the build context (not from another stage)."""
+    sources: set[str] = set()
+    for ins in parse(DOCKERFILES[image].read_text()):
+        if ins.keyword == "COPY" and not ins.args.startswith("--from"):
+            sources.update(Path(source).parts[0] for source in ins.args.split()[:-1])
+    return sources
+
+
+@pytest.mark.parametrize("image", sorted(DOCKERFILES))
+def test_images_copy_what_package_symlinks_point_at(image: str) -> None:
+    # kubealign/crd/ links into crds/: a wheel built without the target ships a dangling link and
+    # the operator cannot load its own schema.
+    links = [path for top in ("operator", "jobs") for path in (ROOT / top).rglob("*") if path.is_symlink()]
+    assert links, "expected the package's crd/ symlink"
+    copied = _copied_sources(image)
+    for link in links:
+        target = link.resolve().relative_to(ROOT)
+        assert target.parts[0] in copied, f"{link.relative_to(ROOT)} -> {target}: not copied by {image}"
 
 
 def _final_user(image: str) -> int:
