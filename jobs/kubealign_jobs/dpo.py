@@ -37,7 +37,7 @@ from torch import nn
 from kubealign_jobs import data, loop, storage
 from kubealign_jobs import model as models
 from kubealign_jobs.losses import dpo_loss
-from kubealign_jobs.runtime import StageContext, publish_artifact, run_stage, write_metrics
+from kubealign_jobs.runtime import StageContext, publish_results, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -285,16 +285,12 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         extra_state={"beta": hp.beta},
     )
     metrics = {**result.metrics, "pairs": float(len(train_pairs)), "beta": hp.beta}
-    write_metrics(ctx, metrics)
-    publish_artifact(
+    publish_results(
         ctx,
+        metrics,
         lambda dest: models.save_pretrained(policy, tokenizer, dest),
-        metadata={
-            "stage": ctx.config.stage,
-            "type": "dpo",
-            "steps": result.steps,
-            "reference": reference_uri,
-        },
+        steps=result.steps,
+        reference=reference_uri,
     )
     return metrics
 

@@ -455,8 +455,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
             plot_frontier(report, dest / PLOT_FILE)
 
     metrics = _summary(report)
-    runtime.write_metrics(ctx, report)
-    runtime.publish_artifact(ctx, write, metadata={"stage": ctx.config.stage, "type": "evaluate"})
+    runtime.publish_results(ctx, report, write)
     return metrics
 
 

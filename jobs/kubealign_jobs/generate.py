@@ -328,14 +328,11 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     metrics, error = ctx.broadcast(outcome)
     if error is not None:
         raise data.DataError(error)
-    runtime.write_metrics(ctx, metrics)
 
     def write(dest: Path) -> None:
         (dest / hp.output_file).write_text("".join(json.dumps(row) + "\n" for row in rows))
 
-    runtime.publish_artifact(
-        ctx, write, metadata={"stage": config.stage, "type": "generate", "format": hp.output_format}
-    )
+    runtime.publish_results(ctx, metrics, write, format=hp.output_format)
     return metrics
 
 

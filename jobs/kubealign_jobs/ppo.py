@@ -570,8 +570,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         **last,
         "kl_coef": kl_controller.value,
     }
-    runtime.write_metrics(ctx, metrics)
-    runtime.publish_artifact(ctx, write_model, metadata={"stage": config.stage, "type": "ppo", "steps": step})
+    runtime.publish_results(ctx, metrics, write_model, steps=step)
     return metrics
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from kubealign_jobs import data, loop
 from kubealign_jobs import model as models
-from kubealign_jobs.runtime import StageContext, publish_artifact, run_stage, write_metrics
+from kubealign_jobs.runtime import StageContext, publish_results, run_stage
 
 
 def _default_model() -> dict[str, Any]:
@@ -127,11 +127,8 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         evaluate=evaluate,
     )
     metrics = {**result.metrics, "blocks": float(blocks.shape[0]), "tokens": float(blocks.numel())}
-    write_metrics(ctx, metrics)
-    publish_artifact(
-        ctx,
-        lambda dest: models.save_pretrained(lm, tokenizer, dest),
-        metadata={"stage": ctx.config.stage, "type": "pretrain", "steps": result.steps},
+    publish_results(
+        ctx, metrics, lambda dest: models.save_pretrained(lm, tokenizer, dest), steps=result.steps
     )
     return metrics
 

@@ -30,7 +30,7 @@ from kubealign_jobs import data, loop
 from kubealign_jobs import model as models
 from kubealign_jobs.config import ConfigError
 from kubealign_jobs.losses import bradley_terry_loss, plackett_luce_losses, ranking_agreement
-from kubealign_jobs.runtime import StageContext, publish_artifact, run_stage, write_metrics
+from kubealign_jobs.runtime import StageContext, publish_results, run_stage
 
 
 @dataclass(frozen=True)
@@ -197,11 +197,8 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         evaluate=evaluate,
     )
     metrics = {**result.metrics, "examples": float(len(encoded))}
-    write_metrics(ctx, metrics)
-    publish_artifact(
-        ctx,
-        lambda dest: models.save_pretrained(reward_model, tokenizer, dest),
-        metadata={"stage": ctx.config.stage, "type": "reward", "steps": result.steps},
+    publish_results(
+        ctx, metrics, lambda dest: models.save_pretrained(reward_model, tokenizer, dest), steps=result.steps
     )
     return metrics
 

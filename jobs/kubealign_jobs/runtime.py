@@ -466,19 +466,22 @@ def _fail(stage: str, stage_type: str, exc: BaseException, code: int) -> int:
     return code
 
 
-def write_metrics(ctx: StageContext, metrics: dict[str, Any]) -> None:
-    """``<output>/metrics.json`` (rank 0); written before the artifact so a finished stage always has it."""
+def publish_results(
+    ctx: StageContext, metrics: dict[str, Any], write: Callable[[Path], object], **metadata: Any
+) -> None:
+    """The end of every stage: rank 0 writes ``<output>/metrics.json``, then the artifact.
+
+    Metrics go first so a finished stage always has them; the artifact folder is written with
+    ``write(dest)`` and published manifest last. The manifest's metadata names the stage and its
+    type, plus ``metadata`` (e.g. ``steps``).
+    """
     if ctx.is_main:
         storage.write_json(storage.join(ctx.config.output, METRICS_FILE), metrics)
-
-
-def publish_artifact(ctx: StageContext, write: Callable[[Path], object], *, metadata: dict[str, Any]) -> None:
-    """Rank 0 writes the artifact folder with ``write(dest)`` and publishes it (manifest last)."""
-    if ctx.is_main:
         local = ctx.scratch / "artifact"
         shutil.rmtree(local, ignore_errors=True)
         local.mkdir(parents=True)
         write(local)
-        storage.publish_dir(local, ctx.config.artifact, metadata=metadata)
+        stamp = {"stage": ctx.config.stage, "type": ctx.config.type, **metadata}
+        storage.publish_dir(local, ctx.config.artifact, metadata=stamp)
         log.info("published %s", ctx.config.artifact)
     ctx.barrier()

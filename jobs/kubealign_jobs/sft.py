@@ -22,7 +22,7 @@ from torch import nn
 
 from kubealign_jobs import data, loop
 from kubealign_jobs import model as models
-from kubealign_jobs.runtime import StageContext, publish_artifact, run_stage, write_metrics
+from kubealign_jobs.runtime import StageContext, publish_results, run_stage
 
 
 @dataclass(frozen=True)
@@ -110,11 +110,8 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         evaluate=evaluate,
     )
     metrics = {**result.metrics, "examples": float(len(encoded))}
-    write_metrics(ctx, metrics)
-    publish_artifact(
-        ctx,
-        lambda dest: models.save_pretrained(lm, tokenizer, dest),
-        metadata={"stage": ctx.config.stage, "type": "sft", "steps": result.steps},
+    publish_results(
+        ctx, metrics, lambda dest: models.save_pretrained(lm, tokenizer, dest), steps=result.steps
     )
     return metrics
 
