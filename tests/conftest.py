@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tests.processes import serving
+
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
 
@@ -290,22 +292,19 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             stderr=subprocess.STDOUT,
         )
     server = S3Server(endpoint=f"http://127.0.0.1:{port}")
-    try:
-        deadline = time.monotonic() + 30
-        while not _answers(f"{server.endpoint}/moto-api/data.json"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"moto server did not start; its log:\n{log_path.read_text()}", pytrace=False)
-            time.sleep(0.1)
+    with (
+        serving(
+            process,
+            ready=lambda: _answers(f"{server.endpoint}/moto-api/data.json"),
+            what="moto server",
+            log=log_path,
+            start_timeout=30,
+            stop_timeout=10,
+        ),
         # A profile or session token from the caller's environment would override our credentials.
-        with _environment(server.env(), unset=("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")):
-            yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _environment(server.env(), unset=("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")),
+    ):
+        yield server
 
 
 @pytest.fixture

@@ -7,10 +7,11 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.processes import serving
 
 AGENT = Path(__file__).resolve().parent / "node_agent.py"
 AGENT_ID_LABEL = "kubealign.io/node-agent-id"
@@ -72,17 +73,12 @@ def node_agent(kubeconfig: str, base_dir: Path, *extra_args: str) -> Iterator[Ru
     env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
     with agent.log.open("w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while f"node-agent ready {agent.node_name}" not in agent.log.read_text():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"node agent did not start:\n{agent.log.read_text()}")
-            time.sleep(0.1)
+    with serving(
+        process,
+        ready=lambda: f"node-agent ready {agent.node_name}" in agent.log.read_text(),
+        what="node agent",
+        log=agent.log,
+        start_timeout=60,
+        stop_timeout=30,
+    ):
         yield agent
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()

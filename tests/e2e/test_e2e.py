@@ -36,6 +36,7 @@ from kubernetes.client.exceptions import ApiException
 
 import localcluster
 from tests.e2e.agent_fixture import RunningAgent, node_agent
+from tests.processes import serving
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "kubealign"
@@ -265,20 +266,16 @@ def operator_process(chart: ChartOperator, kubeconfig: Path, log: Path) -> Itera
     env.update(chart.env)
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while not _healthy(f"http://127.0.0.1:{chart.health_port}/healthz"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the operator never became healthy; its log:\n{log.read_text()}")
-            time.sleep(0.2)
+    with serving(
+        process,
+        ready=lambda: _healthy(f"http://127.0.0.1:{chart.health_port}/healthz"),
+        what="the operator (health endpoint)",
+        log=log,
+        start_timeout=60,
+        stop_timeout=20,
+        poll=0.2,
+    ):
         yield
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _healthy(url: str) -> bool:
