@@ -188,6 +188,27 @@ def train_in_order(
     return steps_per_second(stamps, warmup), [float(x) for x in losses]
 
 
+def trl_training_args(args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
+    """The TrainingArguments both TRL trainers get: the same optimiser step, precision and length as ours."""
+    return {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": args.batch_size,
+        "max_steps": args.steps,
+        "learning_rate": args.learning_rate,
+        "lr_scheduler_type": "constant",
+        "max_grad_norm": 1.0,
+        "optim": "adamw_torch_fused",  # the transformers default with torch >= 2.8, as on our side
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": not torch.cuda.is_available(),
+        "bf16": torch.cuda.is_available(),  # TRL defaults to bf16 even on CPU; both sides: same precision
+        "dataloader_pin_memory": False,
+        "max_length": 128,
+        "seed": 0,
+    }
+
+
 def run_trl_dpo(
     args: argparse.Namespace, workdir: Path, model_dir: Path, rows: list[dict[str, str]], *, precompute: bool
 ) -> tuple[float, list[float]]:
@@ -200,23 +221,9 @@ def run_trl_dpo(
     fresh_accelerate_state()
     bos_rows = [{**r, "prompt": tokenizer.bos_token + r["prompt"]} for r in rows]
     config = DPOConfig(
-        output_dir=str(workdir / "trl-dpo"),
-        per_device_train_batch_size=args.batch_size,
-        max_steps=args.steps,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="constant",
+        **trl_training_args(args, workdir / "trl-dpo"),
         beta=args.beta,
-        max_grad_norm=1.0,
-        optim="adamw_torch_fused",  # the transformers default with torch >= 2.8, as on our side
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        bf16=torch.cuda.is_available(),  # TRL defaults to bf16 even on CPU; both sides: same precision
-        dataloader_pin_memory=False,
-        max_length=128,
         precompute_ref_log_probs=precompute,
-        seed=0,
     )
     return train_in_order(
         DPOTrainer,
@@ -246,23 +253,7 @@ def run_trl_reward(
             tokenizer, row["prompt"], (row["chosen"], row["rejected"]), max_length=128
         ).sequences
         tokenized.append({"chosen_ids": list(chosen.ids), "rejected_ids": list(rejected.ids)})
-    config = RewardConfig(
-        output_dir=str(workdir / "trl-reward"),
-        per_device_train_batch_size=args.batch_size,
-        max_steps=args.steps,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="constant",
-        max_grad_norm=1.0,
-        optim="adamw_torch_fused",  # the transformers default with torch >= 2.8, as on our side
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        bf16=torch.cuda.is_available(),  # TRL defaults to bf16 even on CPU; both sides: same precision
-        dataloader_pin_memory=False,
-        max_length=128,
-        seed=0,
-    )
+    config = RewardConfig(**trl_training_args(args, workdir / "trl-reward"))
     return train_in_order(
         RewardTrainer,
         args.warmup,
