@@ -7,8 +7,11 @@ carries byte-for-byte copies of:
     crds/*.yaml                        -> charts/kubealign/crds/            (the AlignmentRun CRD)
     operator/kubealign/rbac/rules.yaml -> charts/kubealign/files/rbac-rules.yaml (what the operator needs)
 
-Run ``tools/sync_chart.py`` after editing a source; ``tools/sync_chart.py --check`` (and the chart
-tests) fail while any copy differs. Standard library only.
+Before copying, it rewrites the CRD's generated blocks (stage types, input rules and hyperparameter
+rules) from the stage catalogue, ``kubealign_jobs/stages.py``, through ``kubealign.crdgen``.
+
+Run ``.venv/bin/python tools/sync_chart.py`` after editing a source or the catalogue;
+``--check`` (and the chart tests) fail while any copy or generated block differs.
 """
 
 from __future__ import annotations
@@ -32,9 +35,33 @@ def pairs() -> list[tuple[Path, Path]]:
     ]
 
 
+def _render_crd(text: str) -> str:
+    # Imported here: the rest of this script needs only the standard library.
+    from kubealign import crdgen
+
+    return crdgen.render_crd(text)
+
+
+def regenerate() -> list[Path]:
+    """Rewrite the generated blocks of every CRD in crds/; the files that changed."""
+    changed = []
+    for crd in sorted((REPO_ROOT / "crds").glob("*.yaml")):
+        text = crd.read_text()
+        rendered = _render_crd(text)
+        if rendered != text:
+            crd.write_text(rendered)
+            changed.append(crd)
+    return changed
+
+
 def stale() -> list[str]:
-    """Human-readable problems: a missing source, a missing or differing copy, a copy with no source."""
-    problems = []
+    """Human-readable problems: a missing source, a missing or differing copy, a copy with no source,
+    a CRD whose generated blocks differ from the stage catalogue."""
+    problems = [
+        f"{crd.relative_to(REPO_ROOT)}: generated blocks differ from the stage catalogue"
+        for crd in sorted((REPO_ROOT / "crds").glob("*.yaml"))
+        if _render_crd(crd.read_text()) != crd.read_text()
+    ]
     expected = set()
     for source, copy in pairs():
         expected.add(copy)
@@ -61,6 +88,7 @@ def main() -> int:
         if problems:
             print("run tools/sync_chart.py to update the chart's copies", file=sys.stderr)
         return 1 if problems else 0
+    regenerate()
     for source, copy in pairs():
         copy.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, copy)

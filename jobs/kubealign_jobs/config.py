@@ -26,8 +26,6 @@ T = TypeVar("T")
 API_VERSION = "kubealign.io/v1alpha1"
 KIND = "StageConfig"
 
-STAGE_TYPES = ("pretrain", "sft", "generate", "reward", "dpo", "ppo", "evaluate")
-
 # Where the operator mounts the document, and where the trainer writes its final metrics.
 DEFAULT_CONFIG_PATH = "/etc/kubealign/stage.json"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
@@ -41,6 +39,19 @@ MANIFEST_FILE = "_MANIFEST.json"
 
 class ConfigError(ValueError):
     """A stage-config document is malformed; the message names the field at fault."""
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """The seed of one random choice inside a run: ``seed`` mixed with what identifies the choice.
+
+    Every stage derives its seeds here from ``StageConfig.seed`` and, for example, (step, rank),
+    (chunk, rank) or (epoch,), so a resumed or retried attempt draws exactly what the first one
+    would have, and two choices of one run never share a stream. The result fits torch's 64 bits.
+    """
+    value = seed
+    for key in keys:
+        value = (value * 1_000_003 + key) % (1 << 63)
+    return value
 
 
 def artifact_uri(output: str) -> str:
@@ -131,8 +142,10 @@ class StageConfig:
         for name in ("run", "stage", "type", "output"):
             if not isinstance(doc.get(name), str) or not doc[name]:
                 raise ConfigError(f"{name}: required non-empty string")
-        if doc["type"] not in STAGE_TYPES:
-            raise ConfigError(f"type: {doc['type']!r} is not one of {', '.join(STAGE_TYPES)}")
+        # The catalogue imports this module (for ConfigError), so it is imported here, not at the top.
+        from kubealign_jobs.stages import stage_type
+
+        stage_type(doc["type"])
         inputs = _sub(doc, "inputs", Inputs)
         if not isinstance(inputs.policies, dict):
             raise ConfigError("inputs.policies: expected an object of name -> URI")

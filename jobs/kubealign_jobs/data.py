@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import torch
 
 from kubealign_jobs import storage
-from kubealign_jobs.config import MANIFEST_FILE
+from kubealign_jobs.config import MANIFEST_FILE, derive_seed
 
 T = TypeVar("T")
 
@@ -481,7 +481,7 @@ class EpochSampler:
     def _order_of(self, epoch: int) -> list[int]:
         if epoch != self._epoch:
             if self.shuffle:
-                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
                 self._order = torch.randperm(self.num_examples, generator=generator).tolist()
             else:
                 self._order = list(range(self.num_examples))

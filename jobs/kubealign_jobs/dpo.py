@@ -38,25 +38,13 @@ from kubealign_jobs import data, loop, storage
 from kubealign_jobs import model as models
 from kubealign_jobs.losses import dpo_loss
 from kubealign_jobs.runtime import StageContext, publish_results, run_stage
+from kubealign_jobs.stages import DPOHyperparameters as Hyperparameters
 
 log = logging.getLogger(__name__)
 
 REFERENCE_DIR = "reference_logps"
 REFERENCE_FILE = "logps.pt"
 PAIR_METRICS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
-
-
-@dataclass(frozen=True)
-class Hyperparameters(loop.TrainingHyperparameters):
-    """The DPO paper's settings: beta 0.1, lr 1e-6, batch 64, 150 warmup steps."""
-
-    beta: float = 0.1
-    learning_rate: float = 1e-6
-    batch_size: int = 64
-    warmup_steps: int = 150
-    lr_schedule: str = "constant"
-    reference_batch_size: int = 0  # sequences per reference forward; 0: 4 x micro-batch
-    disable_dropout: bool = True  # the log-ratios must compare like with like
 
 
 @dataclass(frozen=True)
@@ -296,7 +284,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("dpo", train, Hyperparameters, argv)
+    return run_stage("dpo", train, argv)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,65 +44,16 @@ import torch
 from kubealign_jobs import data, loop, rl, runtime, scorers, storage
 from kubealign_jobs import model as models
 from kubealign_jobs.attention import use_fast_masks
-from kubealign_jobs.config import ConfigError
-from kubealign_jobs.loop import MIXED_PRECISION
-from kubealign_jobs.runtime import StageContext, require_choice
+from kubealign_jobs.config import ConfigError, derive_seed
+from kubealign_jobs.runtime import StageContext
 from kubealign_jobs.sampling import Samples, SamplingParams, completion_logps, sample
+from kubealign_jobs.stages import EvaluateHyperparameters as Hyperparameters
 
 REFERENCE = "reference"
 BEST_OF_N = "best_of_n"
 RESULTS_FILE = "results.json"
 PLOT_FILE = "frontier.png"
 UNIT_FILE = "unit.json"
-BASELINES = ("reference", "data")
-
-
-@dataclass(frozen=True)
-class Hyperparameters:
-    """``hyperparameters.<name>`` overrides each default."""
-
-    scorer: str | None = None  # the judge, when given; else the reward model judges
-    scorer_options: dict[str, Any] = field(default_factory=dict)
-    reward_max_length: int = 512
-
-    temperatures: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
-    max_new_tokens: int = 64
-    top_p: float = 1.0
-    max_prompt_tokens: int = 256
-    samples_per_prompt: int = 1  # answers per prompt per policy and temperature
-    batch_size: int = 64
-    max_prompts: int = 0  # 0: every eval prompt
-    best_of_n: int = 4  # 0 disables the Best-of-N baseline
-    baseline: str = "reference"  # win rates against: reference | data
-    plot: bool = True
-    mixed_precision: str = "auto"
-
-    def __post_init__(self) -> None:
-        if not self.temperatures:
-            raise ConfigError("hyperparameters.temperatures: needs at least one temperature")
-        if len(set(self.temperatures)) != len(self.temperatures):
-            raise ConfigError(f"hyperparameters.temperatures: repeated values in {self.temperatures}")
-        for index, temperature in enumerate(self.temperatures):
-            if temperature < 0:
-                raise ConfigError(f"hyperparameters.temperatures[{index}]: must be >= 0, got {temperature}")
-        for name in ("samples_per_prompt", "batch_size", "max_prompt_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"hyperparameters.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.max_prompts < 0:
-            raise ConfigError(f"hyperparameters.max_prompts: must be >= 0, got {self.max_prompts}")
-        if self.best_of_n == 1 or self.best_of_n < 0:
-            raise ConfigError(f"hyperparameters.best_of_n: must be 0 (off) or >= 2, got {self.best_of_n}")
-        require_choice("hyperparameters.mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        require_choice("hyperparameters.baseline", self.baseline, BASELINES)
-        self.sampling(1.0)
-
-    def sampling(self, temperature: float) -> SamplingParams:
-        try:
-            return SamplingParams(
-                max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=self.top_p
-            )
-        except ValueError as exc:
-            raise ConfigError(f"hyperparameters.{exc}") from exc
 
 
 def temperature_key(temperature: float) -> str:
@@ -212,10 +163,6 @@ def _reduce(ctx: StageContext, sums: Sums) -> dict[str, float]:
     ).metrics()
 
 
-def _seed(config_seed: int, unit: int, temperature_index: int, rank: int) -> int:
-    return ((config_seed * 1_000_003 + unit) * 101 + temperature_index) * 4099 + rank
-
-
 def _sample(
     hp: Hyperparameters, model: Any, tokenizer: Any, prompts: list[str], temperature: float
 ) -> Samples:
@@ -224,7 +171,7 @@ def _sample(
         model,
         tokenizer,
         prompts,
-        hp.sampling(temperature),
+        SamplingParams(max_new_tokens=hp.max_new_tokens, temperature=temperature, top_p=hp.top_p),
         batch_size=hp.batch_size,
         max_prompt_tokens=hp.max_prompt_tokens,
     )
@@ -250,7 +197,7 @@ def evaluate_reference(
     best: dict[str, Any] = {}
     for t_index, temperature in enumerate(hp.temperatures):
         key = temperature_key(temperature)
-        torch.manual_seed(_seed(ctx.config.seed, 0, t_index, ctx.rank))
+        torch.manual_seed(derive_seed(ctx.config.seed, 0, t_index, ctx.rank))
         samples = _sample(hp, reference, tokenizer, prompts, temperature)
         scores = judges.score(samples)
         # Against itself the reference ties every comparison, by definition; its KL is 0.
@@ -323,7 +270,7 @@ def evaluate_policy(
     cells = {}
     for t_index, temperature in enumerate(hp.temperatures):
         key = temperature_key(temperature)
-        torch.manual_seed(_seed(ctx.config.seed, unit, t_index, ctx.rank))
+        torch.manual_seed(derive_seed(ctx.config.seed, unit, t_index, ctx.rank))
         samples = _sample(hp, policy, tokenizer, prompts, temperature)
         logps = completion_logps(policy, samples, batch_size=hp.batch_size)
         ref_logps = completion_logps(reference, samples, batch_size=hp.batch_size)
@@ -513,7 +460,7 @@ def plot_frontier(report: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return runtime.run_stage("evaluate", train, Hyperparameters, argv)
+    return runtime.run_stage("evaluate", train, argv)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -41,74 +41,13 @@ import torch
 from kubealign_jobs import data, loop, runtime, scorers, storage
 from kubealign_jobs import model as models
 from kubealign_jobs.attention import use_fast_masks
-from kubealign_jobs.config import ConfigError
-from kubealign_jobs.loop import MIXED_PRECISION
-from kubealign_jobs.runtime import StageContext, require_choice
+from kubealign_jobs.config import ConfigError, derive_seed
+from kubealign_jobs.runtime import StageContext
 from kubealign_jobs.sampling import SamplingParams, sample
+from kubealign_jobs.stages import GenerateHyperparameters as Hyperparameters
 
-OUTPUT_FORMATS = ("best_worst", "all_pairs", "ranking")
 CHUNK_PREFIX = "chunk-"
 SAMPLES_FILE = "samples.jsonl"
-
-
-@dataclass(frozen=True)
-class Hyperparameters:
-    """``hyperparameters.<name>`` overrides each default."""
-
-    # The labeller: a named ground-truth scorer, or (when None) the inputs.reward_model artifact.
-    scorer: str | None = None
-    scorer_options: dict[str, Any] = field(default_factory=dict)
-    reward_max_length: int = 512  # tokens of prompt + answer the reward model sees
-
-    # Sampling.
-    samples_per_prompt: int = 4  # K
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_prompt_tokens: int = 256
-    batch_size: int = 64  # sequences per generate call (prompts x K)
-    max_prompts: int = 0  # 0: every prompt in inputs.data
-
-    # What to write.
-    output_format: str = "best_worst"  # best_worst | all_pairs | ranking
-    min_margin: float = 0.0  # a pair needs chosen_score - rejected_score > min_margin
-
-    # Bookkeeping.
-    chunk_prompts: int = 256  # prompts per resumable chunk
-    mixed_precision: str = "auto"
-
-    def __post_init__(self) -> None:
-        for name in ("samples_per_prompt", "batch_size", "chunk_prompts", "max_prompt_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"hyperparameters.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.samples_per_prompt < 2:
-            raise ConfigError(
-                "hyperparameters.samples_per_prompt: a preference needs at least 2 samples per prompt"
-            )
-        if self.max_prompts < 0 or self.min_margin < 0:
-            raise ConfigError("hyperparameters.max_prompts and min_margin: must be >= 0")
-        require_choice("hyperparameters.output_format", self.output_format, OUTPUT_FORMATS)
-        require_choice("hyperparameters.mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        self.sampling()
-
-    def sampling(self) -> SamplingParams:
-        try:
-            return SamplingParams(
-                max_new_tokens=self.max_new_tokens,
-                temperature=self.temperature,
-                top_p=self.top_p,
-                top_k=self.top_k,
-            )
-        except ValueError as exc:
-            raise ConfigError(f"hyperparameters.{exc}") from exc
-
-    @property
-    def output_file(self) -> str:
-        return "rankings.jsonl" if self.output_format == "ranking" else "preferences.jsonl"
-
-
-# ---------------------------------------------------------------------------- labelled samples -> rows
 
 
 @dataclass(frozen=True)
@@ -241,7 +180,9 @@ def label_prompts(
         policy,
         tokenizer,
         repeated,
-        hp.sampling(),
+        SamplingParams(
+            max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k
+        ),
         batch_size=hp.batch_size,
         max_prompt_tokens=hp.max_prompt_tokens,
     )
@@ -284,7 +225,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
             continue
         start = chunk * hp.chunk_prompts
         indexed = [(i, prompts[i]) for i in range(start, min(start + hp.chunk_prompts, len(prompts)))]
-        torch.manual_seed((config.seed * 1_000_003 + chunk) * 4099 + ctx.rank)
+        torch.manual_seed(derive_seed(config.seed, chunk, ctx.rank))
         # Mixed precision (bf16 on GPUs that have it) for sampling and the reward model alike.
         with ctx.accelerator.autocast():
             mine = label_prompts(
@@ -348,7 +289,7 @@ def _read_chunks(checkpoints_uri: str, chunks: int, scratch: Path) -> list[Label
 
 
 def main(argv: list[str] | None = None) -> int:
-    return runtime.run_stage("generate", train, Hyperparameters, argv)
+    return runtime.run_stage("generate", train, argv)
 
 
 if __name__ == "__main__":

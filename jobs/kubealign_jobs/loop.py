@@ -31,56 +31,13 @@ from torch import nn
 from kubealign_jobs import checkpoint as checkpoints
 from kubealign_jobs.config import ConfigError
 from kubealign_jobs.data import DataPosition, EpochSampler, shard
-from kubealign_jobs.runtime import StageContext, require_choice
+from kubealign_jobs.runtime import StageContext
+from kubealign_jobs.stages import OptimizerHyperparameters, TrainingHyperparameters
 
 log = logging.getLogger(__name__)
 
 E = TypeVar("E")
 B = TypeVar("B")
-
-LR_SCHEDULES = ("cosine", "linear", "constant")
-MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-
-
-@dataclass(frozen=True)
-class TrainingHyperparameters:
-    """Defaults shared by all training stages; each stage extends this with its own."""
-
-    max_steps: int = 0  # 0: train for `epochs` epochs
-    epochs: float = 1.0
-    batch_size: int = 8  # global: examples per optimizer step across all processes
-    micro_batch_size: int = 0  # per process and forward pass; 0: batch_size / processes (no accumulation)
-    learning_rate: float = 1e-5
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    warmup_steps: int = 0
-    lr_schedule: str = "cosine"  # cosine | linear | constant (after warmup)
-    min_lr_ratio: float = 0.1  # cosine/linear decay to this fraction of learning_rate
-    grad_clip: float = 1.0  # 0 disables clipping
-    max_length: int = 512  # tokens per sequence (prompt + completion)
-    log_every: int = 10
-    checkpoint_every: int = 100  # 0 disables checkpoints
-    keep_checkpoints: int = 2
-    eval_every: int = 0  # 0: evaluate only at the end
-    mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it) | no | bf16 | fp16
-    gradient_checkpointing: bool = False
-
-    def __post_init__(self) -> None:
-        positive = ("batch_size", "max_length", "log_every", "keep_checkpoints")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"hyperparameters.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "micro_batch_size", "warmup_steps", "checkpoint_every", "eval_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"hyperparameters.{name}: must be >= 0, got {getattr(self, name)}")
-        if self.max_steps == 0 and self.epochs <= 0:
-            raise ConfigError("hyperparameters.epochs: must be > 0 when max_steps is 0")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"hyperparameters.learning_rate: must be > 0, got {self.learning_rate}")
-        require_choice("hyperparameters.lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        require_choice("hyperparameters.mixed_precision", self.mixed_precision, MIXED_PRECISION)
-
 
 @dataclass(frozen=True)
 class LossOutput:
@@ -138,7 +95,7 @@ def micro_batch_size(hp: TrainingHyperparameters, world_size: int) -> int:
     return size
 
 
-def lr_factor(step: int, *, hp: TrainingHyperparameters, total: int) -> float:
+def lr_factor(step: int, *, hp: OptimizerHyperparameters, total: int) -> float:
     """Multiplier of the base learning rate after ``step`` optimizer steps: warmup, then decay."""
     if hp.warmup_steps and step < hp.warmup_steps:
         return (step + 1) / hp.warmup_steps
@@ -150,7 +107,7 @@ def lr_factor(step: int, *, hp: TrainingHyperparameters, total: int) -> float:
     return hp.min_lr_ratio + (1.0 - hp.min_lr_ratio) * shape
 
 
-def make_optimizer(model: nn.Module, hp: TrainingHyperparameters) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, hp: OptimizerHyperparameters) -> torch.optim.Optimizer:
     """AdamW; biases and norm weights (1-D parameters) are not decayed."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -161,6 +118,16 @@ def make_optimizer(model: nn.Module, hp: TrainingHyperparameters) -> torch.optim
     return torch.optim.AdamW(
         groups, lr=hp.learning_rate, betas=(hp.adam_beta1, hp.adam_beta2), fused=fused or None
     )
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, hp: OptimizerHyperparameters, total: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup, then the ``lr_schedule`` decay over ``total`` optimizer steps (see `lr_factor`).
+
+    The scheduler stays outside accelerate: its wrapper would step it once per process.
+    """
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, hp=hp, total=total))
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -226,8 +193,7 @@ def train(
     if hp.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
     optimizer = make_optimizer(model, hp)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, hp=hp, total=total))
-    # The scheduler stays outside accelerate: its wrapper would step it once per process.
+    scheduler = make_scheduler(optimizer, hp, total)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
 

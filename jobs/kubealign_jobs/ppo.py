@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,100 +39,13 @@ from kubealign_jobs import checkpoint as checkpoints
 from kubealign_jobs import data, loop, rl, runtime, scorers
 from kubealign_jobs import model as models
 from kubealign_jobs.attention import use_fast_masks
-from kubealign_jobs.config import ConfigError
-from kubealign_jobs.loop import MIXED_PRECISION, find_resume_checkpoint
-from kubealign_jobs.runtime import StageContext, require_choice
+from kubealign_jobs.config import ConfigError, derive_seed
+from kubealign_jobs.loop import find_resume_checkpoint
+from kubealign_jobs.runtime import StageContext
 from kubealign_jobs.sampling import Samples, SamplingParams, completion_logits, sample
+from kubealign_jobs.stages import PPOHyperparameters as Hyperparameters
 
 VALUE_HEAD_FILE = "value_head.safetensors"
-
-
-@dataclass(frozen=True)
-class Hyperparameters:
-    """Defaults follow TRL's PPO and Ziegler et al.; ``hyperparameters.<name>`` overrides each."""
-
-    # The reward: a named ground-truth scorer, or (when None) the inputs.reward_model artifact.
-    scorer: str | None = None
-    scorer_options: dict[str, Any] = field(default_factory=dict)
-    reward_max_length: int = 512  # tokens of prompt + completion the reward model sees
-
-    # Rollouts.
-    steps: int = 100  # PPO steps, each one rollout batch and its update
-    rollout_batch_size: int = 16  # prompts per rank per step
-    max_new_tokens: int = 32
-    temperature: float = 1.0  # the policy is pi(.)^(1/T); log-probs are taken at the same T
-    top_p: float = 1.0
-    max_prompt_tokens: int = 128
-    forward_batch_size: int = 64  # rows per no-grad forward pass while scoring a rollout
-    missing_eos_penalty: float | None = None  # subtracted from the score of completions cut at max_new_tokens
-
-    # PPO update.
-    ppo_epochs: int = 4
-    mini_batch_size: int = 8  # rows per optimizer step, per rank
-    learning_rate: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    value_loss_coef: float = 0.1
-    entropy_coef: float = 0.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_rewards: bool = False
-
-    # The KL penalty: fixed beta, or adaptive towards target_kl (nats per sequence) when set.
-    init_kl_coef: float = 0.05
-    target_kl: float | None = None
-    kl_horizon: int = 10000
-    kl_estimator: str = "k1"
-
-    # Bookkeeping.
-    log_every: int = 1
-    checkpoint_every: int = 50  # 0 disables checkpoints
-    keep_checkpoints: int = 2
-    mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it) | no | bf16 | fp16
-
-    def __post_init__(self) -> None:
-        positive = ("steps", "rollout_batch_size", "mini_batch_size", "ppo_epochs", "forward_batch_size")
-        for name in (*positive, "log_every", "keep_checkpoints", "kl_horizon", "max_prompt_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"hyperparameters.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.rollout_batch_size % self.mini_batch_size:
-            raise ConfigError(
-                f"hyperparameters.mini_batch_size: {self.mini_batch_size} does not divide "
-                f"rollout_batch_size ({self.rollout_batch_size})"
-            )
-        if self.temperature <= 0:
-            raise ConfigError(
-                f"hyperparameters.temperature: PPO samples, so it must be > 0, got {self.temperature}"
-            )
-        if self.learning_rate <= 0:
-            raise ConfigError(f"hyperparameters.learning_rate: must be > 0, got {self.learning_rate}")
-        if self.target_kl is not None and self.target_kl <= 0:
-            raise ConfigError(
-                f"hyperparameters.target_kl: must be > 0 (or null for a fixed beta), got {self.target_kl}"
-            )
-        if self.init_kl_coef < 0:
-            raise ConfigError(f"hyperparameters.init_kl_coef: must be >= 0, got {self.init_kl_coef}")
-        if self.checkpoint_every < 0 or self.warmup_steps < 0:
-            raise ConfigError("hyperparameters.checkpoint_every and warmup_steps: must be >= 0")
-        if self.whiten_rewards and self.rollout_batch_size < 2:
-            raise ConfigError("hyperparameters.whiten_rewards: needs rollout_batch_size >= 2")
-        require_choice("hyperparameters.kl_estimator", self.kl_estimator, rl.KL_ESTIMATORS)
-        require_choice("hyperparameters.mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        self.sampling()  # checks top_p and max_new_tokens
-
-    def sampling(self) -> SamplingParams:
-        try:
-            return SamplingParams(
-                max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p
-            )
-        except ValueError as exc:
-            raise ConfigError(f"hyperparameters.{exc}") from exc
-
-
-# ---------------------------------------------------------------------------- the model
 
 
 class PolicyWithValueHead(nn.Module):
@@ -226,7 +139,7 @@ def collect_rollout(
         model.policy,
         tokenizer,
         prompts,
-        hp.sampling(),
+        SamplingParams(max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_p=hp.top_p),
         batch_size=hp.forward_batch_size,
         max_prompt_tokens=hp.max_prompt_tokens,
     )
@@ -347,7 +260,8 @@ def ppo_update(
             if hp.entropy_coef:
                 loss = loss - hp.entropy_coef * rl.masked_entropy(logits, mask)
             backward(loss)
-            grad_norm = clip_grad_norm(hp.max_grad_norm)
+            # grad_clip 0 disables clipping: an infinite max norm still measures the norm.
+            grad_norm = clip_grad_norm(hp.grad_clip or math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
@@ -370,23 +284,6 @@ def ppo_update(
 
 
 # ---------------------------------------------------------------------------- the stage
-
-
-def make_optimizer(model: nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
-    """AdamW, fused where torch has the kernel (CUDA and CPU).
-
-    PPO takes an optimizer step per minibatch, several per rollout: on a small model the
-    per-tensor update loop is a visible share of the step, and the fused kernel does it in one pass.
-    """
-    fused = all(p.device.type in ("cuda", "cpu") for p in model.parameters())
-    return torch.optim.AdamW(
-        model.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay, fused=fused or None
-    )
-
-
-def _seed(config_seed: int, step: int, rank: int) -> int:
-    """One seed per (run, step, rank): a resumed run samples exactly what the original would have."""
-    return (config_seed * 1_000_003 + step) * 4099 + rank
 
 
 def _reward_scorers(ctx: StageContext, hp: Hyperparameters) -> tuple[scorers.Scorer, scorers.Scorer | None]:
@@ -446,11 +343,8 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     models.disable_dropout(model)
     models.disable_dropout(reference)
     model.to(ctx.device)
-    optimizer = make_optimizer(model, hp)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / hp.warmup_steps) if hp.warmup_steps else 1.0
-    )
-    # The scheduler stays outside accelerate: its wrapper would step it once per process.
+    optimizer = loop.make_optimizer(model, hp)
+    scheduler = loop.make_scheduler(optimizer, hp, hp.steps)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     kl_controller = rl.make_kl_controller(
         init_kl_coef=hp.init_kl_coef, target_kl=hp.target_kl, horizon=hp.kl_horizon
@@ -507,7 +401,8 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     while step < hp.steps:
         indices, position = sampler.next_batch(position)
         mine = [prompts[i] for i in data.shard(indices, rank=rank, world_size=world)]
-        seed = _seed(config.seed, step, rank)
+        # One seed per (step, rank): a resumed run samples exactly what the original would have.
+        seed = derive_seed(config.seed, step, rank)
         torch.manual_seed(seed)
         # Under mixed precision the reference must see the same autocast as the policy, or the
         # precision gap alone would show up as KL.
@@ -575,7 +470,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return runtime.run_stage("ppo", train, Hyperparameters, argv)
+    return runtime.run_stage("ppo", train, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Output: ``<output>/artifact`` (model + tokenizer), ``<output>/metrics.json``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,31 +22,7 @@ from torch import nn
 from kubealign_jobs import data, loop
 from kubealign_jobs import model as models
 from kubealign_jobs.runtime import StageContext, publish_results, run_stage
-
-
-def _default_model() -> dict[str, Any]:
-    return {
-        "arch": "llama",
-        "hidden_size": 256,
-        "intermediate_size": 688,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 1024,
-    }
-
-
-@dataclass(frozen=True)
-class Hyperparameters(loop.TrainingHyperparameters):
-    learning_rate: float = 3e-4
-    weight_decay: float = 0.1
-    adam_beta2: float = 0.95
-    batch_size: int = 32
-    warmup_steps: int = 100
-    block_size: int = 256  # tokens per packed training sequence
-    vocab_size: int = 8000  # of the tokenizer trained when there is no input model
-    tokenizer_min_frequency: int = 2
-    model: dict[str, Any] = field(default_factory=_default_model)  # a new model; replaces the default whole
+from kubealign_jobs.stages import PretrainHyperparameters as Hyperparameters
 
 
 def causal_lm_loss(model: nn.Module, blocks: torch.Tensor) -> loop.LossOutput:
@@ -134,7 +109,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("pretrain", train, Hyperparameters, argv)
+    return run_stage("pretrain", train, argv)
 
 
 if __name__ == "__main__":

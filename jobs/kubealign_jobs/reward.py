@@ -28,23 +28,9 @@ from torch import nn
 
 from kubealign_jobs import data, loop
 from kubealign_jobs import model as models
-from kubealign_jobs.config import ConfigError
 from kubealign_jobs.losses import bradley_terry_loss, plackett_luce_losses, ranking_agreement
 from kubealign_jobs.runtime import StageContext, publish_results, run_stage
-
-
-@dataclass(frozen=True)
-class Hyperparameters(loop.TrainingHyperparameters):
-    learning_rate: float = 1e-5
-    batch_size: int = 32
-    epochs: float = 1.0
-    eval_fraction: float = 0.1  # held out from `data` when there is no `eval_data`
-    disable_dropout: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"hyperparameters.eval_fraction: must be in [0, 1), got {self.eval_fraction}")
+from kubealign_jobs.stages import RewardHyperparameters as Hyperparameters
 
 
 @dataclass(frozen=True)
@@ -204,7 +190,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("reward", train, Hyperparameters, argv)
+    return run_stage("reward", train, argv)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 It reads the stage config, checks whether the stage's artifact already exists (then it exits
 0 at once: a retried pod must not redo finished work), validates the hyperparameters against
-the stage's typed defaults, starts torch.distributed through accelerate, runs the stage and
-reports the result.
+the stage catalogue (``kubealign_jobs.stages``), starts torch.distributed through accelerate,
+runs the stage and reports the result.
 
 Distributed: the operator sets ``MASTER_ADDR``, ``MASTER_PORT``, ``NNODES``, ``NODE_RANK`` and
 ``NPROC_PER_NODE`` in each pod. Started plainly with a world size above one, the stage
@@ -25,7 +25,6 @@ Output contract (what the operator and the local runner read):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -34,14 +33,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from kubealign_jobs import storage
+from kubealign_jobs import stages, storage
 from kubealign_jobs.config import (
     METRICS_FILE,
     TERMINATION_MESSAGE_LIMIT,
@@ -51,8 +48,6 @@ from kubealign_jobs.config import (
 )
 
 log = logging.getLogger("kubealign_jobs")
-
-H = TypeVar("H")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -73,78 +68,6 @@ def load_config(where: str) -> StageConfig:
     except FileNotFoundError as exc:
         raise ConfigError(f"--config: {where} does not exist") from exc
     return StageConfig.from_json(text)
-
-
-def parse_hyperparameters(kind: type[H], values: dict[str, Any]) -> H:
-    """Build the stage's frozen hyperparameter dataclass from the config, checking names and types.
-
-    An unknown name or a value of the wrong type is a `ConfigError` naming
-    ``hyperparameters.<name>``; numbers given for a float field are accepted as floats.
-    """
-    hints = typing.get_type_hints(kind)
-    fields = {f.name for f in dataclasses.fields(kind)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ConfigError(
-            f"hyperparameters.{unknown[0]}: unknown hyperparameter for this stage "
-            f"(known: {', '.join(sorted(fields))})"
-        )
-    checked = {
-        name: _check_type(f"hyperparameters.{name}", value, hints[name]) for name, value in values.items()
-    }
-    try:
-        return kind(**checked)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(str(exc)) from exc
-
-
-def _check_type(where: str, value: Any, hint: Any) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _check_type(where, value, option)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected an object, got {value!r}")
-        return dict(value)
-    if origin in (list, tuple):
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        item = (typing.get_args(hint) or (Any,))[0]
-        checked = [_check_type(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
-        return tuple(checked) if origin is tuple else checked
-    return value
-
-
-def require_choice(where: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -377,10 +300,7 @@ def _existing_metrics(config: StageConfig) -> dict[str, Any]:
 
 
 def run_stage(
-    stage_type: str,
-    train: Callable[[StageContext, H], dict[str, Any]],
-    hyperparameters: type[H],
-    argv: list[str] | None = None,
+    stage_type: str, train: Callable[[StageContext, Any], dict[str, Any]], argv: list[str] | None = None
 ) -> int:
     """Run one stage end to end and return the process exit code (see the module docstring)."""
     from kubealign_jobs.data import DataError
@@ -401,7 +321,7 @@ def run_stage(
         stage = config.stage
         if config.type != stage_type:
             raise ConfigError(f"type: this is the {stage_type!r} trainer, the config is for {config.type!r}")
-        hp = parse_hyperparameters(hyperparameters, config.hyperparameters)
+        hp = stages.parse_hyperparameters(stage_type, config.hyperparameters)
         storage.configure(config.storage)
         if storage.is_complete(config.artifact):
             if rank == 0:

@@ -13,7 +13,6 @@ Output: ``<output>/artifact`` (model + tokenizer), ``<output>/metrics.json``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -23,15 +22,7 @@ from torch import nn
 from kubealign_jobs import data, loop
 from kubealign_jobs import model as models
 from kubealign_jobs.runtime import StageContext, publish_results, run_stage
-
-
-@dataclass(frozen=True)
-class Hyperparameters(loop.TrainingHyperparameters):
-    learning_rate: float = 2e-5
-    batch_size: int = 32
-    epochs: float = 3.0
-    warmup_steps: int = 10
-    preferred_ft: bool = False  # data are preference rows; train on prompt + chosen (Preferred-FT)
+from kubealign_jobs.stages import SFTHyperparameters as Hyperparameters
 
 
 def completion_nll(model: nn.Module, batch: data.CompletionBatch) -> loop.LossOutput:
@@ -117,7 +108,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("sft", train, Hyperparameters, argv)
+    return run_stage("sft", train, argv)
 
 
 if __name__ == "__main__":

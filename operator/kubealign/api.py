@@ -24,7 +24,10 @@ from typing import Any, Final
 import jsonschema
 import yaml
 
+from kubealign import crdgen
 from kubealign.defaults import ENV_IMAGE
+from kubealign_jobs import stages
+from kubealign_jobs.stages import CATALOGUE, ROLES
 
 GROUP: Final = "kubealign.io"
 VERSION: Final = "v1alpha1"
@@ -34,21 +37,10 @@ PLURAL: Final = "alignmentruns"
 CRD_NAME: Final = f"{PLURAL}.{GROUP}"
 CRD_FILE: Final = f"{CRD_NAME}.yaml"
 
-STAGE_TYPES: Final = ("pretrain", "sft", "generate", "reward", "dpo", "ppo", "evaluate")
+STAGE_TYPES: Final = stages.STAGE_TYPES
 
-# Input roles: the camelCase key of the API next to the snake_case field of StageInputs.
-SINGLE_ROLES: Final = (
-    ("model", "model"),
-    ("data", "data"),
-    ("evalData", "eval_data"),
-    ("rewardModel", "reward_model"),
-    ("reference", "reference"),
-)
-
-# What each stage type publishes as its artifact, for the checks the schema cannot express.
-MODEL_PRODUCERS: Final = frozenset({"pretrain", "sft", "dpo", "ppo"})
-DATA_PRODUCERS: Final = frozenset({"generate"})
-REWARD_PRODUCERS: Final = frozenset({"reward"})
+# Input roles with one source: the camelCase key of the API next to the snake_case field of StageInputs.
+SINGLE_ROLES: Final = tuple((role.key, role.attr) for role in ROLES.values() if role.key != "policies")
 
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
@@ -203,18 +195,6 @@ MSG_RUN_NAME: Final = (
 MSG_SELF_INPUT: Final = "a stage cannot take input from itself"
 MSG_EXACTLY_ONE: Final = "set exactly one of from or uri"
 MSG_POLICY_NAME: Final = "a policy given by uri needs a name"
-MSG_POLICIES_EVALUATE_ONLY: Final = "inputs.policies is only for evaluate stages"
-MSG_EVALUATE_NEEDS: Final = "an evaluate stage needs inputs.policies or inputs.model"
-MSG_NEEDS: Final[Mapping[tuple[str, str], str]] = {
-    ("pretrain", "data"): "a pretrain stage needs inputs.data (the text corpus)",
-    ("sft", "data"): "an sft stage needs inputs.data (instruction rows)",
-    ("generate", "model"): "a generate stage needs inputs.model (the policy to sample from)",
-    ("reward", "data"): "a reward stage needs inputs.data (preference pairs)",
-    ("dpo", "data"): "a dpo stage needs inputs.data (preference pairs)",
-    ("dpo", "model"): "a dpo stage needs inputs.model (the policy to start from)",
-    ("ppo", "model"): "a ppo stage needs inputs.model (the policy to start from)",
-    ("ppo", "rewardModel"): "a ppo stage needs inputs.rewardModel (a reward stage or a reward model URI)",
-}
 
 
 def msg_from_earlier(role: str) -> str:
@@ -232,19 +212,11 @@ def _cel_errors(manifest: Mapping[str, Any]) -> list[FieldError]:
     name = str(manifest.get("metadata", {}).get("name", ""))
     if not (len(name) <= 63 and _DNS_LABEL.fullmatch(name)):
         errors.append(FieldError("metadata.name", MSG_RUN_NAME))
-    stages: Sequence[Mapping[str, Any]] = manifest["spec"]["stages"]
-    names = [stage["name"] for stage in stages]
-    for index, stage in enumerate(stages):
+    listed: Sequence[Mapping[str, Any]] = manifest["spec"]["stages"]
+    names = [stage["name"] for stage in listed]
+    for index, stage in enumerate(listed):
         at = f"spec.stages[{index}]"
-        inputs = stage.get("inputs")
-        kind = stage["type"]
-        for (stage_type, role), message in MSG_NEEDS.items():
-            if kind == stage_type and (inputs is None or role not in inputs):
-                errors.append(FieldError(f"{at}.inputs.{role}", message))
-        if kind == "evaluate" and (inputs is None or not ("model" in inputs or inputs.get("policies"))):
-            errors.append(FieldError(f"{at}.inputs", MSG_EVALUATE_NEEDS))
-        if kind != "evaluate" and inputs is not None and "policies" in inputs:
-            errors.append(FieldError(f"{at}.inputs.policies", MSG_POLICIES_EVALUATE_ONLY))
+        errors.extend(_catalogue_errors(at, stage))
         for where, source in _sources(stage):
             if ("from" in source) == ("uri" in source):
                 errors.append(FieldError(f"{at}.{where}", MSG_EXACTLY_ONE))
@@ -263,33 +235,49 @@ def _cel_errors(manifest: Mapping[str, Any]) -> list[FieldError]:
     return list(dict.fromkeys(errors))
 
 
+def _catalogue_errors(at: str, stage: Mapping[str, Any]) -> Iterator[FieldError]:
+    """The rules ``kubealign.crdgen`` generates into the CRD, checked from the same catalogue entry."""
+    entry = CATALOGUE[stage["type"]]
+    inputs = stage.get("inputs") or {}
+    hyperparameters = stage.get("hyperparameters") or {}
+    for group, why in entry.requires:
+        if not any(inputs.get(role) for role in group):
+            where = f"inputs.{group[0]}" if len(group) == 1 else "inputs"
+            yield FieldError(f"{at}.{where}", stages.needs_message(entry, group, why))
+    for role in inputs:
+        if role not in entry.roles:
+            yield FieldError(f"{at}.inputs.{role}", crdgen.role_forbidden_message(role))
+    if entry.needs_reward and "rewardModel" not in inputs and hyperparameters.get("scorer") is None:
+        yield FieldError(f"{at}.inputs.rewardModel", stages.reward_message(entry))
+    for _, message in stages.hyperparameter_errors(entry.name, hyperparameters):
+        where, reason = message.split(": ", 1)
+        yield FieldError(f"{at}.{where}", reason)
+
+
 def _semantic_errors(manifest: Mapping[str, Any]) -> list[FieldError]:
     """What the schema does not say: an input must come from a stage that produces that kind of thing."""
     errors: list[FieldError] = []
-    stages: Sequence[Mapping[str, Any]] = manifest["spec"]["stages"]
-    types = {stage["name"]: stage["type"] for stage in stages}
-    wanted: Mapping[str, tuple[frozenset[str], str]] = {
-        "model": (MODEL_PRODUCERS, "a model (pretrain, sft, dpo or ppo)"),
-        "reference": (MODEL_PRODUCERS, "a model (pretrain, sft, dpo or ppo)"),
-        "policies": (MODEL_PRODUCERS, "a model (pretrain, sft, dpo or ppo)"),
-        "data": (DATA_PRODUCERS, "a dataset (generate)"),
-        "evalData": (DATA_PRODUCERS, "a dataset (generate)"),
-        "rewardModel": (REWARD_PRODUCERS, "a reward model (reward)"),
-    }
-    for index, stage in enumerate(stages):
+    listed: Sequence[Mapping[str, Any]] = manifest["spec"]["stages"]
+    types = {stage["name"]: stage["type"] for stage in listed}
+    for index, stage in enumerate(listed):
         seen: dict[str, str] = {}
         for where, source in _sources(stage):
             role = where.split(".")[1].split("[")[0]
             upstream = source.get("from")
-            if upstream in types:
-                producers, what = wanted[role]
-                if types[upstream] not in producers:
-                    errors.append(
-                        FieldError(
-                            f"spec.stages[{index}].{where}.from",
-                            f"stage {upstream!r} is a {types[upstream]} stage; {role} needs {what}",
-                        )
+            accepts = ROLES[role].accepts
+            if (
+                upstream in types
+                and accepts is not None
+                and CATALOGUE[types[upstream]].produces is not accepts
+            ):
+                makers = ", ".join(stages.producers(accepts))
+                errors.append(
+                    FieldError(
+                        f"spec.stages[{index}].{where}.from",
+                        f"stage {upstream!r} is a {types[upstream]} stage; {role} needs a {accepts} "
+                        f"({makers})",
                     )
+                )
             if role == "policies":
                 policy = str(source.get("name") or upstream or "")
                 if policy in seen:
@@ -582,9 +570,6 @@ class AlignmentRun:
 
 
 # --- the typed status ---------------------------------------------------------------------------
-
-RUN_PHASES: Final = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
-STAGE_PHASES: Final = ("Pending", "Queued", "Running", "Retrying", "Suspended", "Succeeded", "Failed")
 
 
 def _drop_none(doc: Mapping[str, Any]) -> dict[str, Any]:

@@ -37,7 +37,12 @@ def pipeline() -> list[dict[str, Any]]:
     return [
         stage("pretrain", "pretrain", inputs={"data": uri("s3://data/corpus")}),
         stage("sft", "sft", inputs={"model": src("pretrain"), "data": uri("s3://data/sft")}),
-        stage("generate", "generate", inputs={"model": src("sft"), "data": uri("s3://data/prompts")}),
+        stage(
+            "generate",
+            "generate",
+            inputs={"model": src("sft"), "data": uri("s3://data/prompts")},
+            hyperparameters={"scorer": "vader"},
+        ),
         stage("reward", "reward", inputs={"model": src("sft"), "data": src("generate")}),
         stage("dpo", "dpo", inputs={"model": src("sft"), "data": src("generate")}),
         stage(
@@ -50,6 +55,7 @@ def pipeline() -> list[dict[str, Any]]:
             "evaluate",
             inputs={
                 "policies": [src("dpo"), src("ppo"), {"uri": "s3://models/base", "name": "base"}],
+                "reference": src("sft"),
                 "rewardModel": src("reward"),
                 "data": uri("s3://data/eval"),
             },

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from kubealign import api
+from kubealign import api, crdgen
 from tests.operator.run_builders import invalid_cases, manifest, pipeline, src, stage, uri
 
 CASES = invalid_cases()
@@ -37,9 +37,7 @@ def test_every_cel_rule_of_the_crd_has_a_python_twin() -> None:
         api.MSG_SELF_INPUT,
         api.MSG_EXACTLY_ONE,
         api.MSG_POLICY_NAME,
-        api.MSG_POLICIES_EVALUATE_ONLY,
-        api.MSG_EVALUATE_NEEDS,
-        *api.MSG_NEEDS.values(),
+        *crdgen.static_messages(),
         *(api.msg_from_earlier(role) for role, _ in api.SINGLE_ROLES),
         api.msg_from_earlier("policies"),
     }
@@ -97,16 +95,16 @@ def test_crd_shape() -> None:
 @pytest.mark.parametrize(
     ("role", "upstream_type", "needs"),
     [
-        ("rewardModel", "sft", "a reward model"),
-        ("model", "reward", "a model"),
-        ("data", "sft", "a dataset"),
+        ("rewardModel", "sft", "a reward model (reward)"),
+        ("model", "reward", "a model (pretrain, sft, dpo, ppo)"),
+        ("data", "sft", "a dataset (generate)"),
     ],
 )
 def test_inputs_must_come_from_a_stage_that_makes_that_kind_of_thing(
     role: str, upstream_type: str, needs: str
 ) -> None:
     """Beyond the schema: the operator reports these as Valid=False rather than crash-looping."""
-    first = stage("up", upstream_type, inputs={"data": uri("s3://d/x")})
+    first = stage("up", upstream_type, inputs={"model": uri("s3://m/base"), "data": uri("s3://d/x")})
     inputs = {
         "model": uri("s3://m/base"),
         "rewardModel": uri("s3://m/rm"),
@@ -139,7 +137,7 @@ def test_parse_applies_crd_defaults_and_keeps_inputs() -> None:
     assert ppo.inputs.upstream() == ("sft", "reward")
     evaluate = run.spec.stage("evaluate")
     assert [p.policy_name for p in evaluate.inputs.policies] == ["dpo", "ppo", "base"]
-    assert evaluate.inputs.upstream() == ("reward", "dpo", "ppo")
+    assert evaluate.inputs.upstream() == ("reward", "sft", "dpo", "ppo")
 
 
 def test_status_round_trips_through_dicts() -> None:

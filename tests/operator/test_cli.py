@@ -33,7 +33,7 @@ def test_validate_names_file_line_and_field(tmp_path: Path, capsys: pytest.Captu
                 "kind: AlignmentRun",
                 "metadata: {name: good}",
                 "spec: {image: t, storage: {uri: 's3://b'},",
-                "       stages: [{name: a, type: sft, inputs: {data: {uri: 's3://d'}}}]}",
+                "       stages: [{name: a, type: sft, inputs: {model: {uri: 's3://m'}, data: {uri: 's3://d'}}}]}",
                 "---",
                 "apiVersion: kubealign.io/v1alpha1",
                 "kind: AlignmentRun",

@@ -1,0 +1,251 @@
+"""The CRD's catalogue-derived parts, generated from ``kubealign_jobs.stages``.
+
+``crds/alignmentruns.kubealign.io.yaml`` is hand-written except for blocks between
+``# BEGIN generated: <name>`` and ``# END generated: <name>`` comment lines, which this module
+writes from the stage catalogue:
+
+- ``stage-type``: the ``type`` field's description and enum;
+- ``stage-inputs``: per-stage CEL rules: required inputs, inputs a stage type does not read, and the
+  reward-source rule (``inputs.rewardModel`` or ``hyperparameters.scorer``);
+- ``hyperparameters``: CEL rules on ``spec.stages`` refusing unknown hyperparameter names, wrong
+  types, out-of-range values and bad choices, each message naming
+  ``spec.stages[<i>].hyperparameters.<name>``.
+
+``tools/sync_chart.py`` rewrites the blocks (and copies the CRD into the chart);
+``render_crd(text)`` is pure, and a test fails while the file differs from it. The rules check
+what one field can say; cross-field rules (``mini_batch_size`` divides ``rollout_batch_size``)
+are left to ``kubealign validate`` and the operator, which run the catalogue's Python checks.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
+
+import yaml
+
+from kubealign_jobs import stages
+from kubealign_jobs.stages import CATALOGUE, ROLES, Kind, Param
+
+BLOCK = re.compile(
+    r"^(?P<indent>[ ]*)# BEGIN generated: (?P<name>[-a-z]+)\n.*?^(?P=indent)# END generated: (?P=name)\n",
+    re.MULTILINE | re.DOTALL,
+)
+HEADER: Final = "from the stage catalogue by tools/sync_chart.py; do not edit"
+
+
+def _quote(items: Iterable[str]) -> str:
+    return "[" + ", ".join(f"'{item}'" for item in items) + "]"
+
+
+def _has_role(role: str, of: str = "self") -> str:
+    if role == "policies":
+        return f"(has({of}.inputs.policies) && size({of}.inputs.policies) > 0)"
+    return f"has({of}.inputs.{role})"
+
+
+# ---------------------------------------------------------------------------- per-stage rules
+
+
+def input_rules() -> list[dict[str, Any]]:
+    """Required inputs, inputs a stage type does not read, and the reward-source rule."""
+    rules: list[dict[str, Any]] = []
+    for entry in CATALOGUE.values():
+        for group, why in entry.requires:
+            present = " || ".join(_has_role(role) for role in group)
+            rules.append(
+                {
+                    "rule": f"self.type != '{entry.name}' || (has(self.inputs) && ({present}))",
+                    "message": stages.needs_message(entry, group, why),
+                    "fieldPath": f".inputs.{group[0]}" if len(group) == 1 else ".inputs",
+                    "reason": "FieldValueRequired",
+                }
+            )
+    for role in ROLES:
+        readers = [name for name, entry in CATALOGUE.items() if role in entry.roles]
+        if len(readers) == len(CATALOGUE):
+            continue
+        rules.append(
+            {
+                "rule": f"self.type in {_quote(readers)} || !has(self.inputs) || !has(self.inputs.{role})",
+                "message": role_forbidden_message(role),
+                "fieldPath": f".inputs.{role}",
+                "reason": "FieldValueForbidden",
+            }
+        )
+    for entry in CATALOGUE.values():
+        if entry.needs_reward:
+            rules.append(
+                {
+                    "rule": (
+                        f"self.type != '{entry.name}' || (has(self.inputs) && has(self.inputs.rewardModel)) "
+                        "|| (has(self.hyperparameters) && 'scorer' in self.hyperparameters && "
+                        "self.hyperparameters['scorer'] != null)"
+                    ),
+                    "message": stages.reward_message(entry),
+                    "fieldPath": ".inputs.rewardModel",
+                    "reason": "FieldValueRequired",
+                }
+            )
+    return rules
+
+
+def role_forbidden_message(role: str) -> str:
+    readers = [name for name, entry in CATALOGUE.items() if role in entry.roles]
+    names = readers[0] if len(readers) == 1 else ", ".join(readers[:-1]) + " and " + readers[-1]
+    return f"inputs.{role} is only for {names} stages"
+
+
+# ---------------------------------------------------------------------------- hyperparameter rules
+
+
+def _literal(value: float, kind: Kind) -> str:
+    return repr(int(value)) if kind is Kind.INT else repr(float(value))
+
+
+def value_check(p: Param, v: str) -> str:
+    """A CEL expression true when the value ``v`` is acceptable for ``p`` (one field's rules)."""
+    number = "(type(VALUE) == int || type(VALUE) == double)".replace("VALUE", v)
+    checks = {
+        Kind.BOOL: [f"type({v}) == bool"],
+        Kind.INT: [f"type({v}) == int"],
+        Kind.FLOAT: [number],
+        Kind.STR: [f"type({v}) == string"],
+        Kind.OBJECT: [f"type({v}) == map"],
+        Kind.NUMBERS: [f"type({v}) == list"],
+    }[p.kind]
+    if p.kind in (Kind.INT, Kind.FLOAT):
+        x = v if p.kind is Kind.INT else f"double({v})"
+        for op, bound in ((">=", p.ge), (">", p.gt), ("<=", p.le), ("<", p.lt)):
+            if bound is not None:
+                checks.append(f"{x} {op} {_literal(bound, p.kind)}")
+    if p.choices:
+        checks.append(f"{v} in {_quote(p.choices)}")
+    expression = " && ".join(checks)
+    return f"({v} == null || ({expression}))" if p.nullable else f"({expression})"
+
+
+def expected(p: Param) -> str:
+    """What a value must be, in the words of the API server's message."""
+    constraint = p.constraint()
+    article = "an" if p.kind.value[0] in "aeiou" else "a"
+    return f"{article} {p.kind.value}" + (f" {constraint}" if constraint else "")
+
+
+def _stage_filter(types: Sequence[str], condition: str) -> str:
+    match = f"s.type == '{types[0]}'" if len(types) == 1 else f"s.type in {_quote(types)}"
+    return f"{match} && has(s.hyperparameters) && {condition}"
+
+
+def hyperparameter_rules() -> list[dict[str, Any]]:
+    """CEL rules on the spec.stages list: unknown names per stage type, then one rule per field check."""
+    rules: list[dict[str, Any]] = []
+    for entry in CATALOGUE.values():
+        known = _quote(p.name for p in entry.params)
+        bad = f"s.hyperparameters.exists(k, !(k in {known}))"
+        where = _stage_filter([entry.name], bad)
+        # CEL has no edit distance: a prefix either way catches plurals and cut-off names, and
+        # `kubealign validate` (difflib) suggests the rest.
+        near = "n.startsWith(k) || k.startsWith(n)"
+        hint = (
+            f"({known}.exists(n, {near}) ? '; did you mean ' + {known}.filter(n, {near})[0] + '?' : "
+            f"' (kubealign stages {entry.name} lists them)')"
+        )
+        message = (
+            f"self.transformList(i, s, {where}, s.hyperparameters.filter(k, !(k in {known})).map(k, "
+            f"'spec.stages[' + string(i) + '].hyperparameters.' + k + "
+            f"': unknown hyperparameter of {entry.article} {entry.name} stage' + {hint})[0])[0]"
+        )
+        rules.append(
+            {
+                "rule": f"!self.exists(s, {where})",
+                "messageExpression": message,
+                "message": unknown_rule_message(entry.name),
+                "reason": "FieldValueInvalid",
+            }
+        )
+    groups: dict[tuple[str, str], list[str]] = {}
+    params: dict[tuple[str, str], Param] = {}
+    for entry in CATALOGUE.values():
+        for p in entry.params:
+            key = (p.name, value_check(p, "VALUE"))
+            groups.setdefault(key, []).append(entry.name)
+            params[key] = p
+    for key, types in groups.items():
+        p = params[key]
+        v = f"s.hyperparameters['{p.name}']"
+        where = _stage_filter(types, f"'{p.name}' in s.hyperparameters && !{value_check(p, v)}")
+        text = f"must be {expected(p)}"
+        rules.append(
+            {
+                "rule": f"!self.exists(s, {where})",
+                "messageExpression": (
+                    f"self.transformList(i, s, {where}, 'spec.stages[' + string(i) + "
+                    f"'].hyperparameters.{p.name}: {text}')[0]"
+                ),
+                "message": f"hyperparameters.{p.name}: {text}",
+                "reason": "FieldValueInvalid",
+            }
+        )
+    return rules
+
+
+def unknown_rule_message(stage: str) -> str:
+    return f"unknown hyperparameter of a {stage} stage (kubealign stages {stage} lists them)"
+
+
+def static_messages() -> set[str]:
+    """The ``message`` of every generated rule (the API server's fallback text)."""
+    return {rule["message"] for rule in input_rules() + hyperparameter_rules()}
+
+
+# ---------------------------------------------------------------------------- the stage type field
+
+
+def stage_type_field() -> dict[str, Any]:
+    lines = [
+        "What the stage trains or computes (kubealign stages TYPE prints its inputs and hyperparameters)."
+    ]
+    for entry in CATALOGUE.values():
+        needs = "; ".join(" or ".join(group) for group, _ in entry.requires)
+        lines.append(f"{entry.name}: {entry.summary} (needs {needs}; produces a {entry.produces}).")
+    return {"description": " ".join(lines), "type": "string", "enum": list(CATALOGUE)}
+
+
+# ---------------------------------------------------------------------------- splicing
+
+
+def _dump(value: Any, indent: str) -> str:
+    text = yaml.safe_dump(value, sort_keys=False, width=100, default_flow_style=False, allow_unicode=True)
+    return "".join(f"{indent}{line}\n" if line else "\n" for line in text.splitlines())
+
+
+def blocks() -> dict[str, Any]:
+    return {
+        "stage-type": stage_type_field(),
+        "stage-inputs": input_rules(),
+        "hyperparameters": hyperparameter_rules(),
+    }
+
+
+def render_crd(text: str) -> str:
+    """``text`` with every generated block rewritten from the catalogue; the rest is untouched."""
+    generated = blocks()
+    seen: set[str] = set()
+
+    def replace(match: re.Match[str]) -> str:
+        name, indent = match["name"], match["indent"]
+        if name not in generated:
+            raise ValueError(f"CRD: unknown generated block {name!r} (known: {', '.join(generated)})")
+        seen.add(name)
+        return (
+            f"{indent}# BEGIN generated: {name}\n{indent}# {HEADER}\n"
+            f"{_dump(generated[name], indent)}{indent}# END generated: {name}\n"
+        )
+
+    out = BLOCK.sub(replace, text)
+    missing = sorted(set(generated) - seen)
+    if missing:
+        raise ValueError(f"CRD: no generated block for {', '.join(missing)}")
+    return out
