@@ -6,9 +6,12 @@ carries byte-for-byte copies of:
 
     crds/*.yaml                        -> charts/kubealign/crds/            (the AlignmentRun CRD)
     operator/kubealign/rbac/rules.yaml -> charts/kubealign/files/rbac-rules.yaml (what the operator needs)
+    operator/kubealign/policy/hyperparameters.yaml -> charts/kubealign/files/hyperparameters-policy.yaml
+                                       (the ValidatingAdmissionPolicy that checks hyperparameters)
 
-Before copying, it rewrites the CRD's generated blocks (stage types, input rules and hyperparameter
-rules) from the stage catalogue, ``kubealign_jobs/stages.py``, through ``kubealign.crdgen``.
+Before copying, it rewrites the CRD's generated blocks (stage types and input rules) and the
+hyperparameter admission policy from the stage catalogue, ``kubealign_jobs/stages.py``, through
+``kubealign.crdgen``.
 
 Run ``.venv/bin/python tools/sync_chart.py`` after editing a source or the catalogue;
 ``--check`` (and the chart tests) fail while any copy or generated block differs.
@@ -24,6 +27,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHART = REPO_ROOT / "charts" / "kubealign"
 RBAC_SOURCE = REPO_ROOT / "operator" / "kubealign" / "rbac" / "rules.yaml"
+POLICY_SOURCE = REPO_ROOT / "operator" / "kubealign" / "policy" / "hyperparameters.yaml"
 
 
 def pairs() -> list[tuple[Path, Path]]:
@@ -32,35 +36,38 @@ def pairs() -> list[tuple[Path, Path]]:
     return [
         *((source, CHART / "crds" / source.name) for source in crds),
         (RBAC_SOURCE, CHART / "files" / "rbac-rules.yaml"),
+        (POLICY_SOURCE, CHART / "files" / "hyperparameters-policy.yaml"),
     ]
 
 
-def _render_crd(text: str) -> str:
+def generated() -> dict[Path, str]:
+    """Every file written from the stage catalogue, with the text it must have."""
     # Imported here: the rest of this script needs only the standard library.
     from kubealign import crdgen
 
-    return crdgen.render_crd(text)
+    out = {crd: crdgen.render_crd(crd.read_text()) for crd in sorted((REPO_ROOT / "crds").glob("*.yaml"))}
+    if POLICY_SOURCE.parent.is_dir():
+        out[POLICY_SOURCE] = crdgen.policy_text()
+    return out
 
 
 def regenerate() -> list[Path]:
-    """Rewrite the generated blocks of every CRD in crds/; the files that changed."""
+    """Rewrite the generated files; the ones that changed."""
     changed = []
-    for crd in sorted((REPO_ROOT / "crds").glob("*.yaml")):
-        text = crd.read_text()
-        rendered = _render_crd(text)
-        if rendered != text:
-            crd.write_text(rendered)
-            changed.append(crd)
+    for path, text in generated().items():
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
+            changed.append(path)
     return changed
 
 
 def stale() -> list[str]:
     """Human-readable problems: a missing source, a missing or differing copy, a copy with no source,
-    a CRD whose generated blocks differ from the stage catalogue."""
+    a generated file that differs from what the stage catalogue generates."""
     problems = [
-        f"{crd.relative_to(REPO_ROOT)}: generated blocks differ from the stage catalogue"
-        for crd in sorted((REPO_ROOT / "crds").glob("*.yaml"))
-        if _render_crd(crd.read_text()) != crd.read_text()
+        f"{path.relative_to(REPO_ROOT)}: differs from what the stage catalogue generates"
+        for path, text in generated().items()
+        if not path.is_file() or path.read_text() != text
     ]
     expected = set()
     for source, copy in pairs():

@@ -97,23 +97,18 @@ class Judges:
 
 
 def _judges(ctx: StageContext, hp: Hyperparameters) -> Judges:
-    reward_model = None
-    if ctx.config.inputs.reward_model:
-        reward_model = scorers.load_reward_model_scorer(
-            ctx.config.inputs.reward_model,
-            ctx.scratch,
-            device=ctx.device,
-            batch_size=hp.batch_size,
-            max_length=hp.reward_max_length,
-        )
-    if hp.scorer:
-        return Judges(judge=scorers.make_scorer(hp.scorer, hp.scorer_options), reward_model=reward_model)
-    if reward_model is None:
-        raise ConfigError(
-            "hyperparameters.scorer: the evaluate stage needs a judge: a ground-truth scorer by name "
-            "or inputs.reward_model"
-        )
-    return Judges(judge=reward_model, reward_model=reward_model)
+    """The judge is the ground truth when there is one (the scorer), else the reward model."""
+    reward, ground_truth = scorers.reward_sources(
+        ctx.config.inputs.reward_model,
+        hp,
+        ctx.scratch,
+        device=ctx.device,
+        batch_size=hp.batch_size,
+        stage="evaluate",
+    )
+    if ground_truth is not None:
+        return Judges(judge=ground_truth, reward_model=reward)
+    return Judges(judge=reward, reward_model=reward if ctx.config.inputs.reward_model else None)
 
 
 # ---------------------------------------------------------------------------- one unit of work

@@ -41,7 +41,7 @@ import torch
 from kubealign_jobs import data, loop, runtime, scorers, storage
 from kubealign_jobs import model as models
 from kubealign_jobs.attention import use_fast_masks
-from kubealign_jobs.config import ConfigError, derive_seed
+from kubealign_jobs.config import derive_seed
 from kubealign_jobs.runtime import StageContext
 from kubealign_jobs.sampling import SamplingParams, sample
 from kubealign_jobs.stages import GenerateHyperparameters as Hyperparameters
@@ -142,28 +142,6 @@ def _chunk_uri(config_checkpoints: str, chunk: int) -> str:
     return storage.join(config_checkpoints, f"{CHUNK_PREFIX}{chunk:08d}")
 
 
-def _labeller(ctx: StageContext, hp: Hyperparameters) -> scorers.Scorer:
-    if ctx.config.inputs.reward_model:
-        if hp.scorer:
-            raise ConfigError(
-                "hyperparameters.scorer: give either a ground-truth scorer or inputs.reward_model "
-                "as the labeller, not both"
-            )
-        return scorers.load_reward_model_scorer(
-            ctx.config.inputs.reward_model,
-            ctx.scratch,
-            device=ctx.device,
-            batch_size=hp.batch_size,
-            max_length=hp.reward_max_length,
-        )
-    if not hp.scorer:
-        raise ConfigError(
-            "hyperparameters.scorer: the generate stage needs a labeller: a ground-truth scorer by name "
-            "or inputs.reward_model"
-        )
-    return scorers.make_scorer(hp.scorer, hp.scorer_options)
-
-
 def label_prompts(
     *,
     policy: Any,
@@ -199,12 +177,40 @@ def label_prompts(
     ]
 
 
+def ground_truth_agreement(labelled: list[LabelledPrompt], ground_truth: scorers.Scorer) -> float:
+    """Fraction of prompts whose best and worst labelled answers the ground truth orders the same way.
+
+    Ties under the label are skipped; a ground-truth tie counts one half.
+    """
+    pairs = []
+    for item in labelled:
+        order = sorted(range(len(item.scores)), key=lambda i: item.scores[i])
+        if item.scores[order[-1]] > item.scores[order[0]]:
+            pairs.append((item.prompt, item.completions[order[-1]], item.completions[order[0]]))
+    if not pairs:
+        return float("nan")
+    prompts = [p for p, _, _ in pairs]
+    best = ground_truth.score(prompts, [b for _, b, _ in pairs])
+    worst = ground_truth.score(prompts, [w for _, _, w in pairs])
+    agree = sum(1.0 if b > w else 0.5 if b == w else 0.0 for b, w in zip(best, worst, strict=True))
+    return agree / len(pairs)
+
+
 def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     """The generate stage (called by `runtime.run_stage`)."""
     config = ctx.config
     model_uri = loop.require_input(config.inputs.model, "inputs.model")
     data_uri = loop.require_input(config.inputs.data, "inputs.data")
-    labeller = _labeller(ctx, hp)
+    # With a reward model and a scorer, the reward model labels and the scorer measures how often
+    # the true ordering agrees with the label (the label noise a reward stage trains on).
+    labeller, ground_truth = scorers.reward_sources(
+        config.inputs.reward_model,
+        hp,
+        ctx.scratch,
+        device=ctx.device,
+        batch_size=hp.batch_size,
+        stage="generate",
+    )
     prompts = data.load(data_uri, ctx.scratch / "data", data.prompt_text)
     if hp.max_prompts:
         prompts = prompts[: hp.max_prompts]
@@ -258,8 +264,11 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
             for item in labelled
             for row in preference_rows(item, output_format=hp.output_format, min_margin=hp.min_margin)
         ]
+        stats = {**dataset_stats(labelled, rows), "output_file": hp.output_file, "labeller": labeller.name}
+        if ground_truth is not None:
+            stats["ground_truth_agreement"] = ground_truth_agreement(labelled, ground_truth)
         outcome = (
-            {**dataset_stats(labelled, rows), "output_file": hp.output_file, "labeller": labeller.name},
+            stats,
             None
             if rows
             else f"{data_uri}: no preference rows: every prompt's answers were empty, identical or tied "

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 E = TypeVar("E")
 B = TypeVar("B")
 
+
 @dataclass(frozen=True)
 class LossOutput:
     """The loss of one micro-batch.

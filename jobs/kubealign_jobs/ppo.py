@@ -39,7 +39,7 @@ from kubealign_jobs import checkpoint as checkpoints
 from kubealign_jobs import data, loop, rl, runtime, scorers
 from kubealign_jobs import model as models
 from kubealign_jobs.attention import use_fast_masks
-from kubealign_jobs.config import ConfigError, derive_seed
+from kubealign_jobs.config import derive_seed
 from kubealign_jobs.loop import find_resume_checkpoint
 from kubealign_jobs.runtime import StageContext
 from kubealign_jobs.sampling import Samples, SamplingParams, completion_logits, sample
@@ -286,31 +286,6 @@ def ppo_update(
 # ---------------------------------------------------------------------------- the stage
 
 
-def _reward_scorers(ctx: StageContext, hp: Hyperparameters) -> tuple[scorers.Scorer, scorers.Scorer | None]:
-    """(the reward PPO maximises, a ground-truth scorer reported beside it or None).
-
-    With ``inputs.reward_model`` the learned reward is optimised, as in RLHF, and a named
-    ``scorer``, if also given, is reported as ``true_score`` to show how well the learned
-    reward tracks the real one. Without a reward model the scorer is the reward.
-    """
-    ground_truth = scorers.make_scorer(hp.scorer, hp.scorer_options) if hp.scorer else None
-    if ctx.config.inputs.reward_model:
-        reward = scorers.load_reward_model_scorer(
-            ctx.config.inputs.reward_model,
-            ctx.scratch,
-            device=ctx.device,
-            batch_size=hp.forward_batch_size,
-            max_length=hp.reward_max_length,
-        )
-        return reward, ground_truth
-    if ground_truth is None:
-        raise ConfigError(
-            "hyperparameters.scorer: the ppo stage needs a reward: set inputs.reward_model "
-            "(a reward stage's artifact) or a ground-truth scorer by name"
-        )
-    return ground_truth, None
-
-
 def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     """The PPO stage; `runtime.run_stage` handles config, launch, errors and the termination message."""
     config = ctx.config
@@ -328,7 +303,14 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     reference = (
         use_fast_masks(models.load_causal_lm(reference_dir)).to(ctx.device).eval().requires_grad_(False)
     )
-    reward, ground_truth = _reward_scorers(ctx, hp)
+    reward, ground_truth = scorers.reward_sources(
+        config.inputs.reward_model,
+        hp,
+        ctx.scratch,
+        device=ctx.device,
+        batch_size=hp.forward_batch_size,
+        stage="ppo",
+    )
     prompts = data.load(data_uri, ctx.scratch / "data", data.prompt_text)
     global_batch = hp.rollout_batch_size * world
     sampler = data.EpochSampler(len(prompts), global_batch, seed=config.seed)

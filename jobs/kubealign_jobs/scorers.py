@@ -27,6 +27,7 @@ from kubealign_jobs import data, storage
 from kubealign_jobs import model as models
 from kubealign_jobs.attention import use_fast_masks
 from kubealign_jobs.config import ConfigError
+from kubealign_jobs.stages import RewardSourceHyperparameters
 
 
 class ScorerError(ConfigError):
@@ -168,3 +169,32 @@ def make_scorer(
     if options is not None and not isinstance(options, dict):
         raise ScorerError(f"{where}_options: expected an object")
     return factory(dict(options or {}), where)
+
+
+def reward_sources(
+    reward_model_uri: str | None,
+    hp: RewardSourceHyperparameters,
+    scratch: Path,
+    *,
+    device: Any,
+    batch_size: int,
+    stage: str,
+) -> tuple[Scorer, Scorer | None]:
+    """The one reward-source rule of generate, ppo and evaluate: (reward, ground truth or None).
+
+    With ``inputs.reward_model`` the learned reward is the reward (what PPO optimises, what
+    generate labels with) and a named ``hyperparameters.scorer``, if also given, is the ground
+    truth reported beside it. Without a reward model the scorer is the reward. The catalogue
+    refuses a stage with neither, so this error is the trainer's last line of defence.
+    """
+    ground_truth = make_scorer(hp.scorer, hp.scorer_options) if hp.scorer else None
+    if reward_model_uri:
+        reward = load_reward_model_scorer(
+            reward_model_uri, scratch, device=device, batch_size=batch_size, max_length=hp.reward_max_length
+        )
+        return reward, ground_truth
+    if ground_truth is None:
+        raise ConfigError(
+            f"inputs.reward_model: the {stage} stage needs a reward model or hyperparameters.scorer"
+        )
+    return ground_truth, None

@@ -23,6 +23,7 @@ from kubealign_jobs import data, loop
 from kubealign_jobs import model as models
 from kubealign_jobs.runtime import StageContext, publish_results, run_stage
 from kubealign_jobs.stages import SFTHyperparameters as Hyperparameters
+from kubealign_jobs.stages import TrainingHyperparameters
 
 
 def completion_nll(model: nn.Module, batch: data.CompletionBatch) -> loop.LossOutput:
@@ -32,7 +33,7 @@ def completion_nll(model: nn.Module, batch: data.CompletionBatch) -> loop.LossOu
 
 
 def completion_task(
-    encoded: list[data.Encoded], tokenizer: Any, hp: loop.TrainingHyperparameters
+    encoded: list[data.Encoded], tokenizer: Any, hp: TrainingHyperparameters
 ) -> loop.Task[data.Encoded, data.CompletionBatch]:
     return loop.Task(
         examples=encoded,

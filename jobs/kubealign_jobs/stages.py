@@ -206,7 +206,8 @@ def _metadata(cls: type, name: str) -> Mapping[str, Any]:
     for klass in cls.__mro__:
         declared = getattr(klass, "__dataclass_fields__", {}).get(name)
         if declared is not None and "doc" in declared.metadata:
-            return declared.metadata
+            metadata: Mapping[str, Any] = declared.metadata
+            return metadata
     raise TypeError(f"{cls.__name__}.{name}: declare it with stages.param(default, doc)")
 
 

@@ -2,8 +2,9 @@
 
     kubealign operator --namespace team-a [--namespace team-b ...]   # or --all-namespaces
     kubealign operator -A --metrics-port 9090                        # Prometheus at :9090/metrics
-    kubealign crd | kubectl apply -f -                               # the AlignmentRun CRD
+    kubealign crd | kubectl apply -f -                               # the CRD and its admission policy
     kubealign validate run.yaml [...]                                # check manifests offline
+    kubealign stages [TYPE]                                          # stage types and hyperparameters
     kubealign run run.yaml --local [--workdir DIR]                   # run the stages on this machine
 
 Run the operator from a checkout against the current kubeconfig context::
@@ -27,6 +28,8 @@ from typing import Any
 import yaml
 
 from kubealign import api, local
+from kubealign_jobs import stages
+from kubealign_jobs.config import ConfigError
 
 
 def _add_operator(subparsers: Any) -> None:
@@ -92,8 +95,11 @@ def _run_operator(args: argparse.Namespace) -> int:
 
 
 def _add_crd(subparsers: Any) -> None:
-    parser = subparsers.add_parser("crd", help="print the AlignmentRun CustomResourceDefinition")
-    parser.set_defaults(handler=lambda _args: _print(api.crd_text()))
+    parser = subparsers.add_parser(
+        "crd",
+        help="print the AlignmentRun CustomResourceDefinition and its hyperparameter admission policy",
+    )
+    parser.set_defaults(handler=lambda _args: _print(api.install_text()))
 
 
 def _print(text: str) -> int:
@@ -127,7 +133,36 @@ def _validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-COMMANDS: list[Callable[[Any], None]] = [_add_operator, _add_crd, _add_validate, local.add_parser]
+def _add_stages(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "stages",
+        help="list the stage types, or one type's inputs and hyperparameters",
+        description=(
+            "The stage catalogue: what spec.stages[].type can be and, for one TYPE, its inputs and every "
+            "hyperparameter with its type, default, bounds and description (as kubectl explain does "
+            "for the spec)."
+        ),
+    )
+    parser.add_argument("type", nargs="?", metavar="TYPE", help=f"one of {', '.join(stages.STAGE_TYPES)}")
+    parser.set_defaults(handler=_stages)
+
+
+def _stages(args: argparse.Namespace) -> int:
+    try:
+        text = stages.describe(args.type)
+    except ConfigError as exc:
+        print(f"kubealign stages: {exc}", file=sys.stderr)
+        return 2
+    return _print(text)
+
+
+COMMANDS: list[Callable[[Any], None]] = [
+    _add_operator,
+    _add_crd,
+    _add_validate,
+    _add_stages,
+    local.add_parser,
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,20 +1,25 @@
-"""The CRD's catalogue-derived parts, generated from ``kubealign_jobs.stages``.
+"""The API server's catalogue-derived rules, generated from ``kubealign_jobs.stages``.
 
-``crds/alignmentruns.kubealign.io.yaml`` is hand-written except for blocks between
-``# BEGIN generated: <name>`` and ``# END generated: <name>`` comment lines, which this module
-writes from the stage catalogue:
+Two places refuse a bad AlignmentRun at ``kubectl apply``, and both are written from the stage
+catalogue here:
 
-- ``stage-type``: the ``type`` field's description and enum;
-- ``stage-inputs``: per-stage CEL rules: required inputs, inputs a stage type does not read, and the
-  reward-source rule (``inputs.rewardModel`` or ``hyperparameters.scorer``);
-- ``hyperparameters``: CEL rules on ``spec.stages`` refusing unknown hyperparameter names, wrong
-  types, out-of-range values and bad choices, each message naming
-  ``spec.stages[<i>].hyperparameters.<name>``.
+- the CRD, ``crds/alignmentruns.kubealign.io.yaml``: hand-written except for blocks between
+  ``# BEGIN generated: <name>`` and ``# END generated: <name>`` comment lines:
+  ``stage-type`` (the ``type`` field's description and enum) and ``stage-inputs`` (CEL rules on
+  each stage: required inputs, and inputs its type does not read);
+- a ValidatingAdmissionPolicy, ``operator/kubealign/policy/hyperparameters.yaml`` (the chart
+  installs it; ``kubealign crd`` prints it after the CRD): unknown hyperparameter names with a
+  "did you mean", wrong types, out-of-range values and bad choices, and the reward-source rule,
+  each message naming ``spec.stages[<i>].hyperparameters.<name>``.
 
-``tools/sync_chart.py`` rewrites the blocks (and copies the CRD into the chart);
-``render_crd(text)`` is pure, and a test fails while the file differs from it. The rules check
-what one field can say; cross-field rules (``mini_batch_size`` divides ``rollout_batch_size``)
-are left to ``kubealign validate`` and the operator, which run the catalogue's Python checks.
+Why a policy and not CRD rules: ``hyperparameters`` is free-form (each stage type has its own
+names), and CRD validation rules cannot see fields the schema does not declare, while an
+admission policy's CEL reads the whole object. The policy checks what one field can say;
+cross-field rules (``mini_batch_size`` divides ``rollout_batch_size``) are left to
+``kubealign validate`` and the operator, which run the catalogue's own Python checks.
+
+``tools/sync_chart.py`` regenerates both (and copies them into the chart); ``render_crd(text)``
+and ``policy_text()`` are pure, and tests fail while the files differ from them.
 """
 
 from __future__ import annotations
@@ -74,20 +79,6 @@ def input_rules() -> list[dict[str, Any]]:
                 "reason": "FieldValueForbidden",
             }
         )
-    for entry in CATALOGUE.values():
-        if entry.needs_reward:
-            rules.append(
-                {
-                    "rule": (
-                        f"self.type != '{entry.name}' || (has(self.inputs) && has(self.inputs.rewardModel)) "
-                        "|| (has(self.hyperparameters) && 'scorer' in self.hyperparameters && "
-                        "self.hyperparameters['scorer'] != null)"
-                    ),
-                    "message": stages.reward_message(entry),
-                    "fieldPath": ".inputs.rewardModel",
-                    "reason": "FieldValueRequired",
-                }
-            )
     return rules
 
 
@@ -138,11 +129,39 @@ def _stage_filter(types: Sequence[str], condition: str) -> str:
     return f"{match} && has(s.hyperparameters) && {condition}"
 
 
+STAGES: Final = "object.spec.stages"
+
+
+def reward_rules() -> list[dict[str, Any]]:
+    """The one reward-source rule: inputs.rewardModel or hyperparameters.scorer (at least one)."""
+    rules = []
+    for entry in CATALOGUE.values():
+        if not entry.needs_reward:
+            continue
+        where = (
+            f"s.type == '{entry.name}' && !(has(s.inputs) && has(s.inputs.rewardModel)) && "
+            "!(has(s.hyperparameters) && 'scorer' in s.hyperparameters && "
+            "s.hyperparameters['scorer'] != null)"
+        )
+        rules.append(
+            {
+                "expression": f"!{STAGES}.exists(s, {where})",
+                "messageExpression": (
+                    f"{STAGES}.transformList(i, s, {where}, 'spec.stages[' + string(i) + "
+                    f"'].inputs.rewardModel: {stages.reward_message(entry)}')[0]"
+                ),
+                "message": stages.reward_message(entry),
+                "reason": "Invalid",
+            }
+        )
+    return rules
+
+
 def hyperparameter_rules() -> list[dict[str, Any]]:
-    """CEL rules on the spec.stages list: unknown names per stage type, then one rule per field check."""
+    """Unknown names per stage type, then one rule per field check (shared by the types that agree)."""
     rules: list[dict[str, Any]] = []
     for entry in CATALOGUE.values():
-        known = _quote(p.name for p in entry.params)
+        known = f"variables.known_{entry.name}"
         bad = f"s.hyperparameters.exists(k, !(k in {known}))"
         where = _stage_filter([entry.name], bad)
         # CEL has no edit distance: a prefix either way catches plurals and cut-off names, and
@@ -153,16 +172,16 @@ def hyperparameter_rules() -> list[dict[str, Any]]:
             f"' (kubealign stages {entry.name} lists them)')"
         )
         message = (
-            f"self.transformList(i, s, {where}, s.hyperparameters.filter(k, !(k in {known})).map(k, "
+            f"{STAGES}.transformList(i, s, {where}, s.hyperparameters.filter(k, !(k in {known})).map(k, "
             f"'spec.stages[' + string(i) + '].hyperparameters.' + k + "
             f"': unknown hyperparameter of {entry.article} {entry.name} stage' + {hint})[0])[0]"
         )
         rules.append(
             {
-                "rule": f"!self.exists(s, {where})",
+                "expression": f"!{STAGES}.exists(s, {where})",
                 "messageExpression": message,
                 "message": unknown_rule_message(entry.name),
-                "reason": "FieldValueInvalid",
+                "reason": "Invalid",
             }
         )
     groups: dict[tuple[str, str], list[str]] = {}
@@ -179,13 +198,13 @@ def hyperparameter_rules() -> list[dict[str, Any]]:
         text = f"must be {expected(p)}"
         rules.append(
             {
-                "rule": f"!self.exists(s, {where})",
+                "expression": f"!{STAGES}.exists(s, {where})",
                 "messageExpression": (
-                    f"self.transformList(i, s, {where}, 'spec.stages[' + string(i) + "
+                    f"{STAGES}.transformList(i, s, {where}, 'spec.stages[' + string(i) + "
                     f"'].hyperparameters.{p.name}: {text}')[0]"
                 ),
                 "message": f"hyperparameters.{p.name}: {text}",
-                "reason": "FieldValueInvalid",
+                "reason": "Invalid",
             }
         )
     return rules
@@ -195,9 +214,72 @@ def unknown_rule_message(stage: str) -> str:
     return f"unknown hyperparameter of a {stage} stage (kubealign stages {stage} lists them)"
 
 
-def static_messages() -> set[str]:
-    """The ``message`` of every generated rule (the API server's fallback text)."""
-    return {rule["message"] for rule in input_rules() + hyperparameter_rules()}
+def crd_messages() -> set[str]:
+    """The ``message`` of every rule generated into the CRD."""
+    return {rule["message"] for rule in input_rules()}
+
+
+# ---------------------------------------------------------------------------- the admission policy
+
+POLICY_NAME: Final = "alignmentruns.kubealign.io-hyperparameters"
+POLICY_FILE: Final = "hyperparameters.yaml"
+
+
+def known_names() -> list[dict[str, str]]:
+    """The policy's variables: each stage type's hyperparameter names, ``variables.known_<type>``."""
+    return [
+        {"name": f"known_{name}", "expression": _quote(p.name for p in entry.params)}
+        for name, entry in CATALOGUE.items()
+    ]
+
+
+def policy() -> list[dict[str, Any]]:
+    """The ValidatingAdmissionPolicy and its binding (every namespace, deny)."""
+    validations = reward_rules() + hyperparameter_rules()
+    return [
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": POLICY_NAME},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {
+                    "resourceRules": [
+                        {
+                            "apiGroups": ["kubealign.io"],
+                            "apiVersions": ["*"],
+                            "operations": ["CREATE", "UPDATE"],
+                            "resources": ["alignmentruns"],
+                        }
+                    ]
+                },
+                "variables": known_names(),
+                "validations": validations,
+            },
+        },
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": POLICY_NAME},
+            "spec": {"policyName": POLICY_NAME, "validationActions": ["Deny"]},
+        },
+    ]
+
+
+def policy_messages() -> set[str]:
+    return {rule["message"] for rule in reward_rules() + hyperparameter_rules()}
+
+
+def policy_text() -> str:
+    """The policy file: generated from the catalogue, two YAML documents."""
+    header = (
+        "# The AlignmentRun hyperparameter rules, generated from the stage catalogue\n"
+        "# (jobs/kubealign_jobs/stages.py) by tools/sync_chart.py; do not edit.\n"
+    )
+    body = "---\n".join(
+        yaml.safe_dump(doc, sort_keys=False, width=100, default_flow_style=False) for doc in policy()
+    )
+    return header + body
 
 
 # ---------------------------------------------------------------------------- the stage type field
@@ -222,11 +304,7 @@ def _dump(value: Any, indent: str) -> str:
 
 
 def blocks() -> dict[str, Any]:
-    return {
-        "stage-type": stage_type_field(),
-        "stage-inputs": input_rules(),
-        "hyperparameters": hyperparameter_rules(),
-    }
+    return {"stage-type": stage_type_field(), "stage-inputs": input_rules()}
 
 
 def render_crd(text: str) -> str:

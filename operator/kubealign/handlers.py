@@ -87,7 +87,7 @@ def build_registry(*, resync_seconds: float = DEFAULT_RESYNC_SECONDS) -> kopf.Op
         api.PLURAL,
         interval=resync_seconds,
         initial_delay=resync_seconds,
-        when=lambda status, **_: status.get("phase") not in ("Succeeded", "Failed"),
+        when=lambda status, **_: status.get("phase") not in (api.RunPhase.SUCCEEDED, api.RunPhase.FAILED),
         registry=registry,
     )
     def resync(namespace: str | None, name: str, memo: Any, **_: Any) -> None:

@@ -48,7 +48,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -247,7 +247,11 @@ def finished_jobs(run: api.AlignmentRun, previous: api.RunStatus | None) -> list
         if not artifact_complete(render.stage_artifact(run, stage)):
             continue
         before = previous.stage(stage.name) if previous else None
-        recorded = before if before is not None and before.phase == "Succeeded" and before.job_name else None
+        recorded = (
+            before
+            if before is not None and before.phase == api.StagePhase.SUCCEEDED and before.job_name
+            else None
+        )
         attempt = recorded.attempts if recorded else 1
         jobs.append(
             plan.ObservedJob(
@@ -290,7 +294,7 @@ def interrupted_status(status: api.RunStatus, jobs: Mapping[str, str], signal_na
     message = f"interrupted by {signal_name}; rerun to resume from the latest checkpoint"
     now = utc_now()
     stages = tuple(
-        replace(s, phase="Failed", message=message, completion_time=s.completion_time or now)
+        replace(s, phase=api.StagePhase.FAILED, message=message, completion_time=s.completion_time or now)
         if jobs.get(s.name) == s.job_name and s.job_name
         else s
         for s in status.stages
@@ -305,7 +309,7 @@ def interrupted_status(status: api.RunStatus, jobs: Mapping[str, str], signal_na
     ]
     return replace(
         status,
-        phase="Failed",
+        phase=api.RunPhase.FAILED,
         stages=stages,
         conditions=tuple(conditions),
         completion_time=status.completion_time or now,
@@ -328,7 +332,6 @@ class Attempt:
     started: float
     first: Progress | None = None
     latest: Progress | None = None
-    events: list[str] = field(default_factory=list)
 
 
 def _pdeathsig() -> Any:
@@ -438,7 +441,7 @@ class LocalRunner:
                 break
         self._draw()
         self.display.close()
-        return EXIT_SUCCEEDED if self.status.phase == "Succeeded" else EXIT_FAILED
+        return EXIT_SUCCEEDED if self.status.phase == api.RunPhase.SUCCEEDED else EXIT_FAILED
 
     def request_stop(self, signum: int, _frame: FrameType | None = None) -> None:
         """Signal handler: the loop stops the stages and records the interruption.
@@ -481,29 +484,15 @@ class LocalRunner:
         termination.unlink(missing_ok=True)
         env = {
             **os.environ,
-            "KUBEALIGN_RUN": self.run.name,
-            "KUBEALIGN_STAGE": stage.name,
-            "KUBEALIGN_ATTEMPT": str(attempt),
+            **render.trainer_env(self.run, stage, attempt),
             "KUBEALIGN_TERMINATION_LOG": str(termination),
             "KUBEALIGN_SCRATCH": str(self.workdir / "scratch" / stage.name),
-            "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONUNBUFFERED": "1",
             **self._threads_env(),
             # One machine: a multi-node stage runs as a single node here.
             "NNODES": "1",
         }
-        if self.run.spec.storage.endpoint:
-            env["AWS_ENDPOINT_URL"] = self.run.spec.storage.endpoint
-        if self.run.spec.storage.region:
-            env["AWS_DEFAULT_REGION"] = self.run.spec.storage.region
-        command = [
-            self.options.python,
-            "-m",
-            f"kubealign_jobs.{stage.type}",
-            "--config",
-            str(self.config_path(stage)),
-        ]
+        command = [self.options.python, *render.trainer_args(stage, str(self.config_path(stage)))]
         log = self.log_path(stage).open("ab")
         # A killed attempt may have left half a line; every header starts a line of its own.
         separator = "\n" if log.tell() else ""
@@ -591,13 +580,10 @@ class LocalRunner:
         if interrupted is not None:
             text = f"interrupted by {interrupted}"
         elif message is not None:
-            text = f"{_exit_description(code)}: {message.get('error') or json.dumps(message, sort_keys=True)}"
+            text = plan.failure_text(_exit_description(code), json.dumps(message, sort_keys=True))
         else:
-            tail = _log_tail(self.log_path(attempt.stage))
-            text = f"{_exit_description(code)}: {tail}" if tail else _exit_description(code)
-        return replace(
-            attempt.job, state=plan.JobState.FAILED, finished=now, message=text[-plan.MESSAGE_LIMIT :]
-        )
+            text = plan.failure_text(_exit_description(code), _log_tail(self.log_path(attempt.stage)))
+        return replace(attempt.job, state=plan.JobState.FAILED, finished=now, message=text)
 
     def _refresh(self, *, force: bool = False) -> bool:
         """Recompute the status from the attempts (as the operator does from Jobs); write it if it changed."""
@@ -667,7 +653,9 @@ class LocalRunner:
                     elapsed_s=elapsed,
                     first=attempt.first if attempt else None,
                     latest=attempt.latest if attempt else None,
-                    message=status.message if status.phase not in ("Running", "Succeeded") else None,
+                    message=status.message
+                    if status.phase not in (api.StagePhase.RUNNING, api.StagePhase.SUCCEEDED)
+                    else None,
                 )
             )
         return views

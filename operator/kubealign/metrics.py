@@ -27,8 +27,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-RUN_PHASES = ("Pending", "Running", "Succeeded", "Failed", "Suspended")
-TERMINAL_STAGE_PHASES = ("Succeeded", "Failed")
+from kubealign.api import RunPhase, StagePhase
+
+RUN_PHASES = tuple(RunPhase)
+TERMINAL_STAGE_PHASES = (StagePhase.SUCCEEDED, StagePhase.FAILED)
 
 # Stages run from seconds (tiny test models) to days (pretraining), so the buckets span both ends.
 STAGE_DURATION_BUCKETS = (

@@ -14,13 +14,23 @@ Attempts are numbered from 1; attempt N's Job is ``render.job_name(run, stage, N
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from kubealign.api import AlignmentRun, Condition, FieldError, RunStatus, Stage, StageStatus
+from kubealign.api import (
+    AlignmentRun,
+    Condition,
+    FieldError,
+    RunPhase,
+    RunStatus,
+    Stage,
+    StagePhase,
+    StageStatus,
+)
 from kubealign.render import (
     COMPLETION_INDEX_ANNOTATION,
     CONTAINER_NAME,
@@ -117,10 +127,25 @@ def read_failure(pods: Sequence[Mapping[str, Any]]) -> str:
         if terminated is None:
             reason = pod.get("status", {}).get("reason") or "Failed"
             return _truncate(f"pod {pod['metadata']['name']}: {reason}: {pod['status'].get('message', '')}")
-        text = (terminated.get("message") or "").strip()
-        head = f"exit code {terminated.get('exitCode')} ({terminated.get('reason') or 'Error'})"
-        return _truncate(f"{head}: {text}" if text else head)
+        return failure_text(
+            f"exit code {terminated.get('exitCode')} ({terminated.get('reason') or 'Error'})",
+            terminated.get("message") or "",
+        )
     return ""
+
+
+def failure_text(head: str, detail: str) -> str:
+    """``<head>: <detail>`` as a stage's status message, in the operator and the local runner alike.
+
+    ``detail`` is the trainer's termination message (its ``error`` when that is JSON with one) or
+    a log tail; long texts keep their end, where a traceback says what went wrong.
+    """
+    text = detail.strip()
+    with contextlib.suppress(ValueError):
+        doc = json.loads(text)
+        if isinstance(doc, dict) and doc.get("error"):
+            text = str(doc["error"])
+    return _truncate(f"{head}: {text}" if text else head)
 
 
 def observe_job(
@@ -193,7 +218,11 @@ def jobs_needing_pods(jobs: Sequence[ObservedJob], previous: RunStatus | None) -
         if job.state not in (JobState.SUCCEEDED, JobState.FAILED):
             continue
         recorded = previous.stage(job.stage) if previous else None
-        done = ("Succeeded",) if job.state is JobState.SUCCEEDED else ("Failed", "Retrying")
+        done = (
+            (StagePhase.SUCCEEDED,)
+            if job.state is JobState.SUCCEEDED
+            else (StagePhase.FAILED, StagePhase.RETRYING)
+        )
         if recorded is None or recorded.job_name != job.name or recorded.phase not in done:
             names.append(job.name)
     return tuple(names)
@@ -274,7 +303,7 @@ def _stage_status(
     output = artifact_uri(stage_output(run, stage))
     base = StageStatus(name=stage.name, type=stage.type, output=output)
     if not attempts:
-        waiting = [u for u in stage.inputs.upstream() if phases.get(u) != "Succeeded"]
+        waiting = [u for u in stage.inputs.upstream() if phases.get(u) != StagePhase.SUCCEEDED]
         message = (
             "run is suspended"
             if run.spec.suspend
@@ -289,7 +318,11 @@ def _stage_status(
         metrics = last.metrics if last.metrics is not None else (recorded.metrics if recorded else None)
         message = last.message if last.message is not None else (recorded.message if recorded else "")
         return replace(
-            status, phase="Succeeded", completion_time=last.finished, metrics=metrics, message=message
+            status,
+            phase=StagePhase.SUCCEEDED,
+            completion_time=last.finished,
+            metrics=metrics,
+            message=message,
         )
     failures = [a for a in attempts if a.state is JobState.FAILED]
     last_failure = ""
@@ -299,13 +332,16 @@ def _stage_status(
     if last.state is JobState.FAILED:
         if exhausted(stage, last):
             return replace(
-                status, phase="Failed", completion_time=last.finished, message=_failure_text(last, previous)
+                status,
+                phase=StagePhase.FAILED,
+                completion_time=last.finished,
+                message=_failure_text(last, previous),
             )
-        return replace(status, phase="Retrying", message=last_failure)
+        return replace(status, phase=StagePhase.RETRYING, message=last_failure)
     if last.state is JobState.SUSPENDED:
-        phase = "Suspended" if run.spec.suspend else "Queued"
+        phase = StagePhase.SUSPENDED if run.spec.suspend else StagePhase.QUEUED
         return replace(status, phase=phase, message=last_failure)
-    return replace(status, phase="Running", message=last_failure)
+    return replace(status, phase=StagePhase.RUNNING, message=last_failure)
 
 
 def _failure_text(failure: ObservedJob, previous: StageStatus | None) -> str:
@@ -316,7 +352,7 @@ def _failure_text(failure: ObservedJob, previous: StageStatus | None) -> str:
         prefix = f"attempt {failure.attempt} failed: "
         if previous.message.startswith(prefix):
             return previous.message[len(prefix) :]
-        if previous.job_name == failure.name and previous.phase == "Failed":
+        if previous.job_name == failure.name and previous.phase == StagePhase.FAILED:
             return previous.message
     return failure.reason
 
@@ -345,67 +381,70 @@ def summarize(
         phases[stage.name] = status.phase
         stages.append(status)
 
-    failed = [s for s in stages if s.phase == "Failed"]
-    succeeded = [s for s in stages if s.phase == "Succeeded"]
-    active = [s for s in stages if s.phase in ("Running", "Queued", "Retrying")]
+    failed = [s for s in stages if s.phase == StagePhase.FAILED]
+    succeeded = [s for s in stages if s.phase == StagePhase.SUCCEEDED]
+    active = [s for s in stages if s.phase.active]
     started = [s.start_time for s in stages if s.start_time]
     generation = run.generation
 
     if errors:
-        phase, reason = "Failed", "InvalidSpec"
+        phase, reason = RunPhase.FAILED, "InvalidSpec"
         failure = "; ".join(str(e) for e in errors[:5])
     elif failed:
-        phase, reason = "Failed", "StageFailed"
+        phase, reason = RunPhase.FAILED, "StageFailed"
         first = failed[0]
         failure = f"stage {first.name} failed after {first.attempts} attempt(s): {first.message}".rstrip(": ")
     elif len(succeeded) == len(stages):
-        phase, reason, failure = "Succeeded", "Succeeded", ""
+        phase, reason, failure = RunPhase.SUCCEEDED, "Succeeded", ""
     elif run.spec.suspend:
-        phase, reason, failure = "Suspended", "Suspended", ""
+        phase, reason, failure = RunPhase.SUSPENDED, "Suspended", ""
     elif started:
-        phase, reason, failure = "Running", "StagesRunning", ""
+        phase, reason, failure = RunPhase.RUNNING, "StagesRunning", ""
     else:
-        phase, reason, failure = "Pending", "Pending", ""
+        phase, reason, failure = RunPhase.PENDING, "Pending", ""
 
     completion: str | None = None
-    if phase == "Succeeded":
+    if phase == RunPhase.SUCCEEDED:
         completion = max((s.completion_time for s in stages if s.completion_time), default=now)
-    elif phase == "Failed":
-        recorded = previous.completion_time if previous and previous.phase == "Failed" else None
+    elif phase == RunPhase.FAILED:
+        recorded = previous.completion_time if previous and previous.phase == RunPhase.FAILED else None
         completion = max((s.completion_time for s in failed if s.completion_time), default=recorded or now)
 
     running = ", ".join(s.name for s in active)
     progress_message = {
-        "Running": f"running: {running}" if running else "waiting for stages to start",
-        "Pending": "no stage has started yet",
-        "Suspended": "spec.suspend is true",
-        "Succeeded": f"all {len(stages)} stages succeeded",
-        "Failed": failure,
+        RunPhase.RUNNING: f"running: {running}" if running else "waiting for stages to start",
+        RunPhase.PENDING: "no stage has started yet",
+        RunPhase.SUSPENDED: "spec.suspend is true",
+        RunPhase.SUCCEEDED: f"all {len(stages)} stages succeeded",
+        RunPhase.FAILED: failure,
     }[phase]
     conditions = (
         Condition("Valid", "False", "InvalidSpec", failure)
         if errors
         else Condition("Valid", "True", "SpecValid"),
         Condition(
-            "Progressing", "True" if phase in ("Running", "Pending") else "False", reason, progress_message
+            "Progressing",
+            "True" if phase in (RunPhase.RUNNING, RunPhase.PENDING) else "False",
+            reason,
+            progress_message,
         ),
         Condition(
             "Suspended",
-            "True" if phase == "Suspended" else "False",
-            "Suspended" if phase == "Suspended" else "NotSuspended",
+            "True" if phase == RunPhase.SUSPENDED else "False",
+            "Suspended" if phase == RunPhase.SUSPENDED else "NotSuspended",
         ),
         Condition(
             "Ready",
-            "True" if phase == "Succeeded" else "False",
-            "Succeeded" if phase == "Succeeded" else ("Failed" if phase == "Failed" else "StagesIncomplete"),
-            progress_message
-            if phase in ("Succeeded", "Failed")
-            else f"{len(succeeded)}/{len(stages)} stages succeeded",
+            "True" if phase == RunPhase.SUCCEEDED else "False",
+            "Succeeded"
+            if phase == RunPhase.SUCCEEDED
+            else ("Failed" if phase == RunPhase.FAILED else "StagesIncomplete"),
+            progress_message if phase.finished else f"{len(succeeded)}/{len(stages)} stages succeeded",
         ),
         Condition(
             "Failed",
-            "True" if phase == "Failed" else "False",
-            reason if phase == "Failed" else "NoFailure",
+            "True" if phase == RunPhase.FAILED else "False",
+            reason if phase == RunPhase.FAILED else "NoFailure",
             failure,
         ),
     )
@@ -436,10 +475,14 @@ class Note:
 
 
 def _stage_note(before: StageStatus | None, after: StageStatus) -> Note | None:
-    phase = before.phase if before else "Pending"
+    phase = before.phase if before else StagePhase.PENDING
     attempts = before.attempts if before else 0
     name = f"stage {after.name} ({after.type})"
-    if after.attempts > attempts and after.attempts > 1 and after.phase in ("Running", "Queued"):
+    if (
+        after.attempts > attempts
+        and after.attempts > 1
+        and after.phase in (StagePhase.RUNNING, StagePhase.QUEUED)
+    ):
         return Note(
             "Warning",
             "StageRetrying",
@@ -448,27 +491,27 @@ def _stage_note(before: StageStatus | None, after: StageStatus) -> Note | None:
         )
     if after.phase == phase:
         return None
-    if after.phase == "Running":
-        verb = "resumed" if phase in ("Suspended", "Queued") else "started"
+    if after.phase == StagePhase.RUNNING:
+        verb = "resumed" if phase in (StagePhase.SUSPENDED, StagePhase.QUEUED) else "started"
         return Note(
             "Normal",
             "StageResumed" if verb == "resumed" else "StageStarted",
             f"{name} {verb}: job {after.job_name}",
         )
-    if after.phase == "Queued":
+    if after.phase == StagePhase.QUEUED:
         return Note("Normal", "StageQueued", f"{name}: job {after.job_name} waits for admission")
-    if after.phase == "Suspended":
+    if after.phase == StagePhase.SUSPENDED:
         return Note("Normal", "StageSuspended", f"{name}: job {after.job_name} suspended")
-    if after.phase == "Succeeded":
+    if after.phase == StagePhase.SUCCEEDED:
         metrics = f"; metrics {compact_json(after.metrics)}" if after.metrics else ""
         return Note(
             "Normal",
             "StageSucceeded",
             f"{name} succeeded after {after.attempts} attempt(s); artifact {after.output}{metrics}",
         )
-    if after.phase == "Retrying":
+    if after.phase == StagePhase.RETRYING:
         return Note("Warning", "StageAttemptFailed", f"{name}: {after.message}")
-    if after.phase == "Failed":
+    if after.phase == StagePhase.FAILED:
         return Note(
             "Warning", "StageFailed", f"{name} failed after {after.attempts} attempt(s): {after.message}"
         )
@@ -490,18 +533,18 @@ def transitions(previous: RunStatus | None, current: RunStatus) -> tuple[Note, .
         and (valid_before is None or valid_before.status != "False" or valid_before.message != valid.message)
     ):
         notes.append(Note("Warning", "InvalidSpec", valid.message))
-    before = previous.phase if previous else "Pending"
+    before = previous.phase if previous else RunPhase.PENDING
     if current.phase != before:
         failed = current.condition("Failed")
         run_notes = {
-            "Succeeded": Note("Normal", "RunSucceeded", f"all stages succeeded ({current.progress})"),
-            "Failed": Note("Warning", "RunFailed", failed.message if failed else "run failed"),
-            "Suspended": Note(
+            RunPhase.SUCCEEDED: Note("Normal", "RunSucceeded", f"all stages succeeded ({current.progress})"),
+            RunPhase.FAILED: Note("Warning", "RunFailed", failed.message if failed else "run failed"),
+            RunPhase.SUSPENDED: Note(
                 "Normal", "RunSuspended", "spec.suspend is true: no new Jobs, running ones suspended"
             ),
-            "Running": Note(
+            RunPhase.RUNNING: Note(
                 "Normal",
-                "RunResumed" if before == "Suspended" else "RunStarted",
+                "RunResumed" if before == RunPhase.SUSPENDED else "RunStarted",
                 f"stages: {current.running_stages}",
             ),
         }

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
 from typing import Any, Final
 
 from kubealign.api import API_VERSION, KIND, AlignmentRun, InputSource, Stage
@@ -26,6 +25,7 @@ from kubealign_jobs.config import (
     artifact_uri,
     checkpoints_uri,
 )
+from kubealign_jobs.stages import CATALOGUE
 
 MANAGED_BY: Final = "kubealign-operator"
 LABEL_RUN: Final = "kubealign.io/run"
@@ -178,9 +178,13 @@ def build_service(run: AlignmentRun, stage: Stage, attempt: int) -> dict[str, An
     }
 
 
+def trainer_args(stage: Stage, config_path: str = DEFAULT_CONFIG_PATH) -> list[str]:
+    """``-m <the catalogue's module> --config <path>``: how every door starts a stage's trainer."""
+    return ["-m", CATALOGUE[stage.type].module, "--config", config_path]
+
+
 def _command(stage: Stage) -> list[str]:
-    module = f"kubealign_jobs.{stage.type}"
-    tail = ["-m", module, "--config", DEFAULT_CONFIG_PATH]
+    tail = trainer_args(stage)
     if stage.resources.nodes > 1:
         # $(VAR) is expanded by the kubelet from the container's env.
         return [
@@ -203,19 +207,33 @@ def _command(stage: Stage) -> list[str]:
     return ["python", *tail]
 
 
+def trainer_env(run: AlignmentRun, stage: Stage, attempt: int) -> dict[str, str]:
+    """The trainer's environment that does not depend on where it runs (a pod or the local runner)."""
+    env = {
+        "KUBEALIGN_RUN": run.name,
+        "KUBEALIGN_STAGE": stage.name,
+        "KUBEALIGN_ATTEMPT": str(attempt),
+        # Models come from the stage's inputs, never from a hub.
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    if run.spec.storage.endpoint:
+        env["AWS_ENDPOINT_URL"] = run.spec.storage.endpoint
+    if run.spec.storage.region:
+        env["AWS_DEFAULT_REGION"] = run.spec.storage.region
+    return env
+
+
 def _env(run: AlignmentRun, stage: Stage, attempt: int) -> list[dict[str, Any]]:
     storage = run.spec.storage
     env: list[dict[str, Any]] = [
-        {"name": "KUBEALIGN_RUN", "value": run.name},
-        {"name": "KUBEALIGN_STAGE", "value": stage.name},
-        {"name": "KUBEALIGN_ATTEMPT", "value": str(attempt)},
-        # The root filesystem is read-only: everything that caches goes to the scratch volume.
+        {"name": name, "value": value} for name, value in trainer_env(run, stage, attempt).items()
+    ]
+    # The root filesystem is read-only: everything that caches goes to the scratch volume.
+    env += [
         {"name": "HOME", "value": SCRATCH_DIR},
         {"name": "HF_HOME", "value": f"{SCRATCH_DIR}/huggingface"},
         {"name": "TMPDIR", "value": "/tmp"},
-        # Models come from the stage's inputs, never from a hub.
-        {"name": "HF_HUB_OFFLINE", "value": "1"},
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     if storage.secret_name:
         env += [
@@ -223,10 +241,6 @@ def _env(run: AlignmentRun, stage: Stage, attempt: int) -> list[dict[str, Any]]:
             _secret_env("AWS_SECRET_ACCESS_KEY", storage.secret_name, optional=False),
             _secret_env("AWS_SESSION_TOKEN", storage.secret_name, optional=True),
         ]
-    if storage.endpoint:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
-    if storage.region:
-        env.append({"name": "AWS_DEFAULT_REGION", "value": storage.region})
     if stage.resources.nodes > 1:
         name = job_name(run.name, stage.name, attempt)
         env += [
@@ -362,11 +376,6 @@ def build_children(run: AlignmentRun, stage: Stage, attempt: int) -> tuple[dict[
         children.append(service)
     children.append(build_job(run, stage, attempt))
     return tuple(children)
-
-
-def describe(obj: Mapping[str, Any]) -> str:
-    """``Kind/name`` for logs and events."""
-    return f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
 
 
 def compact_json(value: Any, limit: int = 256) -> str:

@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from tests.conftest import Cluster
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CRD_PATH = REPO_ROOT / "crds" / api.CRD_FILE
 
 
 def wait_until(what: str, check: Callable[[], Any], *, timeout: float = 60, interval: float = 0.1) -> Any:
@@ -44,8 +43,41 @@ def wait_until(what: str, check: Callable[[], Any], *, timeout: float = 60, inte
 
 
 def install_crd(cluster: Cluster) -> None:
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_PATH))
+    """The CRD and the hyperparameter admission policy, as ``kubealign crd | kubectl apply -f -``."""
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=api.install_text())
     cluster.kubectl("wait", "--for=condition=Established", f"crd/{api.CRD_NAME}", "--timeout=60s")
+    # A new policy takes effect once the API server has compiled it: probe with a dry run.
+    probe = json.dumps(_policy_probe())
+    deadline = time.monotonic() + 60
+    while True:
+        result = cluster.kubectl(
+            "create", "--dry-run=server", "-n", "default", "-f", "-", input=probe, check=False
+        )
+        if "ValidatingAdmissionPolicy" in result.stderr:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the hyperparameter policy did not take effect: {result.stderr}")
+        time.sleep(0.5)
+
+
+def _policy_probe() -> dict[str, Any]:
+    """A run only the admission policy refuses: an unknown hyperparameter."""
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": "policy-probe"},
+        "spec": {
+            "storage": {"uri": "s3://probe/runs"},
+            "stages": [
+                {
+                    "name": "sft",
+                    "type": "sft",
+                    "inputs": {"model": {"uri": "s3://m/base"}, "data": {"uri": "s3://d/sft"}},
+                    "hyperparameters": {"no_such_hyperparameter": 1},
+                }
+            ],
+        },
+    }
 
 
 def submit(cluster: Cluster, namespace: str, body: Mapping[str, Any]) -> None:

@@ -38,7 +38,7 @@ def test_crd_is_served_with_short_names_and_columns(cluster: Cluster, crd: None,
     ("field", "teaches"),
     [
         ("alignmentrun.spec.stages", "listed in dependency order"),
-        ("alignmentrun.spec.stages.inputs.rewardModel", "Required by ppo"),
+        ("alignmentrun.spec.stages.inputs.rewardModel", "a ground-truth scorer by name"),
         ("alignmentrun.spec.stages.resources.nodes", "Indexed Job"),
         ("alignmentrun.spec.storage.secretRef", "AWS_ACCESS_KEY_ID"),
         ("alignmentrun.spec.suspend", "resumes from the latest checkpoint"),

@@ -150,7 +150,7 @@ def test_a_stage_without_a_labeller_fails_naming_the_field(
     monkeypatch.setenv("KUBEALIGN_SCRATCH", str(tmp_path / "scratch"))
     assert generate.main(["--config", str(config)]) == 2
     assert (
-        "hyperparameters.scorer: the generate stage needs a labeller"
+        "inputs.reward_model: the generate stage needs a reward model or hyperparameters.scorer"
         in json.loads(termination.read_text())["error"]
     )
 

@@ -155,8 +155,12 @@ def test_ppo_through_s3_killed_and_resumed_matches_an_uninterrupted_run(
     [
         ({}, {"scorer": "vader", "ppo_epoch": 2}, "hyperparameters.ppo_epoch: unknown hyperparameter"),
         ({}, {"scorer": "vader", "mini_batch_size": 5}, "hyperparameters.mini_batch_size: 5 does not divide"),
-        ({}, {"scorer": "sentiment"}, "hyperparameters.scorer: 'sentiment' is not one of vader, word_fraction"),
-        ({}, {}, "hyperparameters.scorer: the ppo stage needs a reward"),
+        (
+            {},
+            {"scorer": "sentiment"},
+            "hyperparameters.scorer: 'sentiment' is not one of vader, word_fraction",
+        ),
+        ({}, {}, "inputs.reward_model: the ppo stage needs a reward model or hyperparameters.scorer"),
         ({"data": None}, {"scorer": "vader"}, "inputs.data: required for this stage"),
     ],
 )

@@ -215,7 +215,8 @@ def test_killed_run_resumes_from_its_checkpoint_and_ctrl_c_stops_cleanly(
 
 
 def test_failing_stage_is_retried_then_fails_the_run(workspace: Workspace, tmp_path: Path) -> None:
-    stage = sft_stage("broken", model=BASE, steps=2, no_such_setting=1)
+    # Valid for the catalogue, refused by the trainer: 3 does not divide the batch of 4.
+    stage = sft_stage("broken", model=BASE, steps=2, micro_batch_size=3)
     manifest = workspace.manifest("failing", [{**stage, "maxRetries": 1}])
     result = run_cli("run", manifest, "--local", "--workdir", tmp_path / "work")
     assert result.returncode == 1, result.stdout + result.stderr
@@ -223,11 +224,26 @@ def test_failing_stage_is_retried_then_fails_the_run(workspace: Workspace, tmp_p
     (broken,) = status["stages"]
     assert broken["phase"] == "Failed" and broken["attempts"] == 2
     assert broken["jobName"] == "failing-broken-2"
-    assert "exit code 2" in broken["message"] and "hyperparameters.no_such_setting" in broken["message"]
-    assert "hyperparameters.no_such_setting" in result.stdout
+    assert "exit code 2" in broken["message"] and "hyperparameters.micro_batch_size" in broken["message"]
+    assert "hyperparameters.micro_batch_size" in result.stdout
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert (failed["status"], failed["reason"]) == ("True", "StageFailed")
     assert (tmp_path / "work" / "logs" / "broken.log").read_text().count("=== ") == 2
+
+
+def test_a_bad_hyperparameter_is_refused_before_any_stage_starts(
+    workspace: Workspace, tmp_path: Path
+) -> None:
+    first = sft_stage("first", model=BASE, steps=1)
+    second = sft_stage("second", model={"from": "first"}, steps=1, max_step=2)
+    manifest = workspace.manifest("refused", [first, second])
+    result = run_cli("run", manifest, "--local", "--workdir", tmp_path / "work")
+    assert result.returncode != 0
+    assert "spec.stages[1].hyperparameters.max_step" in result.stderr
+    assert "did you mean max_steps?" in result.stderr
+    # Nothing ran: no stage log, no status.
+    assert not (tmp_path / "work" / "logs").exists()
+    assert not (tmp_path / "work" / "status.json").exists()
 
 
 def test_s3_storage_holds_the_artifacts_and_a_rerun_skips_them(

@@ -128,10 +128,10 @@ def test_result_metrics_keep_scalars_only() -> None:
             api.StageStatus(
                 name="eval",
                 type="evaluate",
-                phase="Succeeded",
+                phase=api.StagePhase.SUCCEEDED,
                 metrics={"status": "succeeded", "stage": "eval", "win_rate": 0.7, "policies": {"a": 1}},
             ),
-            api.StageStatus(name="sft", type="sft", phase="Pending"),
+            api.StageStatus(name="sft", type="sft", phase=api.StagePhase.PENDING),
         )
     )
     assert result_metrics(status) == {"eval": {"win_rate": 0.7}}

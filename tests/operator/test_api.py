@@ -37,7 +37,7 @@ def test_every_cel_rule_of_the_crd_has_a_python_twin() -> None:
         api.MSG_SELF_INPUT,
         api.MSG_EXACTLY_ONE,
         api.MSG_POLICY_NAME,
-        *crdgen.static_messages(),
+        *crdgen.crd_messages(),
         *(api.msg_from_earlier(role) for role, _ in api.SINGLE_ROLES),
         api.msg_from_earlier("policies"),
     }
@@ -142,16 +142,27 @@ def test_parse_applies_crd_defaults_and_keeps_inputs() -> None:
 
 def test_status_round_trips_through_dicts() -> None:
     status = api.RunStatus(
-        phase="Running",
+        phase=api.RunPhase.RUNNING,
         observed_generation=3,
         conditions=(api.Condition("Valid", "True", "SpecValid", "", "2026-01-01T00:00:00Z", 3),),
         start_time="2026-01-01T00:00:00Z",
         progress="1/2",
         running_stages="dpo,ppo",
         stages=(
-            api.StageStatus("sft", "sft", "Succeeded", "r-sft-1", 1, "t0", "t1", "s3://o", {"loss": 0.5}),
             api.StageStatus(
-                "dpo", "dpo", "Running", "r-dpo-2", 2, "t1", None, "s3://o2", None, "attempt 1 failed"
+                "sft", "sft", api.StagePhase.SUCCEEDED, "r-sft-1", 1, "t0", "t1", "s3://o", {"loss": 0.5}
+            ),
+            api.StageStatus(
+                "dpo",
+                "dpo",
+                api.StagePhase.RUNNING,
+                "r-dpo-2",
+                2,
+                "t1",
+                None,
+                "s3://o2",
+                None,
+                "attempt 1 failed",
             ),
         ),
     )

@@ -12,9 +12,15 @@ from kubealign.cli import main
 from tests.operator.run_builders import manifest
 
 
-def test_crd_prints_the_custom_resource_definition(capsys: pytest.CaptureFixture[str]) -> None:
+def test_crd_prints_the_custom_resource_definition_and_its_policy(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["crd"]) == 0
-    assert yaml.safe_load(capsys.readouterr().out) == api.load_crd()
+    crd, policy, binding = yaml.safe_load_all(capsys.readouterr().out)
+    assert crd == api.load_crd()
+    assert [policy["kind"], binding["kind"]] == [
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    ]
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
 
 
 def test_validate_accepts_a_valid_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -48,8 +48,8 @@ import torch  # noqa: E402  (the environment switches above must precede the imp
 from _common import SENTIMENT, build_policy_and_reward  # noqa: E402
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 
+from kubealign_jobs import loop, ppo, scorers, stages  # noqa: E402
 from kubealign_jobs import model as models  # noqa: E402
-from kubealign_jobs import ppo, scorers  # noqa: E402
 from kubealign_jobs.attention import use_fast_masks  # noqa: E402
 from kubealign_jobs.sampling import Samples  # noqa: E402
 
@@ -85,7 +85,7 @@ def kubealign_runner(
         use_fast_masks(models.load_reward_model(reward_dir, tokenizer=tokenizer)).requires_grad_(False),
         tokenizer,
     )
-    hp = ppo.Hyperparameters(
+    hp = stages.PPOHyperparameters(
         rollout_batch_size=args.batch_size,
         mini_batch_size=args.mini_batch_size,
         ppo_epochs=args.ppo_epochs,
@@ -93,7 +93,7 @@ def kubealign_runner(
         learning_rate=3e-6,
         init_kl_coef=0.05,
     )
-    optimizer = ppo.make_optimizer(model, hp)
+    optimizer = loop.make_optimizer(model, hp)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     generator = torch.Generator().manual_seed(0)
     batches_done = 0
