@@ -106,6 +106,9 @@ def value_check(p: Param, v: str) -> str:
         Kind.OBJECT: [f"type({v}) == map"],
         Kind.NUMBERS: [f"type({v}) == list"],
     }[p.kind]
+    if p.kind is Kind.NUMBERS:
+        item = Param(p.name, Kind.FLOAT, None, p.doc, ge=p.ge, gt=p.gt, le=p.le, lt=p.lt)
+        checks.append(f"{v}.all(t, {value_check(item, 't')})")
     if p.kind in (Kind.INT, Kind.FLOAT):
         x = v if p.kind is Kind.INT else f"double({v})"
         for op, bound in ((">=", p.ge), (">", p.gt), ("<=", p.le), ("<", p.lt)):
@@ -166,9 +169,13 @@ def hyperparameter_rules() -> list[dict[str, Any]]:
         where = _stage_filter([entry.name], bad)
         # CEL has no edit distance: a prefix either way catches plurals and cut-off names, and
         # `kubealign validate` (difflib) suggests the rest.
+        # Of those, the one closest in length: ppo_epoch -> ppo_epochs, clip_range_valuex -> clip_range_value.
         near = "n.startsWith(k) || k.startsWith(n)"
+        distance = "(size(n) - size(k)) * (size(n) - size(k))"
+        closest = f"{known}.filter(n, {near}).map(n, {distance}).min()"
         hint = (
-            f"({known}.exists(n, {near}) ? '; did you mean ' + {known}.filter(n, {near})[0] + '?' : "
+            f"({known}.exists(n, {near}) ? '; did you mean ' + "
+            f"{known}.filter(n, ({near}) && {distance} == {closest})[0] + '?' : "
             f"' (kubealign stages {entry.name} lists them)')"
         )
         message = (
