@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from kubernetes import client
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 from kubealign import api
+from kubealign_jobs.stages import CATALOGUE
 from tests.cluster.operator_harness import install_crd
-from tests.operator.catalogue_cases import CATALOGUE, cases, every_default_manifest
+from tests.operator.catalogue_cases import cases, every_default_manifest
 from tests.operator.run_builders import manifest, pipeline
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ def _dry_run(custom: client.CustomObjectsApi, namespace: str, body: dict[str, An
             api.GROUP, api.VERSION, namespace, api.PLURAL, doc, dry_run="All", field_validation="Strict"
         )
     except ApiException as exc:
-        return str(json.loads(exc.body).get("message", exc.body))
+        return str(json.loads(exc.body or "{}").get("message", exc.body))
     return ""
 
 

@@ -118,9 +118,7 @@ def test_delete_prefix_and_small_objects(base_uri: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.s3
-def test_multipart_upload_and_download(
-    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_multipart_upload_and_download(bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # S3's smallest part is 5 MiB; lower the threshold so an 11 MiB file goes up in three parts.
     monkeypatch.setattr(storage, "_MULTIPART_BYTES", 5 * 1024 * 1024)
     storage.configure(StorageSettings())

@@ -15,7 +15,8 @@ import yaml
 from kubealign import api, crdgen
 from kubealign.cli import main
 from kubealign_jobs import stages
-from tests.operator.catalogue_cases import CATALOGUE, Case, cases, every_default_manifest
+from kubealign_jobs.stages import CATALOGUE
+from tests.operator.catalogue_cases import Case, cases, every_default_manifest
 from tests.operator.run_builders import manifest, pipeline
 
 CASES = cases()
