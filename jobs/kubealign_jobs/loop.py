@@ -32,7 +32,7 @@ from kubealign_jobs import checkpoint as checkpoints
 from kubealign_jobs.config import ConfigError
 from kubealign_jobs.data import DataPosition, EpochSampler, shard
 from kubealign_jobs.runtime import StageContext
-from kubealign_jobs.stages import OptimizerHyperparameters, TrainingHyperparameters
+from kubealign_jobs.stages import CheckpointHyperparameters, OptimizerHyperparameters, TrainingHyperparameters
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,76 @@ def find_resume_checkpoint(ctx: StageContext) -> checkpoints.Checkpoint | None:
     return found or checkpoints.open_checkpoint(chosen, resume_dir)
 
 
+@dataclass(frozen=True)
+class Restored:
+    """Where a resumed stage continues: its step, data position and the checkpoint's whole state."""
+
+    step: int
+    position: DataPosition
+    state: dict[str, Any]
+
+
+def restore_training_state(
+    ctx: StageContext,
+    resume: checkpoints.Checkpoint,
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    total: int,
+) -> Restored:
+    """Load optimizer, scheduler and this rank's RNG from ``resume``; the step and data position.
+
+    The model's weights come from ``resume.model_dir`` before this is called; a stage's own extra
+    state (a KL controller, a data fingerprint) is in ``Restored.state``.
+    """
+    state = resume.state
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng_states = state.get("rng", [])
+    if ctx.rank < len(rng_states):
+        checkpoints.restore_rng_state(rng_states[ctx.rank])
+    restored = Restored(
+        step=int(state["step"]), position=DataPosition.from_dict(state["data_position"]), state=state
+    )
+    ctx.emit({"event": "resumed", "step": restored.step, "total_steps": total, "checkpoint": resume.uri})
+    return restored
+
+
+def save_training_state(
+    ctx: StageContext,
+    *,
+    step: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    position: DataPosition,
+    write_model: Callable[[Path], object],
+    hp: CheckpointHyperparameters,
+    extra_state: dict[str, Any] | None = None,
+) -> None:
+    """A resumable checkpoint at ``step``: every rank's RNG, rank 0 writes (manifest last)."""
+    rng = ctx.gather(checkpoints.capture_rng_state())
+    if ctx.is_main:
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "data_position": position.to_dict(),
+            "rng": rng,
+            "hyperparameters": asdict(hp),
+            "config": ctx.config.to_dict(),
+            **(extra_state or {}),
+        }
+        uri = checkpoints.save_checkpoint(
+            checkpoints_uri=ctx.config.checkpoints,
+            step=step,
+            write_model=write_model,
+            state=state,
+            scratch=ctx.scratch / "checkpoint",
+            keep_last=hp.keep_checkpoints,
+        )
+        ctx.emit({"event": "checkpoint", "step": step, "uri": uri})
+    ctx.barrier()
+
+
 # ---------------------------------------------------------------------------- the loop
 
 
@@ -201,14 +271,8 @@ def train(
     step = 0
     position = DataPosition()
     if resume is not None:
-        state = resume.state
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = int(state["step"])
-        position = DataPosition.from_dict(state["data_position"])
-        rng_states = state.get("rng", [])
-        if ctx.rank < len(rng_states):
-            checkpoints.restore_rng_state(rng_states[ctx.rank])
+        restored = restore_training_state(ctx, resume, optimizer=optimizer, scheduler=scheduler, total=total)
+        step, position, state = restored.step, restored.position, restored.state
         if state.get("num_examples") != len(task.examples) or state.get("batch_size") != hp.batch_size:
             log.warning(
                 "checkpoint was written for %s examples in batches of %s; now %d in batches of %d",
@@ -217,32 +281,22 @@ def train(
                 len(task.examples),
                 hp.batch_size,
             )
-        ctx.emit({"event": "resumed", "step": step, "total_steps": total, "checkpoint": resume.uri})
 
     def save(at_step: int) -> None:
-        rng = ctx.gather(checkpoints.capture_rng_state())
-        if ctx.is_main:
-            state = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "data_position": position.to_dict(),
-                "rng": rng,
+        save_training_state(
+            ctx,
+            step=at_step,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            position=position,
+            write_model=lambda dest: save_model(accelerator.unwrap_model(model), dest),
+            hp=hp,
+            extra_state={
                 "num_examples": len(task.examples),
                 "batch_size": hp.batch_size,
-                "hyperparameters": asdict(hp),
-                "config": ctx.config.to_dict(),
                 **(extra_state or {}),
-            }
-            uri = checkpoints.save_checkpoint(
-                checkpoints_uri=ctx.config.checkpoints,
-                step=at_step,
-                write_model=lambda dest: save_model(accelerator.unwrap_model(model), dest),
-                state=state,
-                scratch=ctx.scratch / "checkpoint",
-                keep_last=hp.keep_checkpoints,
-            )
-            ctx.emit({"event": "checkpoint", "step": at_step, "uri": uri})
-        ctx.barrier()
+            },
+        )
 
     device = ctx.device
     window_loss = torch.zeros((), dtype=torch.float64, device=device)

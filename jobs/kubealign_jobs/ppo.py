@@ -35,7 +35,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from kubealign_jobs import checkpoint as checkpoints
 from kubealign_jobs import data, loop, rl, runtime, scorers
 from kubealign_jobs import model as models
 from kubealign_jobs.attention import use_fast_masks
@@ -333,17 +332,12 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     )
     step, position, first_score = 0, data.DataPosition(), None
     if resume is not None:
-        state = resume.state
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = int(state["step"])
-        position = data.DataPosition.from_dict(state["data_position"])
-        kl_controller = rl.kl_controller_from_state(state["kl_controller"])
-        first_score = state.get("first_score")
-        rng_states = state.get("rng", [])
-        if rank < len(rng_states):
-            checkpoints.restore_rng_state(rng_states[rank])
-        ctx.emit({"event": "resumed", "step": step, "total_steps": hp.steps, "checkpoint": resume.uri})
+        restored = loop.restore_training_state(
+            ctx, resume, optimizer=optimizer, scheduler=scheduler, total=hp.steps
+        )
+        step, position = restored.step, restored.position
+        kl_controller = rl.kl_controller_from_state(restored.state["kl_controller"])
+        first_score = restored.state.get("first_score")
 
     def write_model(dest: Path) -> None:
         unwrapped: PolicyWithValueHead = accelerator.unwrap_model(wrapped)
@@ -351,27 +345,16 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         unwrapped.save_value_head(dest)
 
     def save(at_step: int) -> None:
-        rng = ctx.gather(checkpoints.capture_rng_state())
-        if ctx.is_main:
-            uri = checkpoints.save_checkpoint(
-                checkpoints_uri=config.checkpoints,
-                step=at_step,
-                write_model=write_model,
-                state={
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "data_position": position.to_dict(),
-                    "kl_controller": kl_controller.state_dict(),
-                    "first_score": first_score,
-                    "rng": rng,
-                    "hyperparameters": asdict(hp),
-                    "config": config.to_dict(),
-                },
-                scratch=ctx.scratch / "checkpoint",
-                keep_last=hp.keep_checkpoints,
-            )
-            ctx.emit({"event": "checkpoint", "step": at_step, "uri": uri})
-        ctx.barrier()
+        loop.save_training_state(
+            ctx,
+            step=at_step,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            position=position,
+            write_model=write_model,
+            hp=hp,
+            extra_state={"kl_controller": kl_controller.state_dict(), "first_score": first_score},
+        )
 
     def score_fn(samples: Samples) -> torch.Tensor:
         return scorers.score_tensor(reward, samples.prompts, samples.completions)

@@ -25,6 +25,7 @@ Output contract (what the operator and the local runner read):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -322,6 +323,9 @@ def run_stage(
         if config.type != stage_type:
             raise ConfigError(f"type: this is the {stage_type!r} trainer, the config is for {config.type!r}")
         hp = stages.parse_hyperparameters(stage_type, config.hyperparameters)
+        present = [name for name, value in dataclasses.asdict(config.inputs).items() if value]
+        for problem in stages.input_errors(stage_type, present):
+            raise ConfigError(problem)
         storage.configure(config.storage)
         if storage.is_complete(config.artifact):
             if rank == 0:

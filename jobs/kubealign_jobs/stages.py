@@ -651,6 +651,17 @@ def hyperparameter_errors(stage: str, values: Mapping[str, Any]) -> Iterator[tup
             yield message.split(":", 1)[0].removeprefix("hyperparameters.").split("[")[0], message
 
 
+def input_errors(stage: str, present: Iterable[str]) -> list[str]:
+    """The required-input rules for a stage config; ``present``: the StageConfig.inputs fields set."""
+    entry = CATALOGUE[stage]
+    have = set(present)
+    return [
+        f"inputs.{ROLES[group[0]].attr}: {needs_message(entry, group, why)}"
+        for group, why in entry.requires
+        if not any(ROLES[role].attr in have for role in group)
+    ]
+
+
 def unknown_message(entry: StageType, name: str) -> str:
     known = [p.name for p in entry.params]
     hint = _suggest(name, known) or f" (known: {', '.join(sorted(known))})"
@@ -694,6 +705,10 @@ def describe(stage: str | None = None) -> str:
     name_w = max(len(r[0]) for r in rows)
     type_w = max(len(r[1]) for r in rows)
     default_w = min(24, max(len(r[2]) for r in rows))
+    header = ("NAME", "TYPE", "DEFAULT")
+    lines.append(
+        f"    {header[0]:<{name_w}}  {header[1]:<{type_w}}  {header[2]:<{default_w}}  DESCRIPTION [BOUNDS]"
+    )
     for name, kind, default, constraint, doc in rows:
         extra = f" [{constraint}]" if constraint else ""
         lines.append(f"    {name:<{name_w}}  {kind:<{type_w}}  {default:<{default_w}}  {doc}{extra}")

@@ -150,7 +150,7 @@ def test_dpo_and_ppo_branches_run_in_parallel(
 ) -> None:
     slow = {KWOK_RUN_SECONDS: "4"}
     stages = [
-        stage("sft", "sft", inputs={"data": uri("s3://d/sft")}),
+        stage("sft", "sft", inputs={"model": uri("s3://m/base"), "data": uri("s3://d/sft")}),
         stage("dpo", "dpo", inputs={"model": src("sft"), "data": uri("s3://d/prefs")}, podAnnotations=slow),
         stage(
             "ppo",
@@ -265,7 +265,12 @@ def test_operator_killed_mid_run_creates_no_duplicates(
 
 def test_suspend_and_resume(cluster: Cluster, namespace: str, operator: Any, reader: Reader) -> None:
     stages = [
-        stage("sft", "sft", inputs={"data": uri("s3://d/sft")}, podAnnotations={KWOK_RUN_SECONDS: "8"}),
+        stage(
+            "sft",
+            "sft",
+            inputs={"model": uri("s3://m/base"), "data": uri("s3://d/sft")},
+            podAnnotations={KWOK_RUN_SECONDS: "8"},
+        ),
         stage("dpo", "dpo", inputs={"model": src("sft"), "data": uri("s3://d/prefs")}),
     ]
     submit(cluster, namespace, manifest(stages, name="pause"))
@@ -382,7 +387,7 @@ def test_invalid_spec_beyond_the_schema_is_a_condition_not_a_crash(
     cluster: Cluster, namespace: str, operator: Any, reader: Reader
 ) -> None:
     stages = [
-        stage("sft", "sft", inputs={"data": uri("s3://d/sft")}),
+        stage("sft", "sft", inputs={"model": uri("s3://m/base"), "data": uri("s3://d/sft")}),
         stage("ppo", "ppo", inputs={"model": src("sft"), "rewardModel": src("sft"), "data": uri("s3://d/p")}),
     ]
     submit(cluster, namespace, manifest(stages, name="semantic"))
@@ -401,11 +406,36 @@ def test_invalid_spec_beyond_the_schema_is_a_condition_not_a_crash(
     assert {c["type"]: c["status"] for c in status["conditions"]}["Valid"] == "True"
 
 
+def test_a_hyperparameter_rule_past_the_api_server_is_a_valid_false_condition(
+    cluster: Cluster, namespace: str, operator: Any, reader: Reader
+) -> None:
+    """The admission policy checks each field; the operator also checks the rules that relate fields."""
+    stages = [
+        stage("sft", "sft", inputs={"model": uri("s3://m/base"), "data": uri("s3://d/sft")}),
+        stage(
+            "ppo",
+            "ppo",
+            inputs={"model": src("sft"), "data": uri("s3://d/p")},
+            hyperparameters={"scorer": "vader", "rollout_batch_size": 6, "mini_batch_size": 4},
+        ),
+    ]
+    submit(cluster, namespace, manifest(stages, name="crossfield"))
+    status = reader.wait_phase("crossfield", "Failed", timeout=30)
+    valid = {c["type"]: c for c in status["conditions"]}["Valid"]
+    assert (valid["status"], valid["reason"]) == ("False", "InvalidSpec")
+    assert "spec.stages[1].hyperparameters.mini_batch_size" in valid["message"]
+    assert "does not divide" in valid["message"]
+    assert reader.jobs("crossfield") == {}
+
+
 def test_a_run_without_any_image_waits_for_the_install_default(
     cluster: Cluster, namespace: str, crd: None, reader: Reader
 ) -> None:
     """The API server accepts a run with no image; the operator reports it until the install provides one."""
-    body = manifest([stage("sft", "sft", inputs={"data": uri("s3://d/sft")})], name="imageless")
+    body = manifest(
+        [stage("sft", "sft", inputs={"model": uri("s3://m/base"), "data": uri("s3://d/sft")})],
+        name="imageless",
+    )
     del body["spec"]["image"]
     submit(cluster, namespace, body)
 
@@ -518,7 +548,12 @@ def test_operator_runs_with_only_the_rbac_rules_it_ships(
         )
     )
     stages = [
-        stage("sft", "sft", inputs={"data": uri("s3://d/sft")}, podAnnotations={KWOK_MESSAGE: '{"ok": 1}'}),
+        stage(
+            "sft",
+            "sft",
+            inputs={"model": uri("s3://m/base"), "data": uri("s3://d/sft")},
+            podAnnotations={KWOK_MESSAGE: '{"ok": 1}'},
+        ),
         stage(
             "dpo", "dpo", inputs={"model": src("sft"), "data": uri("s3://d/prefs")}, resources={"nodes": 2}
         ),
@@ -537,7 +572,7 @@ def test_queued_jobs_wait_for_kueue_admission(
     """With queueName, Jobs are created suspended and stay Queued until admitted (Kueue unsuspends
     them; here the test plays Kueue). The operator never unsuspends them itself."""
     stages = [
-        stage("sft", "sft", inputs={"data": uri("s3://d/sft")}),
+        stage("sft", "sft", inputs={"model": uri("s3://m/base"), "data": uri("s3://d/sft")}),
         stage("dpo", "dpo", inputs={"model": src("sft"), "data": uri("s3://d/prefs")}),
     ]
     submit(cluster, namespace, manifest(stages, name="queued", queueName="gpu-queue"))

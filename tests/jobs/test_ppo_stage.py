@@ -161,7 +161,7 @@ def test_ppo_through_s3_killed_and_resumed_matches_an_uninterrupted_run(
             "hyperparameters.scorer: 'sentiment' is not one of vader, word_fraction",
         ),
         ({}, {}, "inputs.reward_model: the ppo stage needs a reward model or hyperparameters.scorer"),
-        ({"data": None}, {"scorer": "vader"}, "inputs.data: required for this stage"),
+        ({"data": None}, {"scorer": "vader"}, "inputs.data: a ppo stage needs inputs.data (prompts)"),
     ],
 )
 def test_bad_config_fails_with_exit_2_naming_the_field(

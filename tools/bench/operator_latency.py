@@ -49,7 +49,8 @@ MAX_STAGES = 32
 def chain(run: str, stages: int, pod_seconds: float) -> dict[str, Any]:
     def inputs(index: int) -> dict[str, Any]:
         data = {"uri": "s3://bench/data"}
-        return {"data": data} if index == 0 else {"model": {"from": f"s{index - 1}"}, "data": data}
+        model = {"uri": "s3://bench/base"} if index == 0 else {"from": f"s{index - 1}"}
+        return {"model": model, "data": data}
 
     return {
         "apiVersion": api.API_VERSION,
