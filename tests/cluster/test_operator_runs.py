@@ -113,7 +113,7 @@ def test_stage_job_is_rendered_as_specified(
             stage(
                 "sft",
                 "sft",
-                inputs={"data": uri("s3://d/sft")},
+                inputs={"model": uri("s3://m/base"), "data": uri("s3://d/sft")},
                 resources={"gpusPerNode": 2, "memory": "8Gi"},
             )
         ],
@@ -228,7 +228,7 @@ def test_operator_killed_mid_run_creates_no_duplicates(
         stage(
             f"s{n}",
             "sft",
-            inputs={"data": uri("s3://d/sft")}
+            inputs={"model": uri("s3://m/base"), "data": uri("s3://d/sft")}
             if n == 0
             else {"model": src(f"s{n - 1}"), "data": uri("s3://d/sft")},
             podAnnotations={KWOK_RUN_SECONDS: "2", KWOK_MESSAGE: json.dumps({"step": n})},
@@ -311,7 +311,7 @@ def test_deleting_the_run_garbage_collects_its_children(
         stage(
             "sft",
             "sft",
-            inputs={"data": uri("s3://d/sft")},
+            inputs={"model": uri("s3://m/base"), "data": uri("s3://d/sft")},
             resources={"nodes": 2},
             podAnnotations={KWOK_RUN_SECONDS: "60"},
         )
@@ -462,8 +462,8 @@ def test_spec_changes_reach_only_stages_not_yet_started(
         stage(
             "sft",
             "sft",
-            inputs={"data": uri("s3://d/sft")},
-            hyperparameters={"lr": 1},
+            inputs={"model": uri("s3://m/base"), "data": uri("s3://d/sft")},
+            hyperparameters={"learning_rate": 1e-4},
             podAnnotations={KWOK_RUN_SECONDS: "4"},
         ),
         stage(
@@ -476,7 +476,7 @@ def test_spec_changes_reach_only_stages_not_yet_started(
     submit(cluster, namespace, manifest(stages, name="edit"))
     wait_until("sft to run", lambda: reader.stage("edit", "sft").get("phase") == "Running", timeout=60)
     change = [
-        {"op": "replace", "path": "/spec/stages/0/hyperparameters", "value": {"lr": 2}},
+        {"op": "replace", "path": "/spec/stages/0/hyperparameters", "value": {"learning_rate": 2e-4}},
         {"op": "replace", "path": "/spec/stages/1/hyperparameters", "value": {"beta": 0.5}},
     ]
     cluster.kubectl("patch", "alr", "edit", "-n", namespace, "--type=json", "-p", json.dumps(change))
@@ -488,7 +488,7 @@ def test_spec_changes_reach_only_stages_not_yet_started(
             "hyperparameters"
         ]
 
-    assert hyperparameters("edit-sft-1") == {"lr": 1}
+    assert hyperparameters("edit-sft-1") == {"learning_rate": 1e-4}
     assert hyperparameters("edit-dpo-1") == {"beta": 0.5}
     jobs = reader.jobs("edit")
     assert jobs["edit-sft-1"]["metadata"]["annotations"]["kubealign.io/spec-generation"] == "1"

@@ -35,6 +35,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 import localcluster
+from kubealign import crdgen
 from tests.e2e.agent_fixture import RunningAgent, node_agent
 from tests.processes import serving
 
@@ -367,6 +368,26 @@ def scrape(port: int) -> str:
         return str(response.read().decode())
 
 
+def assert_chart_policy_refuses_a_typo(custom: Any, namespace: str, manifest: dict[str, Any]) -> None:
+    """The chart's admission policy refuses a misspelt hyperparameter (once the API server loaded it)."""
+    typo = json.loads(json.dumps(manifest))
+    index = next(i for i, s in enumerate(typo["spec"]["stages"]) if s["type"] == "ppo")
+    typo["spec"]["stages"][index].setdefault("hyperparameters", {})["ppo_epoch"] = 2
+    deadline = time.monotonic() + 30
+    message = ""
+    while time.monotonic() < deadline:
+        try:
+            custom.create_namespaced_custom_object(
+                "kubealign.io", "v1alpha1", namespace, "alignmentruns", typo, dry_run="All"
+            )
+        except ApiException as exc:
+            message = str(exc.body)
+            break
+        time.sleep(0.5)
+    assert f"spec.stages[{index}].hyperparameters.ppo_epoch" in message, message
+    assert "did you mean ppo_epochs?" in message
+
+
 def test_alignment_run_end_to_end(
     cluster: Any,
     kube_api: Any,
@@ -382,6 +403,14 @@ def test_alignment_run_end_to_end(
     core: Any = client.CoreV1Api(kube_api)
     custom: Any = client.CustomObjectsApi(kube_api)
 
+    # The chart owns the hyperparameter admission policy, as on a fresh cluster: drop the copy the
+    # cluster tests applied with kubectl (Helm refuses to adopt an object it did not create).
+    cluster.kubectl(
+        "delete",
+        "validatingadmissionpolicybinding,validatingadmissionpolicy",
+        crdgen.POLICY_NAME,
+        "--ignore-not-found",
+    )
     _helm(
         cluster,
         "install",
@@ -425,6 +454,7 @@ def test_alignment_run_end_to_end(
         operator_process(chart, kubeconfig, operator_log),
     ):
         manifest = run_manifest(data=data, storage=storage, agent=agent)
+        assert_chart_policy_refuses_a_typo(custom, namespace, manifest)
         custom.create_namespaced_custom_object(
             "kubealign.io", "v1alpha1", namespace, "alignmentruns", manifest
         )
