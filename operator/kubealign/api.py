@@ -490,6 +490,7 @@ class Stage:
     tolerations: tuple[Mapping[str, Any], ...] = ()
     max_retries: int = 2
     pod_annotations: Mapping[str, str] = field(default_factory=dict)
+    seed: int | None = None  # None: the run's spec.seed
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> Stage:
@@ -504,6 +505,7 @@ class Stage:
             tolerations=tuple(dict(t) for t in doc.get("tolerations") or ()),
             max_retries=int(doc.get("maxRetries", 2)),
             pod_annotations=dict(doc.get("podAnnotations") or {}),
+            seed=None if doc.get("seed") is None else int(doc["seed"]),
         )
 
 
@@ -538,6 +540,7 @@ class RunSpec:
     priority_class_name: str | None = None
     suspend: bool = False
     pod_annotations: Mapping[str, str] = field(default_factory=dict)
+    seed: int = 0
 
     def stage(self, name: str) -> Stage:
         for stage in self.stages:
@@ -556,6 +559,7 @@ class RunSpec:
             priority_class_name=doc.get("priorityClassName"),
             suspend=bool(doc.get("suspend", False)),
             pod_annotations=dict(doc.get("podAnnotations") or {}),
+            seed=int(doc.get("seed", 0)),
         )
 
 

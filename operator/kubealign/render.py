@@ -106,6 +106,7 @@ def stage_config(run: AlignmentRun, stage: Stage) -> StageConfig:
         resume=checkpoints_uri(output),
         storage=StorageSettings(endpoint=run.spec.storage.endpoint, region=run.spec.storage.region),
         distributed=Distributed(nnodes=stage.resources.nodes, nproc_per_node=nproc_per_node(stage)),
+        seed=run.spec.seed if stage.seed is None else stage.seed,
     )
 
 

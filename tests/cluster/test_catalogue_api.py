@@ -65,6 +65,12 @@ def test_the_api_server_accepts_every_example_of_valid_hyperparameters(
 ) -> None:
     assert _dry_run(custom, namespace, every_default_manifest()) == ""
     assert _dry_run(custom, namespace, manifest()) == ""
+    seeded = manifest()
+    seeded["spec"]["seed"] = 3
+    seeded["spec"]["stages"][4]["seed"] = 2**40
+    assert _dry_run(custom, namespace, seeded) == ""
+    seeded["spec"]["stages"][4]["seed"] = -1
+    assert "spec.stages[4].seed" in _dry_run(custom, namespace, seeded)
 
 
 def test_ppo_with_a_named_scorer_and_no_reward_model_is_accepted(

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from kubealign import render
+from kubealign import api, render
 from kubealign_jobs.config import StageConfig
 from tests.operator.run_builders import IMAGE, STORAGE, UID, manifest, run, src, stage, uri
 
@@ -282,3 +282,28 @@ def test_from_inputs_point_at_the_upstream_artifact() -> None:
         )
     )
     assert render.stage_config(alr, alr.spec.stage("b")).inputs.model == f"{STORAGE}/team-a/demo/a/artifact"
+
+
+@pytest.mark.parametrize(
+    ("run_seed", "stage_seed", "expected"),
+    [(None, None, 0), (7, None, 7), (7, 3, 3), (None, 0, 0), (2**40, None, 2**40)],
+)
+def test_the_seed_comes_from_the_stage_else_the_run(
+    run_seed: int | None, stage_seed: int | None, expected: int
+) -> None:
+    body = manifest()
+    if run_seed is not None:
+        body["spec"]["seed"] = run_seed
+    if stage_seed is not None:
+        body["spec"]["stages"][4]["seed"] = stage_seed
+    assert api.validate(body) == []
+    alr = api.AlignmentRun.from_manifest(body)
+    assert render.stage_config(alr, alr.spec.stages[4]).seed == expected
+    # Other stages keep the run's seed.
+    assert render.stage_config(alr, alr.spec.stages[1]).seed == (run_seed or 0)
+
+
+def test_a_negative_seed_is_refused_naming_the_field() -> None:
+    body = manifest()
+    body["spec"]["stages"][2]["seed"] = -1
+    assert [e.path for e in api.validate(body)] == ["spec.stages[2].seed"]
