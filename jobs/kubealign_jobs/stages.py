@@ -16,14 +16,16 @@ Standard library only: the operator imports this module, and it never imports to
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import enum
+import functools
 import json
 import math
 import types
 import typing
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -171,8 +173,9 @@ _KINDS: Final[Mapping[Any, Kind]] = {
 }
 
 
+@functools.cache
 def params(hyperparameters: type) -> tuple[Param, ...]:
-    """The declared hyperparameters of a catalogue dataclass, in declaration order."""
+    """The declared hyperparameters of a catalogue dataclass, in declaration order (computed once)."""
     hints = typing.get_type_hints(hyperparameters)
     out = []
     for f in dataclasses.fields(hyperparameters):
@@ -290,18 +293,6 @@ class RewardSourceHyperparameters:
 # ---------------------------------------------------------------------------- per stage type
 
 
-def _default_model() -> dict[str, Any]:
-    return {
-        "arch": "llama",
-        "hidden_size": 256,
-        "intermediate_size": 688,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 1024,
-    }
-
-
 @dataclass(frozen=True)
 class PretrainHyperparameters(TrainingHyperparameters):
     learning_rate: float = 3e-4
@@ -313,7 +304,15 @@ class PretrainHyperparameters(TrainingHyperparameters):
     vocab_size: int = param(8000, "size of the tokenizer trained when there is no input model", ge=256)
     tokenizer_min_frequency: int = param(2, "minimum count of a merge in the trained tokenizer", ge=1)
     model: dict[str, Any] = param(
-        _default_model(),
+        {
+            "arch": "llama",
+            "hidden_size": 256,
+            "intermediate_size": 688,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 1024,
+        },
         "architecture of a new model (arch llama or gpt2 plus its config fields); replaces the default whole",
     )
 
@@ -377,19 +376,20 @@ class GenerateHyperparameters(PrecisionHyperparameters, RewardSourceHyperparamet
 
 
 @dataclass(frozen=True)
-class PPOHyperparameters(OptimizerHyperparameters, CheckpointHyperparameters, RewardSourceHyperparameters):
+class PPOHyperparameters(
+    OptimizerHyperparameters, CheckpointHyperparameters, RewardSourceHyperparameters, SamplingHyperparameters
+):
     """Defaults follow TRL's PPO and Ziegler et al."""
 
     lr_schedule: str = "constant"
     log_every: int = 1
     checkpoint_every: int = 50
+    max_new_tokens: int = 32
+    max_prompt_tokens: int = 128
     # Rollouts.
     steps: int = param(100, "PPO steps, each one rollout batch and its update", ge=1)
     rollout_batch_size: int = param(16, "prompts per process per step", ge=1)
-    max_new_tokens: int = param(32, "tokens sampled per completion", ge=1)
     temperature: float = param(1.0, "the policy is pi^(1/T); log-probs are taken at the same T", gt=0)
-    top_p: float = param(1.0, "nucleus sampling during rollouts", gt=0, le=1)
-    max_prompt_tokens: int = param(128, "prompts are cut to their last this many tokens", ge=1)
     forward_batch_size: int = param(64, "rows per no-grad forward pass while scoring a rollout", ge=1)
     missing_eos_penalty: float | None = param(
         None, "subtracted from the score of completions cut at max_new_tokens"
@@ -621,34 +621,39 @@ def needs_message(entry: StageType, group: tuple[str, ...], why: str) -> str:
 # ---------------------------------------------------------------------------- checking values
 
 
-def hyperparameter_errors(stage: str, values: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
-    """(name, "hyperparameters.<name>: reason") for every bad hyperparameter of a ``stage`` stage.
+def _check_fields(entry: StageType, values: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Each value as its field wants it, and "hyperparameters.<name>: reason" for every bad one."""
+    declared = {p.name: p for p in entry.params}
+    checked: dict[str, Any] = {}
+    errors: list[str] = []
+    for name, value in values.items():
+        p = declared.get(name)
+        if p is None:
+            errors.append(unknown_message(entry, name))
+            continue
+        try:
+            checked[name] = p.check(value)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    return checked, errors
+
+
+def hyperparameter_errors(stage: str, values: Mapping[str, Any]) -> list[str]:
+    """ "hyperparameters.<name>: reason" for every bad hyperparameter of a ``stage`` stage.
 
     Unknown names come with a "did you mean"; then types, bounds and choices, field by field;
     then, when every field is fine, the rules that relate fields (``mini_batch_size`` divides
     ``rollout_batch_size``, ...).
     """
     entry = CATALOGUE[stage]
-    declared = {p.name: p for p in entry.params}
-    checked: dict[str, Any] = {}
-    bad = False
-    for name, value in values.items():
-        p = declared.get(name)
-        if p is None:
-            bad = True
-            yield name, unknown_message(entry, name)
-            continue
-        try:
-            checked[name] = p.check(value)
-        except ConfigError as exc:
-            bad = True
-            yield name, str(exc)
-    if not bad:
-        try:
-            entry.hyperparameters(**checked)
-        except ConfigError as exc:
-            message = str(exc)
-            yield message.split(":", 1)[0].removeprefix("hyperparameters.").split("[")[0], message
+    checked, errors = _check_fields(entry, values)
+    if errors:
+        return errors
+    try:
+        entry.hyperparameters(**checked)
+    except ConfigError as exc:
+        return [str(exc)]
+    return []
 
 
 def input_errors(stage: str, present: Iterable[str]) -> list[str]:
@@ -670,16 +675,17 @@ def unknown_message(entry: StageType, name: str) -> str:
 
 def parse_hyperparameters(stage: str, values: Mapping[str, Any]) -> Any:
     """The stage's frozen hyperparameter dataclass from a config's values, or the first error."""
-    for _, message in hyperparameter_errors(stage, values):
-        raise ConfigError(message)
     entry = CATALOGUE[stage]
-    declared = {p.name: p for p in entry.params}
-    return entry.hyperparameters(**{name: declared[name].check(v) for name, v in values.items()})
+    checked, errors = _check_fields(entry, values)
+    if errors:
+        raise ConfigError(errors[0])
+    return entry.hyperparameters(**checked)  # raises ConfigError for the rules that relate fields
 
 
 def defaults(stage: str) -> dict[str, Any]:
     """Every hyperparameter of ``stage`` at its default, as a manifest would spell it out."""
-    return {p.name: p.default for p in CATALOGUE[stage].params}
+    # A copy: the cached Params share their dict and list defaults.
+    return copy.deepcopy({p.name: p.default for p in CATALOGUE[stage].params})
 
 
 def describe(stage: str | None = None) -> str:

@@ -262,7 +262,7 @@ def _catalogue_errors(at: str, stage: Mapping[str, Any]) -> Iterator[FieldError]
             yield FieldError(f"{at}.inputs.{role}", crdgen.role_forbidden_message(role))
     if entry.needs_reward and "rewardModel" not in inputs and hyperparameters.get("scorer") is None:
         yield FieldError(f"{at}.inputs.rewardModel", stages.reward_message(entry))
-    for _, message in stages.hyperparameter_errors(entry.name, hyperparameters):
+    for message in stages.hyperparameter_errors(entry.name, hyperparameters):
         where, reason = message.split(": ", 1)
         yield FieldError(f"{at}.{where}", reason)
 

@@ -44,17 +44,22 @@ def _quote(items: Iterable[str]) -> str:
     return "[" + ", ".join(f"'{item}'" for item in items) + "]"
 
 
-def _has_role(role: str, of: str = "self") -> str:
+def _has_role(role: str) -> str:
     if role == "policies":
-        return f"(has({of}.inputs.policies) && size({of}.inputs.policies) > 0)"
-    return f"has({of}.inputs.{role})"
+        return "(has(self.inputs.policies) && size(self.inputs.policies) > 0)"
+    return f"has(self.inputs.{role})"
+
+
+def _readers(role: str) -> list[str]:
+    """The stage types that read input ``role``."""
+    return [name for name, entry in CATALOGUE.items() if role in entry.roles]
 
 
 # ---------------------------------------------------------------------------- per-stage rules
 
 
 def input_rules() -> list[dict[str, Any]]:
-    """Required inputs, inputs a stage type does not read, and the reward-source rule."""
+    """Required inputs, and inputs a stage type does not read."""
     rules: list[dict[str, Any]] = []
     for entry in CATALOGUE.values():
         for group, why in entry.requires:
@@ -68,7 +73,7 @@ def input_rules() -> list[dict[str, Any]]:
                 }
             )
     for role in ROLES:
-        readers = [name for name, entry in CATALOGUE.items() if role in entry.roles]
+        readers = _readers(role)
         if len(readers) == len(CATALOGUE):
             continue
         rules.append(
@@ -83,7 +88,7 @@ def input_rules() -> list[dict[str, Any]]:
 
 
 def role_forbidden_message(role: str) -> str:
-    readers = [name for name, entry in CATALOGUE.items() if role in entry.roles]
+    readers = _readers(role)
     names = readers[0] if len(readers) == 1 else ", ".join(readers[:-1]) + " and " + readers[-1]
     return f"inputs.{role} is only for {names} stages"
 
@@ -97,7 +102,7 @@ def _literal(value: float, kind: Kind) -> str:
 
 def value_check(p: Param, v: str) -> str:
     """A CEL expression true when the value ``v`` is acceptable for ``p`` (one field's rules)."""
-    number = "(type(VALUE) == int || type(VALUE) == double)".replace("VALUE", v)
+    number = f"(type({v}) == int || type({v}) == double)"
     checks = {
         Kind.BOOL: [f"type({v}) == bool"],
         Kind.INT: [f"type({v}) == int"],

@@ -13,6 +13,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from kubealign_jobs import stages
 from kubealign_jobs.stages import CATALOGUE, Kind, Param
 from tests.operator.run_builders import manifest, pipeline
 
@@ -77,12 +78,12 @@ def cases() -> list[Case]:
 
 def every_default_manifest() -> dict[str, Any]:
     """The pipeline with every stage spelling out every hyperparameter at its catalogue default."""
-    stages = copy.deepcopy(pipeline())
-    for stage in stages:
-        defaults = {p.name: p.default for p in CATALOGUE[stage["type"]].params}
+    listed = copy.deepcopy(pipeline())
+    for stage in listed:
+        defaults = stages.defaults(stage["type"])
         # A null default (e.g. target_kl) means "unset"; a manifest leaves it out the same way.
         stage["hyperparameters"] = {
             **{k: v for k, v in defaults.items() if v is not None},
             **stage.get("hyperparameters", {}),
         }
-    return manifest(stages, name="every-default")
+    return manifest(listed, name="every-default")
