@@ -40,25 +40,15 @@ def pairs() -> list[tuple[Path, Path]]:
     ]
 
 
-def generated() -> dict[Path, str]:
-    """Every file written from the stage catalogue, with the text it must have."""
+def outdated() -> dict[Path, str]:
+    """Every file written from the stage catalogue whose text differs from what it generates now."""
     # Imported here: the rest of this script needs only the standard library.
     from kubealign import crdgen
 
-    out = {crd: crdgen.render_crd(crd.read_text()) for crd in sorted((REPO_ROOT / "crds").glob("*.yaml"))}
+    wanted = {crd: crdgen.render_crd(crd.read_text()) for crd in sorted((REPO_ROOT / "crds").glob("*.yaml"))}
     if POLICY_SOURCE.parent.is_dir():
-        out[POLICY_SOURCE] = crdgen.policy_text()
-    return out
-
-
-def regenerate() -> list[Path]:
-    """Rewrite the generated files; the ones that changed."""
-    changed = []
-    for path, text in generated().items():
-        if not path.is_file() or path.read_text() != text:
-            path.write_text(text)
-            changed.append(path)
-    return changed
+        wanted[POLICY_SOURCE] = crdgen.policy_text()
+    return {path: text for path, text in wanted.items() if not path.is_file() or path.read_text() != text}
 
 
 def stale() -> list[str]:
@@ -66,8 +56,7 @@ def stale() -> list[str]:
     a generated file that differs from what the stage catalogue generates."""
     problems = [
         f"{path.relative_to(REPO_ROOT)}: differs from what the stage catalogue generates"
-        for path, text in generated().items()
-        if not path.is_file() or path.read_text() != text
+        for path in outdated()
     ]
     expected = set()
     for source, copy in pairs():
@@ -95,7 +84,8 @@ def main() -> int:
         if problems:
             print("run tools/sync_chart.py to update the chart's copies", file=sys.stderr)
         return 1 if problems else 0
-    regenerate()
+    for path, text in outdated().items():
+        path.write_text(text)
     for source, copy in pairs():
         copy.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, copy)
