@@ -7,6 +7,12 @@ A checkpoint folder holds:
                          the stage config and any stage-specific extras
     _MANIFEST.json       written last by `storage.publish_dir`; no manifest, no checkpoint
 
+A sharded (FSDP) or LoRA stage writes a distributed checkpoint instead: ``model/`` holds only
+the config and tokenizer, ``dcp/`` the model and optimizer state as
+`torch.distributed.checkpoint` shards (each rank wrote its own file; ``.metadata`` maps them),
+and ``trainer_state.pt`` the rest. Every rank uploads its shard and rank 0 writes the manifest
+last (``storage.begin_parts`` / ``upload_part`` / ``commit_parts``): the same commit point.
+
 `latest_checkpoint` walks the checkpoints newest first and returns the first one that is
 complete, matches its checksums and loads; anything else (a preemption mid-upload, a
 truncated or corrupted file) is skipped with a warning, so the run falls back to the previous
@@ -34,6 +40,7 @@ log = logging.getLogger(__name__)
 STEP_PREFIX = "step-"
 MODEL_DIR = "model"
 STATE_FILE = "trainer_state.pt"
+DCP_DIR = "dcp"
 _STEP_RE = re.compile(r"step-(\d{8,})$")
 
 
@@ -53,6 +60,11 @@ class Checkpoint:
     step: int
     model_dir: Path
     state: dict[str, Any]
+    dcp_dir: Path | None = None  # a distributed checkpoint's shards; then model_dir has no weights
+
+    @property
+    def distributed(self) -> bool:
+        return self.dcp_dir is not None
 
 
 # ---------------------------------------------------------------------------- RNG
@@ -167,7 +179,14 @@ def open_checkpoint(uri: str, scratch: Path) -> Checkpoint:
         raise CheckpointError(f"{uri}: {STATE_FILE} holds no step")
     if not (local / MODEL_DIR / "config.json").is_file():
         raise CheckpointError(f"{uri}: no {MODEL_DIR}/config.json")
-    return Checkpoint(uri=uri, step=int(state["step"]), model_dir=local / MODEL_DIR, state=state)
+    dcp_dir = None
+    if state.get("format") == DCP_DIR:
+        dcp_dir = local / DCP_DIR
+        if not (dcp_dir / ".metadata").is_file():
+            raise CheckpointError(f"{uri}: a distributed checkpoint without {DCP_DIR}/.metadata")
+    return Checkpoint(
+        uri=uri, step=int(state["step"]), model_dir=local / MODEL_DIR, state=state, dcp_dir=dcp_dir
+    )
 
 
 def latest_checkpoint(checkpoints_uri: str, scratch: Path) -> Checkpoint | None:

@@ -23,6 +23,7 @@ loss, implicit-reward accuracy and margins (held-out ones too when ``eval_data``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kubealign_jobs import data, loop, storage
+from kubealign_jobs import data, loop, parallel, storage
 from kubealign_jobs import model as models
 from kubealign_jobs.losses import dpo_loss
 from kubealign_jobs.runtime import StageContext, publish_results, run_stage
@@ -116,7 +117,6 @@ def fingerprint(reference_uri: str, pairs: Sequence[data.EncodedRanking], *, spl
     return digest.hexdigest()
 
 
-@torch.inference_mode()
 def compute_sequence_logps(
     ctx: StageContext,
     reference: nn.Module,
@@ -124,18 +124,26 @@ def compute_sequence_logps(
     *,
     pad_token_id: int,
     batch_size: int,
+    lockstep: bool = False,
 ) -> torch.Tensor:
-    """log pi_ref of every sequence (N,), each rank scoring a share, in length-sorted batches."""
-    mine = sorted(range(ctx.rank, len(sequences), ctx.world_size), key=lambda i: -len(sequences[i].ids))
+    """log pi_ref of every sequence (N,), each rank scoring a share, in length-sorted batches.
+
+    ``lockstep``: the reference is sharded, so every rank runs the same number of forward passes.
+    """
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i].ids))
+    mine: list[int] = []
     values: list[float] = []
-    for start in range(0, len(mine), batch_size):
-        chunk = [sequences[i] for i in mine[start : start + batch_size]]
-        batch = data.collate(chunk, pad_token_id=pad_token_id).to(ctx.device)
-        with ctx.accelerator.autocast():
+    for chunk, counts in parallel.lockstep_batches(
+        order, rank=ctx.rank, world_size=ctx.world_size, batch_size=batch_size, lockstep=lockstep
+    ):
+        batch = data.collate([sequences[i] for i in chunk], pad_token_id=pad_token_id).to(ctx.device)
+        with parallel.no_grad(sharded=lockstep), ctx.accelerator.autocast():
             logps = models.sequence_logps(
                 reference, batch.input_ids, batch.attention_mask, batch.completion_mask
             )
-        values.extend(logps.float().cpu().tolist())
+        if counts:
+            mine.extend(chunk)
+            values.extend(logps.float().cpu().tolist())
     result = torch.empty(len(sequences), dtype=torch.float32)
     for indices, scores in ctx.gather((mine, values)):
         result[indices] = torch.tensor(scores, dtype=torch.float32)
@@ -149,8 +157,13 @@ def reference_logps(
     *,
     reference_uri: str,
     pad_token_id: int,
+    policy: parallel.Trainable | None = None,
 ) -> dict[str, torch.Tensor]:
-    """(N, 2) chosen/rejected reference log-probs per split: reused when stored, else computed and stored."""
+    """(N, 2) chosen/rejected reference log-probs per split: reused when stored, else computed and stored.
+
+    ``policy``: the policy before training, when it computes the reference itself: with LoRA
+    its base (adapters off) is the reference, and a sharded policy is not loaded twice.
+    """
     uri = storage.join(ctx.config.output, REFERENCE_DIR)
     prints = {name: fingerprint(reference_uri, pairs, split=name) for name, pairs in splits.items()}
     manifest = storage.read_manifest_quiet(uri)
@@ -165,16 +178,31 @@ def reference_logps(
     elif manifest is not None:
         log.warning("stored reference log-probs at %s are for other data or weights; recomputing", uri)
 
-    ref_dir = loop.fetch_model(ctx, reference_uri, "reference")
-    reference = models.CompletionLogps(models.load_causal_lm(ref_dir)).to(ctx.device).eval()
-    batch_size = hp.reference_batch_size or 4 * loop.micro_batch_size(hp, ctx.world_size)
-    result = {}
-    for name, pairs in splits.items():
-        flat = [seq for pair in pairs for seq in pair.sequences]  # chosen, rejected, chosen, ...
-        scores = compute_sequence_logps(
-            ctx, reference, flat, pad_token_id=pad_token_id, batch_size=batch_size
-        )
-        result[name] = scores.view(-1, 2)
+    lockstep = hp.sharding == "fsdp"
+    with contextlib.ExitStack() as scope:
+        if policy is not None:
+            reference = policy.module
+            if policy.adapters is not None:
+                scope.enter_context(policy.reference())
+        else:
+            ref_dir = loop.fetch_model(ctx, reference_uri, "reference")
+            ref_lm = models.load_causal_lm(ref_dir)
+            reference = models.CompletionLogps(ref_lm)
+            if lockstep:  # a model that needs sharding to train needs it to score as well
+                parallel.shard(ctx, reference, ref_lm, hp, hp.mixed_precision)
+            else:
+                reference.to(ctx.device)
+        was_training = reference.training
+        reference.eval()
+        batch_size = hp.reference_batch_size or 4 * loop.micro_batch_size(hp, ctx.world_size)
+        result = {}
+        for name, pairs in splits.items():
+            flat = [seq for pair in pairs for seq in pair.sequences]  # chosen, rejected, chosen, ...
+            scores = compute_sequence_logps(
+                ctx, reference, flat, pad_token_id=pad_token_id, batch_size=batch_size, lockstep=lockstep
+            )
+            result[name] = scores.view(-1, 2)
+        reference.train(was_training)
     del reference
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -205,13 +233,16 @@ def evaluate_pairs(
     pad_token_id: int,
 ) -> dict[str, float]:
     """Held-out DPO loss, reward accuracy and margins, each rank scoring its share."""
-    mine = examples[ctx.rank :: ctx.world_size]
     size = loop.micro_batch_size(hp, ctx.world_size)
     sums: dict[str, float] = {"loss": 0.0, "examples": 0.0}
-    for start in range(0, len(mine), size):
-        batch = collate_pairs(mine[start : start + size], pad_token_id=pad_token_id).to(ctx.device)
+    for chunk, counts in parallel.lockstep_batches(
+        examples, rank=ctx.rank, world_size=ctx.world_size, batch_size=size, lockstep=hp.sharding == "fsdp"
+    ):
+        batch = collate_pairs(chunk, pad_token_id=pad_token_id).to(ctx.device)
         with ctx.accelerator.autocast():
             out = pair_loss(model, batch, beta=hp.beta)
+        if not counts:
+            continue
         sums["loss"] += float(out.loss_sum)
         sums["examples"] += float(batch.ref_chosen.shape[0])
         for name, value in out.metric_sums.items():
@@ -231,9 +262,18 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     reference_uri = inputs.reference or model_uri
 
     resume = loop.find_resume_checkpoint(ctx)
-    model_dir = resume.model_dir if resume else loop.fetch_model(ctx, model_uri)
+    model_dir = loop.starting_weights(ctx, resume, model_uri)
     tokenizer = models.load_tokenizer(model_dir)
     pad_token_id = int(tokenizer.pad_token_id)
+    policy = models.load_causal_lm(model_dir)
+    if hp.disable_dropout:
+        models.disable_dropout(policy)
+    trainable = parallel.prepare(ctx, hp, policy, wrap=models.CompletionLogps)
+    # The policy computes the reference itself when it is the reference (same input, weights
+    # not yet trained): its base under LoRA, itself when sharded (no second sharded copy).
+    own_reference = reference_uri == model_uri and (
+        trainable.adapters is not None or (trainable.sharded and resume is None)
+    )
 
     splits = {"train": data.load(data_uri, ctx.scratch / "data", data.preference_example)}
     if inputs.eval_data:
@@ -242,7 +282,14 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         name: data.encode_preferences(tokenizer, rows, max_length=hp.max_length)
         for name, rows in splits.items()
     }
-    ref = reference_logps(ctx, hp, encoded, reference_uri=reference_uri, pad_token_id=pad_token_id)
+    ref = reference_logps(
+        ctx,
+        hp,
+        encoded,
+        reference_uri=reference_uri,
+        pad_token_id=pad_token_id,
+        policy=trainable if own_reference else None,
+    )
     train_pairs = attach(encoded["train"], ref["train"])
 
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
@@ -252,9 +299,6 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         def evaluate(model: nn.Module) -> dict[str, float]:
             return evaluate_pairs(ctx, model, eval_pairs, hp=hp, pad_token_id=pad_token_id)
 
-    policy = models.load_causal_lm(model_dir)
-    if hp.disable_dropout:
-        models.disable_dropout(policy)
     task: loop.Task[PairExample, PairBatch] = loop.Task(
         examples=train_pairs,
         collate=partial(collate_pairs, pad_token_id=pad_token_id),
@@ -265,9 +309,9 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     result = loop.train(
         ctx,
         hp,
-        model=models.CompletionLogps(policy),
+        model=trainable,
         task=task,
-        save_model=lambda _, dest: models.save_pretrained(policy, tokenizer, dest),
+        tokenizer=tokenizer,
         resume=resume,
         evaluate=evaluate,
         extra_state={"beta": hp.beta},
@@ -276,7 +320,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     publish_results(
         ctx,
         metrics,
-        lambda dest: models.save_pretrained(policy, tokenizer, dest),
+        trainable.writer(tokenizer),
         steps=result.steps,
         reference=reference_uri,
     )

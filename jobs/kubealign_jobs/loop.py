@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -29,8 +31,11 @@ import torch
 from torch import nn
 
 from kubealign_jobs import checkpoint as checkpoints
+from kubealign_jobs import model as models
+from kubealign_jobs import parallel, storage
 from kubealign_jobs.config import ConfigError
 from kubealign_jobs.data import DataPosition, EpochSampler, shard
+from kubealign_jobs.parallel import Trainable
 from kubealign_jobs.runtime import StageContext
 from kubealign_jobs.stages import CheckpointHyperparameters, OptimizerHyperparameters, TrainingHyperparameters
 
@@ -145,6 +150,17 @@ def fetch_model(ctx: StageContext, uri: str, name: str = "model") -> Path:
     return ctx.fetch_shared(uri, f"inputs/{name}")
 
 
+def starting_weights(ctx: StageContext, resume: checkpoints.Checkpoint | None, model_uri: str) -> Path:
+    """The folder to load the model from: a full checkpoint's, else the stage's input model.
+
+    A distributed checkpoint stores only what trains (all weights under FSDP, the adapters
+    under LoRA), so its model is rebuilt from the input and `train` loads the shards over it.
+    """
+    if resume is not None and not resume.distributed:
+        return resume.model_dir
+    return fetch_model(ctx, model_uri)
+
+
 # ---------------------------------------------------------------------------- resume
 
 
@@ -188,7 +204,8 @@ def restore_training_state(
     state (a KL controller, a data fingerprint) is in ``Restored.state``.
     """
     state = resume.state
-    optimizer.load_state_dict(state["optimizer"])
+    if not resume.distributed:  # a distributed checkpoint's optimizer state is in its shards
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng_states = state.get("rng", [])
     if ctx.rank < len(rng_states):
@@ -210,9 +227,27 @@ def save_training_state(
     write_model: Callable[[Path], object],
     hp: CheckpointHyperparameters,
     extra_state: dict[str, Any] | None = None,
+    write_shards: Callable[[Path], object] | None = None,
 ) -> None:
-    """A resumable checkpoint at ``step``: every rank's RNG, rank 0 writes (manifest last)."""
+    """A resumable checkpoint at ``step``: every rank's RNG, rank 0 writes (manifest last).
+
+    With ``write_shards(dest)`` (collective: each rank writes its DCP shard of model and
+    optimizer) it is a distributed checkpoint: ``write_model`` then writes only config and
+    tokenizer, and every rank uploads its own files before rank 0 commits the manifest.
+    """
     rng = ctx.gather(checkpoints.capture_rng_state())
+    if write_shards is not None:
+        _save_distributed_state(
+            ctx,
+            step=step,
+            scheduler=scheduler,
+            position=position,
+            write_model=write_model,
+            write_shards=write_shards,
+            hp=hp,
+            extra_state={"rng": rng, **(extra_state or {})},
+        )
+        return
     if ctx.is_main:
         state = {
             "optimizer": optimizer.state_dict(),
@@ -235,6 +270,57 @@ def save_training_state(
     ctx.barrier()
 
 
+def _save_distributed_state(
+    ctx: StageContext,
+    *,
+    step: int,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    position: DataPosition,
+    write_model: Callable[[Path], object],
+    write_shards: Callable[[Path], object],
+    hp: CheckpointHyperparameters,
+    extra_state: dict[str, Any],
+) -> None:
+    uri = checkpoints.step_uri(ctx.config.checkpoints, step)
+    # Rank 0 decides for everyone: a complete checkpoint at this step (an earlier attempt's)
+    # is kept as it is; otherwise leftovers are cleared and the writers share one token.
+    decision = None
+    if ctx.is_main and not storage.is_complete(uri):
+        decision = storage.begin_parts(uri)
+    token = ctx.broadcast(decision)
+    if token is None:
+        if ctx.is_main:
+            log.info("checkpoint %s already complete", uri)
+        ctx.barrier()
+        return
+    local = ctx.scratch / "checkpoint" / f"{checkpoints.STEP_PREFIX}{step:08d}"
+    shutil.rmtree(local, ignore_errors=True)
+    try:
+        write_shards(local / checkpoints.DCP_DIR)
+        if ctx.is_main:
+            write_model(local / checkpoints.MODEL_DIR)
+            state = {
+                "format": checkpoints.DCP_DIR,
+                "world_size": ctx.world_size,
+                "scheduler": scheduler.state_dict(),
+                "data_position": position.to_dict(),
+                "hyperparameters": asdict(hp),
+                "config": ctx.config.to_dict(),
+                **extra_state,
+                "step": step,
+            }
+            torch.save(state, local / checkpoints.STATE_FILE)
+        entries = storage.upload_part(local, uri, token)
+        everyone = [entry for part in ctx.gather(entries) for entry in part]
+        if ctx.is_main:
+            storage.commit_parts(uri, everyone, token, metadata={"step": step, "format": checkpoints.DCP_DIR})
+            checkpoints.prune_checkpoints(ctx.config.checkpoints, keep_last=hp.keep_checkpoints)
+            ctx.emit({"event": "checkpoint", "step": step, "uri": uri, "shards": ctx.world_size})
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    ctx.barrier()
+
+
 # ---------------------------------------------------------------------------- the loop
 
 
@@ -242,18 +328,19 @@ def train(
     ctx: StageContext,
     hp: TrainingHyperparameters,
     *,
-    model: nn.Module,
+    model: Trainable,
     task: Task[E, B],
-    save_model: Callable[[Any, Path], object],
+    tokenizer: Any,
     resume: checkpoints.Checkpoint | None,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     extra_state: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train ``model`` on ``task``; return the step count and the final (evaluation) metrics.
+    """Train ``model`` (from `parallel.prepare`) on ``task``; return the steps and final metrics.
 
-    ``model`` must already hold the weights to start from (the checkpoint's when resuming).
-    ``save_model(unwrapped_model, dest)`` writes a save_pretrained folder with the tokenizer.
-    ``extra_state`` is stored in every checkpoint (e.g. a fingerprint of the data).
+    ``model`` must already hold the weights to start from: a full checkpoint's when resuming
+    from one; the stage's input when resuming from a distributed checkpoint, whose shards are
+    loaded here. Checkpoints hold ``tokenizer`` beside the model. ``extra_state`` is stored
+    in every checkpoint (e.g. a fingerprint of the data).
     """
     accelerator = ctx.accelerator
     world = ctx.world_size
@@ -261,16 +348,25 @@ def train(
     sampler = EpochSampler(len(task.examples), hp.batch_size, seed=ctx.config.seed)
     total = total_steps(hp, sampler.steps_per_epoch)
 
-    if hp.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
-    optimizer = make_optimizer(model, hp)
+    optimizer = make_optimizer(model.module, hp)
     scheduler = make_scheduler(optimizer, hp, total)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
+    # FSDP already split the model; everything else goes through accelerate (DDP, autocast).
+    wrapped = model.module
+    if not model.sharded:
+        wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+    wrapped.train()
 
     step = 0
     position = DataPosition()
     if resume is not None:
+        if resume.distributed != model.distributed_checkpoints:
+            kind = "distributed (sharded or LoRA)" if resume.distributed else "full"
+            raise ConfigError(
+                f"hyperparameters.sharding: {resume.uri} is a {kind} checkpoint; resume with the "
+                "sharding and lora settings it was written with"
+            )
+        if resume.dcp_dir is not None:
+            parallel.load_distributed(model, wrapped, optimizer, resume.dcp_dir)
         restored = restore_training_state(ctx, resume, optimizer=optimizer, scheduler=scheduler, total=total)
         step, position, state = restored.step, restored.position, restored.state
         if state.get("num_examples") != len(task.examples) or state.get("batch_size") != hp.batch_size:
@@ -283,19 +379,25 @@ def train(
             )
 
     def save(at_step: int) -> None:
+        distributed = model.distributed_checkpoints
         save_training_state(
             ctx,
             step=at_step,
             optimizer=optimizer,
             scheduler=scheduler,
             position=position,
-            write_model=lambda dest: save_model(accelerator.unwrap_model(model), dest),
+            write_model=partial(model.write_config, tokenizer)
+            if distributed
+            else partial(models.save_pretrained, model.lm, tokenizer),
             hp=hp,
             extra_state={
                 "num_examples": len(task.examples),
                 "batch_size": hp.batch_size,
                 **(extra_state or {}),
             },
+            write_shards=partial(parallel.save_distributed, model, wrapped, optimizer)
+            if distributed
+            else None,
         )
 
     device = ctx.device
@@ -306,7 +408,7 @@ def train(
     window_start = time.perf_counter()
     window_steps = 0
     last_logged: dict[str, float] = {}
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in wrapped.parameters() if p.requires_grad]
 
     while step < total:
         indices, position = sampler.next_batch(position)
@@ -319,13 +421,14 @@ def train(
         scale = world / max(global_units, 1)
         for index, batch in enumerate(batches):
             sync = index == len(batches) - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                out = task.loss(model, task.to_device(batch, device))
+            model.set_gradient_sync(sync)
+            with contextlib.nullcontext() if sync or model.sharded else accelerator.no_sync(wrapped):
+                out = task.loss(wrapped, task.to_device(batch, device))
                 accelerator.backward(out.loss_sum * scale)
             window_loss += out.loss_sum.detach().double()
             for name, value in out.metric_sums.items():
                 window_metrics[name] = window_metrics.get(name, 0) + value.detach().double()
-        grad_norm = accelerator.clip_grad_norm_(params, hp.grad_clip) if hp.grad_clip > 0 else None
+        grad_norm = clip_gradients(model, params, hp.grad_clip, accelerator) if hp.grad_clip > 0 else None
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -361,21 +464,35 @@ def train(
         if hp.checkpoint_every and step % hp.checkpoint_every == 0:
             save(step)
         if evaluate is not None and hp.eval_every and step % hp.eval_every == 0 and step < total:
-            ctx.emit({"event": "eval", "step": step, **_evaluate(model, evaluate)})
+            ctx.emit({"event": "eval", "step": step, **_evaluate(wrapped, evaluate, sharded=model.sharded)})
 
     final = {f"train_{k}": v for k, v in last_logged.items()}
     if evaluate is not None:
-        eval_metrics = _evaluate(model, evaluate)
+        eval_metrics = _evaluate(wrapped, evaluate, sharded=model.sharded)
         ctx.emit({"event": "eval", "step": step, **eval_metrics})
         final.update(eval_metrics)
     final["steps"] = float(step)
     return TrainResult(steps=step, metrics=final)
 
 
-def _evaluate(model: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
+def clip_gradients(
+    model: Trainable, params: Sequence[torch.Tensor], max_norm: float, accelerator: Any
+) -> torch.Tensor:
+    """Clip the global gradient norm to ``max_norm``; return the norm before clipping."""
+    if not model.sharded:
+        clipped: torch.Tensor = accelerator.clip_grad_norm_(params, max_norm)
+        return clipped
+    # FSDP gradients are DTensor shards: torch computes the global norm across them.
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def _evaluate(
+    model: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]], *, sharded: bool
+) -> dict[str, float]:
     model.eval()
     try:
-        with torch.inference_mode():
+        with parallel.no_grad(sharded=sharded):
             return evaluate(model)
     finally:
         model.train()

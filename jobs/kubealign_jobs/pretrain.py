@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kubealign_jobs import data, loop
+from kubealign_jobs import data, loop, parallel
 from kubealign_jobs import model as models
 from kubealign_jobs.runtime import StageContext, publish_results, run_stage
 from kubealign_jobs.stages import PretrainHyperparameters as Hyperparameters
@@ -37,14 +37,23 @@ def stack_blocks(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def evaluate_blocks(
-    ctx: StageContext, model: nn.Module, blocks: torch.Tensor, *, size: int
+    ctx: StageContext, model: nn.Module, blocks: torch.Tensor, *, size: int, lockstep: bool = False
 ) -> dict[str, float]:
-    mine = blocks[ctx.rank :: ctx.world_size]
-    total = 0.0
-    for start in range(0, mine.shape[0], size):
+    """Held-out loss and perplexity; ``lockstep``: a sharded model, same forward count on every rank."""
+    total, count = 0.0, 0
+    for chunk, counts in parallel.lockstep_batches(
+        list(range(blocks.shape[0])),
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        batch_size=size,
+        lockstep=lockstep,
+    ):
         with ctx.accelerator.autocast():
-            total += float(causal_lm_loss(model, mine[start : start + size].to(ctx.device)).loss_sum)
-    sums = ctx.sum_across_ranks({"nll": total, "tokens": float(mine.shape[0] * (blocks.shape[1] - 1))})
+            nll = float(causal_lm_loss(model, blocks[chunk].to(ctx.device)).loss_sum)
+        if counts:
+            total += nll
+            count += len(chunk)
+    sums = ctx.sum_across_ranks({"nll": total, "tokens": float(count * (blocks.shape[1] - 1))})
     loss = sums["nll"] / max(sums["tokens"], 1.0)
     return {"eval_loss": loss, "eval_perplexity": float(torch.exp(torch.tensor(loss)))}
 
@@ -66,14 +75,19 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     texts = data.load(data_uri, ctx.scratch / "data", data.text_of)
 
     resume = loop.find_resume_checkpoint(ctx)
-    if resume is not None or inputs.model:
-        model_dir = resume.model_dir if resume else loop.fetch_model(ctx, inputs.model or "")
+    if resume is not None and resume.distributed and not inputs.model:
+        # A new model's distributed checkpoint: its tokenizer and config, the weights from its shards.
+        tokenizer = models.load_tokenizer(resume.model_dir)
+        lm = models.build_causal_lm(hp.model, tokenizer=tokenizer)
+    elif resume is not None or inputs.model:
+        model_dir = loop.starting_weights(ctx, resume, inputs.model or "")
         tokenizer = models.load_tokenizer(model_dir)
         lm = models.load_causal_lm(model_dir)
     else:
         tokenizer = shared_tokenizer(ctx, texts, hp)
         lm = models.build_causal_lm(hp.model, tokenizer=tokenizer)
     ctx.emit({"event": "model", "parameters": models.count_parameters(lm), "vocab_size": len(tokenizer)})
+    trainable = parallel.prepare(ctx, hp, lm)
 
     blocks = data.pack_texts(tokenizer, texts, block_size=hp.block_size)
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
@@ -83,7 +97,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         size = loop.micro_batch_size(hp, ctx.world_size)
 
         def evaluate(model: nn.Module) -> dict[str, float]:
-            return evaluate_blocks(ctx, model, eval_blocks, size=size)
+            return evaluate_blocks(ctx, model, eval_blocks, size=size, lockstep=hp.sharding == "fsdp")
 
     task: loop.Task[torch.Tensor, torch.Tensor] = loop.Task(
         examples=blocks,  # type: ignore[arg-type]  # a (N, T) tensor is a sequence of (T,) blocks
@@ -95,16 +109,14 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     result = loop.train(
         ctx,
         hp,
-        model=lm,
+        model=trainable,
         task=task,
-        save_model=lambda m, dest: models.save_pretrained(m, tokenizer, dest),
+        tokenizer=tokenizer,
         resume=resume,
         evaluate=evaluate,
     )
     metrics = {**result.metrics, "blocks": float(blocks.shape[0]), "tokens": float(blocks.numel())}
-    publish_results(
-        ctx, metrics, lambda dest: models.save_pretrained(lm, tokenizer, dest), steps=result.steps
-    )
+    publish_results(ctx, metrics, trainable.writer(tokenizer), steps=result.steps)
     return metrics
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kubealign_jobs import data, loop
+from kubealign_jobs import data, loop, parallel
 from kubealign_jobs import model as models
 from kubealign_jobs.losses import bradley_terry_loss, plackett_luce_losses, ranking_agreement
 from kubealign_jobs.runtime import StageContext, publish_results, run_stage
@@ -100,14 +100,21 @@ def evaluate_rankings(
     *,
     pad_token_id: int,
     size: int,
+    lockstep: bool = False,
 ) -> dict[str, float]:
-    """Held-out loss, pairwise preference accuracy and margin, each rank scoring its share."""
-    mine = list(examples[ctx.rank :: ctx.world_size])
+    """Held-out loss, pairwise preference accuracy and margin, each rank scoring its share.
+
+    ``lockstep``: the model is sharded, so every rank runs the same number of forward passes.
+    """
     sums = {"loss": 0.0, "correct_pairs": 0.0, "pairs": 0.0, "margin": 0.0, "examples": 0.0}
-    for start in range(0, len(mine), size):
-        batch = collate_rankings(mine[start : start + size], pad_token_id=pad_token_id).to(ctx.device)
+    for chunk, counts in parallel.lockstep_batches(
+        list(examples), rank=ctx.rank, world_size=ctx.world_size, batch_size=size, lockstep=lockstep
+    ):
+        batch = collate_rankings(chunk, pad_token_id=pad_token_id).to(ctx.device)
         with ctx.accelerator.autocast():
             scores = ranking_scores(model, batch)
+        if not counts:
+            continue
         correct, total = ranking_agreement(scores, batch.valid)
         last = batch.valid.sum(dim=1) - 1
         sums["loss"] += float(plackett_luce_losses(scores, batch.valid).sum())
@@ -143,12 +150,15 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     data_uri = loop.require_input(inputs.data, "inputs.data")
 
     resume = loop.find_resume_checkpoint(ctx)
-    model_dir = resume.model_dir if resume else loop.fetch_model(ctx, model_uri)
+    model_dir = loop.starting_weights(ctx, resume, model_uri)
     tokenizer = models.load_tokenizer(model_dir)
     pad_token_id = int(tokenizer.pad_token_id)
     reward_model = models.load_reward_model(model_dir, tokenizer=tokenizer)
     if hp.disable_dropout:
         models.disable_dropout(reward_model)
+    # The wrapper runs the last layer on the scored token only; the classifier is what is saved.
+    # Under LoRA the scalar head trains in full beside the adapters.
+    trainable = parallel.prepare(ctx, hp, reward_model, wrap=models.LastTokenReward, head="score")
 
     rows = data.load(data_uri, ctx.scratch / "data", data.ranked_example)
     if inputs.eval_data:
@@ -163,7 +173,9 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         size = loop.micro_batch_size(hp, ctx.world_size)
 
         def evaluate(model: nn.Module) -> dict[str, float]:
-            return evaluate_rankings(ctx, model, eval_encoded, pad_token_id=pad_token_id, size=size)
+            return evaluate_rankings(
+                ctx, model, eval_encoded, pad_token_id=pad_token_id, size=size, lockstep=trainable.sharded
+            )
 
     task: loop.Task[data.EncodedRanking, RankingBatch] = loop.Task(
         examples=encoded,
@@ -175,17 +187,14 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     result = loop.train(
         ctx,
         hp,
-        # The wrapper runs the last layer on the scored token only; the classifier is what is saved.
-        model=models.LastTokenReward(reward_model),
+        model=trainable,
         task=task,
-        save_model=lambda _, dest: models.save_pretrained(reward_model, tokenizer, dest),
+        tokenizer=tokenizer,
         resume=resume,
         evaluate=evaluate,
     )
     metrics = {**result.metrics, "examples": float(len(encoded))}
-    publish_results(
-        ctx, metrics, lambda dest: models.save_pretrained(reward_model, tokenizer, dest), steps=result.steps
-    )
+    publish_results(ctx, metrics, trainable.writer(tokenizer), steps=result.steps)
     return metrics
 
 

@@ -237,6 +237,15 @@ def _torchrun_command(module: str, argv: list[str], nnodes: int, nproc: int) -> 
     return [*command, "-m", module, *argv]
 
 
+def resolve_precision(mixed_precision: str) -> str:
+    """``auto`` as what it means on this machine: bf16 on GPUs that support it, else no autocast."""
+    import torch
+
+    if mixed_precision != "auto":
+        return mixed_precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
 def _make_accelerator(mixed_precision: str) -> Any:
     from datetime import timedelta
 
@@ -245,8 +254,7 @@ def _make_accelerator(mixed_precision: str) -> Any:
     from accelerate.utils import InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
-    if mixed_precision == "auto":
-        mixed_precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    mixed_precision = resolve_precision(mixed_precision)
     if cuda:
         # TF32 matmuls: ~2x on Ampere+ at a precision loss far below bf16 autocast's.
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -349,7 +357,9 @@ def run_stage(
             log.info("launching %d x %d processes: %s", nnodes, nproc, " ".join(command))
             return subprocess.call(command)
 
-        accelerator = _make_accelerator(getattr(hp, "mixed_precision", "auto"))
+        # Under FSDP, mixed precision is FSDP's own policy (`parallel.shard`), not autocast.
+        sharded = getattr(hp, "sharding", "none") == "fsdp"
+        accelerator = _make_accelerator("no" if sharded else getattr(hp, "mixed_precision", "auto"))
         from accelerate.utils import set_seed
 
         set_seed(config.seed)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kubealign_jobs import data, loop
+from kubealign_jobs import data, loop, parallel
 from kubealign_jobs import model as models
 from kubealign_jobs.runtime import StageContext, publish_results, run_stage
 from kubealign_jobs.stages import SFTHyperparameters as Hyperparameters
@@ -45,15 +45,27 @@ def completion_task(
 
 
 def evaluate_nll(
-    ctx: StageContext, model: nn.Module, encoded: list[data.Encoded], *, pad_token_id: int, batch_size: int
+    ctx: StageContext,
+    model: nn.Module,
+    encoded: list[data.Encoded],
+    *,
+    pad_token_id: int,
+    batch_size: int,
+    lockstep: bool = False,
 ) -> dict[str, float]:
-    """Token-level NLL and perplexity of the completions, each rank scoring its share."""
-    mine = encoded[ctx.rank :: ctx.world_size]
+    """Token-level NLL and perplexity of the completions, each rank scoring its share.
+
+    ``lockstep``: the model is sharded, so every rank runs the same number of forward passes.
+    """
     total, tokens = 0.0, 0
-    for start in range(0, len(mine), batch_size):
-        batch = data.collate(mine[start : start + batch_size], pad_token_id=pad_token_id).to(ctx.device)
-        total += float(completion_nll(model, batch).loss_sum)
-        tokens += batch.num_completion_tokens
+    for chunk, counts in parallel.lockstep_batches(
+        encoded, rank=ctx.rank, world_size=ctx.world_size, batch_size=batch_size, lockstep=lockstep
+    ):
+        batch = data.collate(chunk, pad_token_id=pad_token_id).to(ctx.device)
+        nll = float(completion_nll(model, batch).loss_sum)
+        if counts:
+            total += nll
+            tokens += batch.num_completion_tokens
     sums = ctx.sum_across_ranks({"nll": total, "tokens": float(tokens)})
     loss = sums["nll"] / max(sums["tokens"], 1.0)
     return {"eval_loss": loss, "eval_perplexity": float(torch.exp(torch.tensor(loss)))}
@@ -73,9 +85,9 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     data_uri = loop.require_input(inputs.data, "inputs.data")
 
     resume = loop.find_resume_checkpoint(ctx)
-    model_dir = resume.model_dir if resume else loop.fetch_model(ctx, model_uri)
+    model_dir = loop.starting_weights(ctx, resume, model_uri)
     tokenizer = models.load_tokenizer(model_dir)
-    lm = models.load_causal_lm(model_dir)
+    trainable = parallel.prepare(ctx, hp, models.load_causal_lm(model_dir), wrap=models.CompletionLogps)
 
     encoded = data.encode_sft(
         tokenizer, read_examples(data_uri, ctx, hp, tokenizer), max_length=hp.max_length
@@ -89,22 +101,25 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
 
         def evaluate(model: nn.Module) -> dict[str, float]:
             return evaluate_nll(
-                ctx, model, eval_encoded, pad_token_id=int(tokenizer.pad_token_id), batch_size=eval_batch
+                ctx,
+                model,
+                eval_encoded,
+                pad_token_id=int(tokenizer.pad_token_id),
+                batch_size=eval_batch,
+                lockstep=trainable.sharded,
             )
 
     result = loop.train(
         ctx,
         hp,
-        model=models.CompletionLogps(lm),
+        model=trainable,
         task=completion_task(encoded, tokenizer, hp),
-        save_model=lambda _, dest: models.save_pretrained(lm, tokenizer, dest),
+        tokenizer=tokenizer,
         resume=resume,
         evaluate=evaluate,
     )
     metrics = {**result.metrics, "examples": float(len(encoded))}
-    publish_results(
-        ctx, metrics, lambda dest: models.save_pretrained(lm, tokenizer, dest), steps=result.steps
-    )
+    publish_results(ctx, metrics, trainable.writer(tokenizer), steps=result.steps)
     return metrics
 
 

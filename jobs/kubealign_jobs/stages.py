@@ -221,6 +221,7 @@ LR_SCHEDULES: Final = ("cosine", "linear", "constant")
 KL_ESTIMATORS: Final = ("k1", "k2", "k3")
 OUTPUT_FORMATS: Final = ("best_worst", "all_pairs", "ranking")
 BASELINES: Final = ("reference", "data")
+SHARDINGS: Final = ("none", "fsdp")
 # The ground-truth scorers kubealign_jobs.scorers registers (a test keeps the two in step).
 SCORERS: Final = ("vader", "word_fraction")
 
@@ -258,7 +259,22 @@ class CheckpointHyperparameters:
 
 
 @dataclass(frozen=True)
-class TrainingHyperparameters(OptimizerHyperparameters, CheckpointHyperparameters):
+class ShardingHyperparameters:
+    """How the trained model is laid out over the stage's processes."""
+
+    sharding: str = param(
+        "none",
+        "none: every process holds the whole model (DDP); fsdp: parameters, gradients and optimizer "
+        "state sharded over all processes (FSDP2, one unit per decoder layer)",
+        choices=SHARDINGS,
+    )
+    cpu_offload: bool = param(
+        False, "fsdp only: keep the sharded parameters, gradients and optimizer state in CPU memory"
+    )
+
+
+@dataclass(frozen=True)
+class TrainingHyperparameters(OptimizerHyperparameters, CheckpointHyperparameters, ShardingHyperparameters):
     """Defaults shared by the stages that run the shared training loop (pretrain, sft, reward, dpo)."""
 
     max_steps: int = param(0, "optimizer steps to train; 0 trains for `epochs` epochs", ge=0)
@@ -274,6 +290,88 @@ class TrainingHyperparameters(OptimizerHyperparameters, CheckpointHyperparameter
     def __post_init__(self) -> None:
         if self.max_steps == 0 and self.epochs <= 0:
             raise ConfigError("hyperparameters.epochs: must be > 0 when max_steps is 0")
+        if self.cpu_offload and self.sharding != "fsdp":
+            raise ConfigError("hyperparameters.cpu_offload: needs sharding: fsdp")
+        if isinstance(self, LoraHyperparameters):
+            self.check_lora()
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The ``lora`` hyperparameter, checked: adapters of rank ``r`` on ``target_modules``.
+
+    The update of a targeted weight W is (alpha / r) * B @ A with A (r x in) and B (out x r);
+    B starts at zero, so training starts exactly at the base model.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | str = "all-linear"
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+LORA_KEYS: Final = ("r", "alpha", "dropout", "target_modules")
+
+
+def lora_settings(value: Mapping[str, Any]) -> LoraSettings:
+    """``hyperparameters.lora`` as `LoraSettings`; ``ConfigError`` naming ``hyperparameters.lora.<key>``."""
+    where = "hyperparameters.lora"
+    for key in value:
+        if key not in LORA_KEYS:
+            hint = _suggest(key, LORA_KEYS) or f" (known: {', '.join(LORA_KEYS)})"
+            raise ConfigError(f"{where}.{key}: unknown LoRA setting{hint}")
+    settings = LoraSettings()
+    r = value.get("r", settings.r)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ConfigError(f"{where}.r: expected an integer >= 1, got {r!r}")
+    alpha = value.get("alpha", settings.alpha)
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, int | float)
+        or not (math.isfinite(alpha) and alpha > 0)
+    ):
+        raise ConfigError(f"{where}.alpha: expected a number > 0, got {alpha!r}")
+    dropout = value.get("dropout", settings.dropout)
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        raise ConfigError(f"{where}.dropout: expected a number >= 0 and < 1, got {dropout!r}")
+    targets = value.get("target_modules", settings.target_modules)
+    if targets != "all-linear":
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ConfigError(
+                f'{where}.target_modules: expected "all-linear" or a non-empty list of module names '
+                f"(e.g. [q_proj, v_proj]), got {targets!r}"
+            )
+        targets = tuple(targets)
+    return LoraSettings(r=r, alpha=float(alpha), dropout=float(dropout), target_modules=targets)
+
+
+@dataclass(frozen=True)
+class LoraHyperparameters:
+    """Parameter-efficient fine-tuning: train low-rank adapters (and any head) instead of the weights."""
+
+    lora: dict[str, Any] | None = param(
+        None,
+        "LoRA adapters {r: 8, alpha: 16, dropout: 0, target_modules: all-linear | [names]}; "
+        "null trains every weight",
+    )
+    lora_merge: bool = param(
+        True,
+        "with lora: publish base + adapters merged (plain transformers); false: the adapter alone (peft)",
+    )
+
+    @property
+    def lora_settings(self) -> LoraSettings | None:
+        return None if self.lora is None else lora_settings(self.lora)
+
+    def check_lora(self) -> None:
+        if self.lora is not None:
+            lora_settings(self.lora)
+        elif not self.lora_merge:
+            raise ConfigError("hyperparameters.lora_merge: false needs lora (there is no adapter to publish)")
 
 
 @dataclass(frozen=True)
@@ -318,7 +416,7 @@ class PretrainHyperparameters(TrainingHyperparameters):
 
 
 @dataclass(frozen=True)
-class SFTHyperparameters(TrainingHyperparameters):
+class SFTHyperparameters(TrainingHyperparameters, LoraHyperparameters):
     learning_rate: float = 2e-5
     batch_size: int = 32
     epochs: float = 3.0
@@ -329,7 +427,7 @@ class SFTHyperparameters(TrainingHyperparameters):
 
 
 @dataclass(frozen=True)
-class RewardHyperparameters(TrainingHyperparameters):
+class RewardHyperparameters(TrainingHyperparameters, LoraHyperparameters):
     batch_size: int = 32
     eval_fraction: float = param(
         0.1, "fraction of data held out for accuracy when there is no inputs.evalData", ge=0, lt=1
@@ -338,7 +436,7 @@ class RewardHyperparameters(TrainingHyperparameters):
 
 
 @dataclass(frozen=True)
-class DPOHyperparameters(TrainingHyperparameters):
+class DPOHyperparameters(TrainingHyperparameters, LoraHyperparameters):
     """The DPO paper's settings: beta 0.1, lr 1e-6, batch 64, 150 warmup steps."""
 
     learning_rate: float = 1e-6

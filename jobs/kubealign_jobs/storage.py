@@ -425,10 +425,40 @@ def publish_dir(
         raise StorageError(f"publish {uri}: {src_dir} is not a directory")
     if read_manifest_quiet(uri) is not None and not overwrite:
         raise StorageError(f"publish {uri}: a complete artifact is already there")
-    manifest = build_manifest(src_dir, metadata=metadata)
+    token = begin_parts(uri)
+    entries = upload_part(src_dir, uri, token)
+    return commit_parts(uri, entries, token, metadata=metadata)
+
+
+# An artifact written by several processes (a sharded checkpoint: every rank its own shard
+# files) is published in three steps, with the same guarantee as `publish_dir`:
+#   token = begin_parts(uri)                      one process, before any writer starts
+#   entries = upload_part(src, uri, token)        every writer, its own files (disjoint paths)
+#   commit_parts(uri, all entries, token)         one process, after every writer: the manifest
+
+
+def begin_parts(uri: str) -> str:
+    """Prepare ``uri`` for writers and return the token they share; clears leftovers on S3.
+
+    Locally the writers fill a hidden staging directory that `commit_parts` renames into place.
+    On S3 the files go directly under ``uri`` (no rename there), so a partial earlier attempt
+    is deleted first: the manifest must describe exactly what is there.
+    """
+    if parse_uri(uri).scheme == "s3":
+        delete_prefix(uri)
+    return secrets.token_hex(4)
+
+
+def _staging(target: Path, token: str) -> Path:
+    return target.with_name(f".{target.name}.tmp-{token}")
+
+
+def upload_part(src_dir: Path, uri: str, token: str) -> list[ManifestEntry]:
+    """Upload every file under ``src_dir`` to the artifact at ``uri``; return their manifest entries."""
+    src_dir = Path(src_dir)
+    part = build_manifest(src_dir)
     loc = parse_uri(uri)
     if loc.scheme == "s3":
-        delete_prefix(uri)
         transfer = _transfer_config()
 
         def upload(entry: ManifestEntry) -> None:
@@ -442,16 +472,38 @@ def publish_dir(
             )
 
         with ThreadPoolExecutor(max_workers=_TRANSFER_THREADS) as pool:
-            list(pool.map(upload, manifest.files))
+            list(pool.map(upload, part.files))
+        return list(part.files)
+    assert loc.path is not None
+    staging = _staging(loc.path, token)
+    for entry in part.files:
+        dest = staging / entry.path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src_dir / entry.path, dest)
+    return list(part.files)
+
+
+def commit_parts(
+    uri: str, entries: list[ManifestEntry], token: str, *, metadata: dict[str, Any] | None = None
+) -> Manifest:
+    """Write the manifest of every writer's ``entries``: the artifact at ``uri`` is then complete."""
+    paths = [e.path for e in entries]
+    if len(set(paths)) != len(paths):
+        raise StorageError(f"publish {uri}: two writers wrote the same file")
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    manifest = Manifest(
+        files=tuple(sorted(entries, key=lambda e: e.path)), created=created, metadata=dict(metadata or {})
+    )
+    loc = parse_uri(uri)
+    if loc.scheme == "s3":
         write_text(join(uri, MANIFEST_FILE), manifest.to_json())
         return manifest
-
     assert loc.path is not None
     target = loc.path
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
+    staging = _staging(target, token)
     try:
-        shutil.copytree(src_dir, staging, ignore=shutil.ignore_patterns(MANIFEST_FILE))
+        staging.mkdir(parents=True, exist_ok=True)
         (staging / MANIFEST_FILE).write_text(manifest.to_json())
         if target.exists():
             # The old directory is either partial (no manifest) or being overwritten on request.

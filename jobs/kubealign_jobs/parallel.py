@@ -1,0 +1,386 @@
+"""How a training stage lays out the model it trains: whole per process (DDP) or sharded
+(FSDP2), all weights or LoRA adapters, and how it gets one plain model back at the end.
+
+    trainable = parallel.prepare(ctx, hp, lm, wrap=models.CompletionLogps)
+    loop.train(ctx, hp, model=trainable, ...)        # shards, adapters and checkpoints handled
+    publish_results(ctx, metrics, trainable.writer(tokenizer), ...)
+
+- ``sharding: fsdp``: ``fully_shard`` on every decoder layer, then on the root, so each
+  process holds 1/N of the parameters, gradients and AdamW state and gathers one layer at a
+  time for its forward and backward. Mixed precision is FSDP's own policy (parameters cast
+  to bf16/fp16 for compute, gradients reduced in fp32); ``cpu_offload`` keeps the shards in
+  CPU memory. gloo on CPUs, NCCL on GPUs; one process works too (a world of one).
+- ``lora``: peft adapters on the targeted linear layers; everything else is frozen except
+  a stage's head (the reward model's score). The reference policy of a preference stage is
+  the same weights with the adapters switched off (`Trainable.reference`): one copy, not two.
+- Checkpoints of a sharded or adapted model are `torch.distributed.checkpoint` folders: every
+  rank writes its own shard, only trainable tensors are stored, and a run resumes at any
+  world size (DCP reshards on load). See ``loop.save_training_state``.
+- The artifact is always a plain ``save_pretrained`` folder (adapters merged into the
+  weights), or with ``lora_merge: false`` the adapter alone, as peft saves and loads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kubealign_jobs import model as models
+from kubealign_jobs.config import ConfigError
+from kubealign_jobs.runtime import StageContext, resolve_precision
+from kubealign_jobs.stages import LoraHyperparameters, LoraSettings, ShardingHyperparameters
+
+log = logging.getLogger(__name__)
+
+ADAPTER = "default"  # peft's name for the one adapter a stage trains
+PEFT_PREFIX = "base_model.model."  # where peft's PeftModel keeps the wrapped transformers model
+
+
+# ---------------------------------------------------------------------------- process group
+
+
+def ensure_process_group(ctx: StageContext) -> None:
+    """FSDP and DCP run collectives even for one process: give a lone process a world of one."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if ctx.world_size > 1:
+        raise RuntimeError("a multi-process stage without torch.distributed (launch it under torchrun)")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------- LoRA
+
+
+def add_adapters(lm: Any, settings: LoraSettings, *, head: str | None = None) -> Any:
+    """Wrap ``lm`` in a peft model with fresh adapters (B = 0: it still computes exactly ``lm``).
+
+    ``head``: a module that trains in full besides the adapters (a reward model's ``score``).
+    Returns the PeftModel; its ``get_base_model()`` is ``lm`` with the adapter layers injected.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    targets: str | list[str] = (
+        settings.target_modules if isinstance(settings.target_modules, str) else list(settings.target_modules)
+    )
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # peft annotates int, computes alpha / r
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        modules_to_save=[head] if head else None,
+        bias="none",
+    )
+    try:
+        return get_peft_model(lm, config)
+    except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
+        raise ConfigError(f"hyperparameters.lora.target_modules: {exc}") from exc
+
+
+def merge_adapters(state: dict[str, torch.Tensor], settings: LoraSettings) -> dict[str, torch.Tensor]:
+    """A LoRA-injected model's state dict as the plain model's: W + (alpha / r) * B @ A per target.
+
+    Keys of the injected model: ``<m>.base_layer.weight``, ``<m>.lora_A.default.weight`` (r x in),
+    ``<m>.lora_B.default.weight`` (out x r); a trained head is ``<h>.modules_to_save.default.*``
+    next to its frozen ``<h>.original_module.*``. Computed in float32, stored in the base's dtype.
+    """
+    merged: dict[str, torch.Tensor] = {}
+    lora_a = re.compile(rf"^(.*)\.lora_A\.{ADAPTER}\.weight$")
+    for key, value in state.items():
+        if ".lora_B." in key or ".original_module." in key:
+            continue
+        if match := lora_a.match(key):
+            module = match.group(1)
+            base = state[f"{module}.base_layer.weight"]
+            delta = state[f"{module}.lora_B.{ADAPTER}.weight"].float() @ value.float()
+            if delta.shape != base.shape:  # Conv1D layers (GPT-2) store the weight transposed
+                delta = delta.T
+            merged[f"{module}.weight"] = (base.float() + settings.scaling * delta).to(base.dtype)
+            continue
+        if ".lora_" in key or ".base_layer.weight" in key:
+            continue
+        plain = key.replace(".base_layer.", ".").replace(f".modules_to_save.{ADAPTER}.", ".")
+        merged[plain] = value
+    return merged
+
+
+# ---------------------------------------------------------------------------- FSDP
+
+
+def decoder_layers(lm: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a transformers model (its ``_no_split_modules`` classes), in order."""
+    names = set(getattr(lm, "_no_split_modules", None) or ())
+    layers = [m for m in lm.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ConfigError(
+            f"hyperparameters.sharding: fsdp does not know the layers of a {type(lm).__name__} "
+            "(it declares no _no_split_modules)"
+        )
+    return layers
+
+
+def mixed_precision_policy(mixed_precision: str) -> Any:
+    """FSDP's policy: compute in bf16/fp16 with fp32 master weights and fp32 gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(mixed_precision))
+    if dtype is None:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+
+def shard(
+    ctx: StageContext, root: nn.Module, lm: nn.Module, hp: ShardingHyperparameters, precision: str
+) -> None:
+    """``fully_shard`` each decoder layer of ``lm``, then ``root`` (which holds embeddings and head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    ensure_process_group(ctx)
+    device_type = "cuda" if ctx.device.type == "cuda" else "cpu"
+    mesh = init_device_mesh(device_type, (ctx.world_size,))
+    options: dict[str, Any] = {"mesh": mesh, "mp_policy": mixed_precision_policy(precision)}
+    if hp.cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    if not hp.cpu_offload:
+        root.to(ctx.device)
+    for layer in decoder_layers(lm):
+        fully_shard(layer, **options)
+    fully_shard(root, **options)
+
+
+# ---------------------------------------------------------------------------- the trainable model
+
+
+@dataclass
+class Trainable:
+    """The model a training stage trains, however it is laid out.
+
+    module:   what the loop calls (a `models.CompletionLogps`, `models.LastTokenReward` or the LM)
+    lm:       the transformers model inside ``module`` (adapter layers injected when ``adapters``)
+    adapters: the peft model around ``lm``, or None
+    sharded:  FSDP2 (``module`` and every decoder layer of ``lm`` are FSDP units)
+    """
+
+    module: nn.Module
+    lm: Any
+    adapters: Any
+    sharded: bool
+    lora: LoraSettings | None
+    merge: bool
+
+    @property
+    def distributed_checkpoints(self) -> bool:
+        """Checkpoints as DCP shards: a sharded model has no whole copy anywhere, and an adapted
+        one needs only its adapters stored (its base is the stage's input)."""
+        return self.sharded or self.adapters is not None
+
+    def reference(self) -> contextlib.AbstractContextManager[Any]:
+        """Within: the model computes its base (adapters off), the frozen reference of dpo."""
+        if self.adapters is None:
+            raise RuntimeError("only a LoRA model carries its reference inside")
+        return self.adapters.disable_adapter()  # type: ignore[no-any-return]
+
+    def set_gradient_sync(self, enabled: bool) -> None:
+        """FSDP: reduce-scatter gradients only on the last micro-batch of a step."""
+        if self.sharded:
+            self.module.set_requires_gradient_sync(enabled)  # type: ignore[operator]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """``lm``'s whole state dict on rank 0 (CPU), keys as in ``lm``; empty elsewhere. Collective."""
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(
+                self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+        else:
+            state = self.module.state_dict()
+        prefix = _prefix_of(self.module, self.lm)
+        return {
+            k[len(prefix) :]: v
+            for k, v in state.items()
+            if k.startswith(prefix) and isinstance(v, torch.Tensor)
+        }
+
+    def writer(self, tokenizer: Any) -> Callable[[Path], object]:
+        """The artifact writer for `runtime.publish_results`. Collective: every rank calls it.
+
+        Unsharded full fine-tuning writes ``lm`` as it is; otherwise rank 0 assembles the
+        whole weights first (merging the adapters unless ``lora_merge`` is false).
+        """
+        if not self.distributed_checkpoints:
+            return lambda dest: models.save_pretrained(self.lm, tokenizer, dest)
+        state = self.full_state_dict()
+        if self.adapters is not None and not self.merge:
+            return lambda dest: save_adapter(self.adapters, state, tokenizer, dest)
+        if self.lora is not None:
+            state = merge_adapters(state, self.lora)
+        return lambda dest: save_plain(self.lm, state, tokenizer, dest)
+
+    def write_config(self, tokenizer: Any, dest: Path) -> None:
+        """A DCP checkpoint's ``model/``: config and tokenizer (the weights are in its shards)."""
+        dest.mkdir(parents=True, exist_ok=True)
+        self.lm.config.save_pretrained(str(dest))
+        tokenizer.save_pretrained(str(dest))
+
+
+def _prefix_of(root: nn.Module, inner: nn.Module) -> str:
+    for name, module in root.named_modules():
+        if module is inner:
+            return f"{name}." if name else ""
+    raise ValueError("the model is not inside the trained module")
+
+
+def _plain_class(lm: nn.Module) -> type[Any]:
+    """The transformers class of ``lm`` (``fully_shard`` swaps in an FSDP subclass)."""
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import PreTrainedModel
+
+    for cls in type(lm).__mro__:
+        if issubclass(cls, PreTrainedModel) and not issubclass(cls, FSDPModule):
+            return cls
+    raise TypeError(f"{type(lm).__name__} is not a transformers model")
+
+
+def save_plain(lm: Any, state: dict[str, torch.Tensor], tokenizer: Any, dest: Path) -> Path:
+    """Write ``state`` (plain keys) as a save_pretrained folder of ``lm``'s architecture. Rank 0."""
+    import copy
+
+    config = copy.deepcopy(lm.config)
+    with torch.device("meta"):
+        plain = _plain_class(lm)(config)
+    result = plain.load_state_dict(state, strict=False, assign=True)
+    plain.tie_weights()
+    tied = {name for name, p in plain.named_parameters(remove_duplicate=False) if not p.is_meta}
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"assembled weights do not fit the model: missing {missing}, extra {result.unexpected_keys}"
+        )
+    return models.save_pretrained(plain, tokenizer, dest)
+
+
+def save_adapter(adapters: Any, state: dict[str, torch.Tensor], tokenizer: Any, dest: Path) -> Path:
+    """Write the adapter alone (adapter_config.json + adapter_model.safetensors) and the tokenizer."""
+    dest.mkdir(parents=True, exist_ok=True)
+    adapters.save_pretrained(str(dest), state_dict={PEFT_PREFIX + k: v for k, v in state.items()})
+    tokenizer.save_pretrained(str(dest))
+    return dest
+
+
+def prepare(
+    ctx: StageContext,
+    hp: Any,
+    lm: Any,
+    *,
+    wrap: Callable[[Any], nn.Module] = lambda lm: lm,
+    head: str | None = None,
+) -> Trainable:
+    """Adapters (``hp.lora``), gradient checkpointing, the training wrapper, then sharding.
+
+    The order matters: peft must see the plain layers to inject its own, checkpointing is set
+    on the transformers model, and FSDP shards whatever modules exist by then.
+    """
+    settings = hp.lora_settings if isinstance(hp, LoraHyperparameters) else None
+    adapters = None
+    if settings is not None:
+        adapters = add_adapters(lm, settings, head=head)
+        lm = adapters.get_base_model()
+        trainable, total = _count(lm)
+        ctx.emit({"event": "lora", "trainable_parameters": trainable, "parameters": total})
+    if getattr(hp, "gradient_checkpointing", False):
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if adapters is not None:
+            # Frozen embeddings give checkpointed layers inputs without grad; the adapters inside
+            # would then get none. This makes the embedding output require grad.
+            lm.enable_input_require_grads()
+    module = wrap(lm)
+    sharded = getattr(hp, "sharding", "none") == "fsdp"
+    if sharded:
+        shard(ctx, module, lm, hp, getattr(hp, "mixed_precision", "auto"))
+    else:
+        module.to(ctx.device)
+        if adapters is not None:
+            ensure_process_group(ctx)  # DCP checkpoints
+    merge = bool(getattr(hp, "lora_merge", True))
+    return Trainable(module=module, lm=lm, adapters=adapters, sharded=sharded, lora=settings, merge=merge)
+
+
+def _count(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------- DCP state
+
+
+def _dcp_options(trainable: Trainable) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Adapters: the frozen base is the stage's input, not checkpoint state.
+    frozen_out = trainable.adapters is not None
+    return StateDictOptions(ignore_frozen_params=frozen_out, strict=not frozen_out)
+
+
+def save_distributed(trainable: Trainable, model: nn.Module, optimizer: Any, dest: Path) -> None:
+    """This rank's shard of the model and optimizer state under ``dest`` (rank 0 adds .metadata)."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict_saver import save
+
+    model_state, optim_state = get_state_dict(model, optimizer, options=_dcp_options(trainable))
+    save({"model": model_state, "optimizer": optim_state}, storage_writer=FileSystemWriter(str(dest)))
+
+
+def load_distributed(trainable: Trainable, model: nn.Module, optimizer: Any, source: Path) -> None:
+    """Load model and optimizer state saved by `save_distributed` at any world size."""
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict_loader import load
+
+    options = _dcp_options(trainable)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    # DCP loads in place into these tensors, resharding from whatever world size wrote them.
+    load({"model": model_state, "optimizer": optim_state}, storage_reader=FileSystemReader(str(source)))
+    set_state_dict(
+        model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options
+    )
+
+
+# ---------------------------------------------------------------------------- lock-step batches
+
+
+def no_grad(*, sharded: bool) -> contextlib.AbstractContextManager[Any]:
+    """inference_mode, except around a sharded model: FSDP would gather its layers into inference
+    tensors that the next training step cannot update in place."""
+    return torch.no_grad() if sharded else torch.inference_mode()
+
+
+def lockstep_batches(
+    items: list[Any], *, rank: int, world_size: int, batch_size: int, lockstep: bool
+) -> Iterator[tuple[list[Any], bool]]:
+    """This rank's share of ``items`` in batches, and whether each batch counts.
+
+    A sharded forward pass is a collective (every rank gathers each layer), so with
+    ``lockstep`` every rank runs the same number of batches: a rank whose share is short
+    repeats a real item in batches marked False, whose outputs the caller ignores.
+    """
+    mine = items[rank::world_size]
+    count = 0
+    for start in range(0, len(mine), batch_size):
+        count += 1
+        yield mine[start : start + batch_size], True
+    if lockstep and items:
+        per_rank = -(-len(items) // world_size)
+        for _ in range(-(-per_rank // batch_size) - count):
+            yield items[:1], False
