@@ -348,6 +348,7 @@ def train(
     sampler = EpochSampler(len(task.examples), hp.batch_size, seed=ctx.config.seed)
     total = total_steps(hp, sampler.steps_per_epoch)
 
+    model.reshard()
     optimizer = make_optimizer(model.module, hp)
     scheduler = make_scheduler(optimizer, hp, total)
     # FSDP already split the model; everything else goes through accelerate (DDP, autocast).
@@ -464,11 +465,11 @@ def train(
         if hp.checkpoint_every and step % hp.checkpoint_every == 0:
             save(step)
         if evaluate is not None and hp.eval_every and step % hp.eval_every == 0 and step < total:
-            ctx.emit({"event": "eval", "step": step, **_evaluate(wrapped, evaluate, sharded=model.sharded)})
+            ctx.emit({"event": "eval", "step": step, **_evaluate(model, wrapped, evaluate)})
 
     final = {f"train_{k}": v for k, v in last_logged.items()}
     if evaluate is not None:
-        eval_metrics = _evaluate(wrapped, evaluate, sharded=model.sharded)
+        eval_metrics = _evaluate(model, wrapped, evaluate)
         ctx.emit({"event": "eval", "step": step, **eval_metrics})
         final.update(eval_metrics)
     final["steps"] = float(step)
@@ -488,11 +489,12 @@ def clip_gradients(
 
 
 def _evaluate(
-    model: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]], *, sharded: bool
+    model: Trainable, wrapped: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]]
 ) -> dict[str, float]:
-    model.eval()
+    wrapped.eval()
     try:
-        with parallel.no_grad(sharded=sharded):
-            return evaluate(model)
+        with parallel.no_grad(sharded=model.sharded):
+            return evaluate(wrapped)
     finally:
-        model.train()
+        model.reshard()
+        wrapped.train()

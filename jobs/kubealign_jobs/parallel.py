@@ -190,6 +190,12 @@ class Trainable:
             raise RuntimeError("only a LoRA model carries its reference inside")
         return self.adapters.disable_adapter()  # type: ignore[no-any-return]
 
+    def reshard(self) -> None:
+        """FSDP leaves the root's parameters gathered after a forward without backward (an
+        evaluation, the reference pass); shard them again before the optimizer sees them."""
+        if self.sharded:
+            self.module.reshard()  # type: ignore[operator]
+
     def set_gradient_sync(self, enabled: bool) -> None:
         """FSDP: reduce-scatter gradients only on the last micro-batch of a step."""
         if self.sharded:
