@@ -43,7 +43,7 @@ COMMON = {
     "max_length": 48,
 }
 # Two processes sum their gradients in a different order than one: float32 rounding, no more.
-LOSS_TOLERANCE = {"rel": 1e-4, "abs": 1e-5}
+REL, ABS = 1e-4, 1e-5
 
 
 def _inputs(tmp: Path, stage_type: str) -> dict[str, str]:
@@ -101,7 +101,7 @@ def test_fsdp_two_processes_follow_one(stage_type: str, tmp_path: Path) -> None:
     two = _run(tmp_path, stage_type, "two", 2, sharding="fsdp")
 
     assert [r["step"] for r in two.steps] == list(range(1, 7))
-    assert _losses(two) == pytest.approx(_losses(one), **LOSS_TOLERANCE)
+    assert _losses(two) == pytest.approx(_losses(one), rel=REL, abs=ABS)
     assert _losses(one)[-1] < _losses(one)[0]
     assert [e["shards"] for e in two.events("checkpoint")] == [2, 2, 2]
     # The artifact is a plain save_pretrained folder with the same weights.
@@ -168,7 +168,7 @@ def test_killed_fsdp_run_resumes_at_any_world_size(processes: int, tmp_path: Pat
     assert "ignoring checkpoint at step 4" in resumed.stderr
     assert [r["step"] for r in resumed.steps] == [3, 4, 5, 6]
     # Step, optimizer moments, schedule and data position all continue: the same losses.
-    assert _losses(resumed) == pytest.approx(_losses(reference)[2:], **LOSS_TOLERANCE)
+    assert _losses(resumed) == pytest.approx(_losses(reference)[2:], rel=REL, abs=ABS)
     a, b = _weights(tmp_path / "whole/artifact"), _weights(tmp_path / "killed/artifact")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
@@ -232,7 +232,7 @@ def test_fsdp_lora_and_gradient_checkpointing_together(tmp_path: Path) -> None:
     lora = {"r": 4, "target_modules": TARGETS}
     one = _run(tmp_path, "sft", "one", 1, lora=lora)
     two = _run(tmp_path, "sft", "two", 2, lora=lora, sharding="fsdp", gradient_checkpointing=True)
-    assert _losses(two) == pytest.approx(_losses(one), **LOSS_TOLERANCE)
+    assert _losses(two) == pytest.approx(_losses(one), rel=REL, abs=ABS)
     assert _losses(one)[-1] < _losses(one)[0]
     ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(
@@ -258,11 +258,11 @@ def test_merge_adapters_equals_peft_merge() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
+    config = LlamaConfig(  # type: ignore[no-untyped-call]
         vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
     )
     settings = LoraSettings(r=2, alpha=6.0, target_modules="all-linear")
-    adapted = parallel.add_adapters(LlamaForCausalLM(config), settings)
+    adapted = parallel.add_adapters(LlamaForCausalLM(config), settings)  # type: ignore[no-untyped-call]
     for name, p in adapted.named_parameters():
         if "lora_B" in name:
             p.data.normal_()  # B starts at zero; give the adapters something to merge
