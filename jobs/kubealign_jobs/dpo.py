@@ -262,13 +262,13 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     reference_uri = inputs.reference or model_uri
 
     resume = loop.find_resume_checkpoint(ctx)
-    model_dir = loop.starting_weights(ctx, resume, model_uri)
+    model_dir = loop.starting_weights(ctx, resume, model_uri, hp, pairs=True)
     tokenizer = models.load_tokenizer(model_dir)
     pad_token_id = int(tokenizer.pad_token_id)
     policy = models.load_causal_lm(model_dir)
     if hp.disable_dropout:
         models.disable_dropout(policy)
-    trainable = parallel.prepare(ctx, hp, policy, wrap=models.CompletionLogps)
+    trainable = parallel.prepare(ctx, hp, policy, wrap=models.CompletionLogps, pairs=True)
     # The policy computes the reference itself when it is the reference (same input, weights
     # not yet trained): its base under LoRA, itself when sharded (no second sharded copy).
     own_reference = reference_uri == model_uri and (

@@ -17,6 +17,7 @@ complete checkpoint, so the step count continues and no example is drawn twice.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import shutil
@@ -150,15 +151,23 @@ def fetch_model(ctx: StageContext, uri: str, name: str = "model") -> Path:
     return ctx.fetch_shared(uri, f"inputs/{name}")
 
 
-def starting_weights(ctx: StageContext, resume: checkpoints.Checkpoint | None, model_uri: str) -> Path:
+def starting_weights(
+    ctx: StageContext, resume: checkpoints.Checkpoint | None, model_uri: str, hp: Any, *, pairs: bool = False
+) -> Path:
     """The folder to load the model from: a full checkpoint's, else the stage's input model.
 
     A distributed checkpoint stores only what trains (all weights under FSDP, the adapters
     under LoRA), so its model is rebuilt from the input and `train` loads the shards over it.
+    On a GPU, a model that plainly cannot fit fails here, from its config.json, before loading.
     """
-    if resume is not None and not resume.distributed:
-        return resume.model_dir
-    return fetch_model(ctx, model_uri)
+    folder = (
+        resume.model_dir if resume is not None and not resume.distributed else fetch_model(ctx, model_uri)
+    )
+    if ctx.device.type == "cuda":
+        with contextlib.suppress(OSError, ValueError):
+            config = json.loads((folder / "config.json").read_text())
+            parallel.estimate_memory(ctx, hp, config, pairs=pairs)
+    return folder
 
 
 # ---------------------------------------------------------------------------- resume
@@ -473,6 +482,8 @@ def train(
         ctx.emit({"event": "eval", "step": step, **eval_metrics})
         final.update(eval_metrics)
     final["steps"] = float(step)
+    if model.memory is not None:
+        final.update(model.memory.metrics())
     return TrainResult(steps=step, metrics=final)
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kubealign_jobs import memory
 from kubealign_jobs import model as models
 from kubealign_jobs.config import ConfigError
 from kubealign_jobs.runtime import StageContext, resolve_precision
@@ -177,6 +178,7 @@ class Trainable:
     sharded: bool
     lora: LoraSettings | None
     merge: bool
+    memory: memory.Estimate | None = None
 
     @property
     def distributed_checkpoints(self) -> bool:
@@ -291,12 +293,14 @@ def prepare(
     *,
     wrap: Callable[[Any], nn.Module] = lambda lm: lm,
     head: str | None = None,
+    pairs: bool = False,
 ) -> Trainable:
     """Adapters (``hp.lora``), gradient checkpointing, the training wrapper, then sharding.
 
     The order matters: peft must see the plain layers to inject its own, checkpointing is set
     on the transformers model, and FSDP shards whatever modules exist by then.
     """
+    estimate = estimate_memory(ctx, hp, lm.config.to_dict(), pairs=pairs)
     settings = hp.lora_settings if isinstance(hp, LoraHyperparameters) else None
     adapters = None
     if settings is not None:
@@ -319,7 +323,33 @@ def prepare(
         if adapters is not None:
             ensure_process_group(ctx)  # DCP checkpoints
     merge = bool(getattr(hp, "lora_merge", True))
-    return Trainable(module=module, lm=lm, adapters=adapters, sharded=sharded, lora=settings, merge=merge)
+    return Trainable(
+        module=module, lm=lm, adapters=adapters, sharded=sharded, lora=settings, merge=merge, memory=estimate
+    )
+
+
+def estimate_memory(
+    ctx: StageContext, hp: Any, config: dict[str, Any], *, pairs: bool
+) -> memory.Estimate | None:
+    """Log the estimated bytes per device (`kubealign_jobs.memory`); fail fast when a GPU is too small.
+
+    Called with the input's config.json before its weights load (`loop.starting_weights`) and
+    again by `prepare`, which puts the figures in the stage's metrics.
+    """
+    precision = resolve_precision(getattr(hp, "mixed_precision", "auto"))
+    found = memory.for_stage(config, hp, processes=ctx.world_size, mixed_precision=precision, pairs=pairs)
+    if found is None:
+        return None
+    ctx.emit({"event": "memory_estimate", **found.metrics(), "parameters": found.total_parameters})
+    if ctx.device.type == "cuda":
+        capacity = torch.cuda.get_device_properties(ctx.device).total_memory
+        if found.total > capacity:
+            raise ConfigError(
+                f"hyperparameters.sharding: this stage needs an estimated {found.describe()} per GPU, more "
+                f"than the {capacity / memory.GIB:.1f} GiB of this one; use sharding: fsdp over more GPUs, "
+                "lora, gradient_checkpointing or a smaller micro_batch_size"
+            )
+    return found
 
 
 def _count(model: nn.Module) -> tuple[int, int]:

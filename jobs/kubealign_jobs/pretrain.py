@@ -80,7 +80,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         tokenizer = models.load_tokenizer(resume.model_dir)
         lm = models.build_causal_lm(hp.model, tokenizer=tokenizer)
     elif resume is not None or inputs.model:
-        model_dir = loop.starting_weights(ctx, resume, inputs.model or "")
+        model_dir = loop.starting_weights(ctx, resume, inputs.model or "", hp)
         tokenizer = models.load_tokenizer(model_dir)
         lm = models.load_causal_lm(model_dir)
     else:

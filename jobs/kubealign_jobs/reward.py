@@ -150,7 +150,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     data_uri = loop.require_input(inputs.data, "inputs.data")
 
     resume = loop.find_resume_checkpoint(ctx)
-    model_dir = loop.starting_weights(ctx, resume, model_uri)
+    model_dir = loop.starting_weights(ctx, resume, model_uri, hp)
     tokenizer = models.load_tokenizer(model_dir)
     pad_token_id = int(tokenizer.pad_token_id)
     reward_model = models.load_reward_model(model_dir, tokenizer=tokenizer)

@@ -85,7 +85,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     data_uri = loop.require_input(inputs.data, "inputs.data")
 
     resume = loop.find_resume_checkpoint(ctx)
-    model_dir = loop.starting_weights(ctx, resume, model_uri)
+    model_dir = loop.starting_weights(ctx, resume, model_uri, hp)
     tokenizer = models.load_tokenizer(model_dir)
     trainable = parallel.prepare(ctx, hp, models.load_causal_lm(model_dir), wrap=models.CompletionLogps)
 

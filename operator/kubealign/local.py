@@ -22,6 +22,8 @@ Differences from the cluster, all because there is one machine and no object sto
   an example's manifest runs from any checkout (they are local-only: a pod has no such folder);
 - every stage runs on this machine (``resources.nodes`` > 1 runs as one node), with an equal
   share of its cores (``--max-parallel`` stages at once, CPUs / max-parallel threads each);
+- each stage runs as ``--processes N`` CPU processes (default 1; the trainer starts them under
+  torchrun with gloo, as a pod does with its GPUs), so DDP and FSDP run here exactly as on a node;
 - a stage whose artifact is complete (its ``_MANIFEST.json`` is there) is skipped on a rerun; an
   unfinished one starts again with the same config, so the trainer resumes from its checkpoint.
 
@@ -98,6 +100,7 @@ class LocalOptions:
     python: str = sys.executable
     interactive: bool = False
     grace_s: float = 30.0
+    processes: int = 1
 
 
 def utc_now() -> str:
@@ -475,7 +478,7 @@ class LocalRunner:
         """
         if "OMP_NUM_THREADS" in os.environ:
             return {}
-        threads = str(max(1, available_cpus() // self.options.max_parallel))
+        threads = str(max(1, available_cpus() // (self.options.max_parallel * self.options.processes)))
         return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
     def _launch(self, stage: api.Stage, attempt: int) -> None:
@@ -489,8 +492,9 @@ class LocalRunner:
             "KUBEALIGN_SCRATCH": str(self.workdir / "scratch" / stage.name),
             "TOKENIZERS_PARALLELISM": "false",
             **self._threads_env(),
-            # One machine: a multi-node stage runs as a single node here.
+            # One machine: a multi-node stage runs as a single node of --processes processes here.
             "NNODES": "1",
+            "NPROC_PER_NODE": str(self.options.processes),
         }
         command = [self.options.python, *render.trainer_args(stage, str(self.config_path(stage)))]
         log = self.log_path(stage).open("ab")
@@ -782,6 +786,14 @@ def add_parser(subparsers: Any) -> None:
         help="stages running at once, each with CPUs/N threads (default: min(2, CPUs) = %(default)s)",
     )
     parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes per stage, started under torchrun with gloo: data-parallel, or sharded with "
+        "hyperparameters.sharding: fsdp (default: 1)",
+    )
+    parser.add_argument(
         "--python", default=sys.executable, help="interpreter for the stages (default: this one)"
     )
     parser.add_argument(
@@ -793,6 +805,9 @@ def add_parser(subparsers: Any) -> None:
 def _run_command(args: argparse.Namespace) -> int:
     if args.max_parallel < 1:
         print("--max-parallel: must be at least 1", file=sys.stderr)
+        return EXIT_INVALID
+    if args.processes < 1:
+        print("--processes: must be at least 1", file=sys.stderr)
         return EXIT_INVALID
     workdir = args.workdir
     if workdir is None:
@@ -808,5 +823,6 @@ def _run_command(args: argparse.Namespace) -> int:
         max_parallel=args.max_parallel,
         python=args.python,
         interactive=sys.stdout.isatty() and not args.plain,
+        processes=args.processes,
     )
     return run_manifest(args.manifest, options, sys.stdout, sys.stderr)
