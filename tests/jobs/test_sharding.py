@@ -6,11 +6,13 @@ torchrun where a test says so, on the tiny Llama of ``trainer_toys``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +142,29 @@ def _run_until_checkpoint(tmp: Path, config: Path, step: int) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
+        # torchrun's workers may sit in process groups of their own: kill every process of this run.
+        for pid in _processes_with(str(config)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _processes_with(str(config)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _processes_with(str(config)), "the killed stage left processes behind"
+
+
+def _processes_with(needle: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().split(") ", 1)[1][0]
+        except OSError:
+            continue
+        if needle in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
 
 
 @pytest.mark.parametrize("processes", [1, 2])
