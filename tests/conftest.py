@@ -36,6 +36,11 @@ from tests.processes import serving
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
 
+# No test reaches a model hub: hf:// inputs resolve from hub caches the tests build (the trainers
+# and the local runner inherit this).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_TOOL = REPO_ROOT / "tools" / "cluster"
 # tools/localcluster.py (stdlib only) holds the rules the fixtures share with tools/cluster.

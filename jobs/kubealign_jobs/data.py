@@ -6,9 +6,11 @@ them, local or on S3. Row formats:
 - text (pretrain):   ``{"text": ...}`` rows, or the lines of a ``.txt`` file
 - SFT:               ``{"instruction", "input"?, "output"}``, ``{"prompt", "completion"}``,
                      or chat ``{"messages": [{"role", "content"}, ...]}`` ending with the assistant
-- preference:        ``{"prompt" | "question", "chosen", "rejected"}``
+- preference:        ``{"prompt" | "question", "chosen", "rejected"}``, the answers as text or
+                     turn lists (``{"prompt"?: [turns], "chosen": [turns], "rejected": [turns]}``)
 - ranked:            ``{"prompt" | "question", "responses": [best, ..., worst]}``
-- prompts (RL):      ``{"prompt" | "question"}`` or ``{"instruction", "input"?}``
+- prompts (RL):      ``{"prompt" | "question"}``, ``{"instruction", "input"?}`` or chat turns
+                     (``{"messages": [...]}`` ending before the assistant's turn)
 
 A malformed row raises `DataError` naming the file, the 1-based line (JSONL) or row
 (Parquet, JSON arrays) and the field. JSONL is parsed line by line for exactly that reason;
@@ -16,6 +18,9 @@ Parquet goes through ``datasets``.
 
 Sequences are token lists ``[bos] + prompt + completion + [eos]``: prompt and completion are
 tokenised separately, so the boundary between them is exact and BPE merges never straddle it.
+Chat turns (SFT ``messages``; preference answers as turn lists, the prompt either a turn list
+or the turns both answers share) are rendered with the tokenizer's chat template, and only the
+assistant's answer is the completion: loss and log-probs fall on its tokens alone.
 """
 
 from __future__ import annotations
@@ -199,28 +204,89 @@ def tokenizer_chat_format(tokenizer: Any) -> ChatFormatter:
     return render
 
 
-def _chat(row: Row, chat_format: ChatFormatter) -> SFTExample:
-    messages = row.fields["messages"]
-    if not isinstance(messages, list) or len(messages) < 2:
-        raise DataError(f"{row.where('messages')}: expected a list of at least two turns")
+def _turns(row: Row, field: str, *, minimum: int = 1) -> list[dict[str, str]]:
+    """The chat turns in ``row.fields[field]``, each ``{role, content}``, checked one by one."""
+    messages = row.fields[field]
+    if not isinstance(messages, list) or len(messages) < minimum:
+        plural = "turn" if minimum == 1 else "turns"
+        raise DataError(f"{row.where(field)}: expected a list of at least {minimum} {plural}")
     turns: list[dict[str, str]] = []
     for index, turn in enumerate(messages):
-        field = f"messages[{index}]"
+        at = f"{field}[{index}]"
         if not isinstance(turn, dict):
-            raise DataError(f"{row.where(field)}: expected an object with 'role' and 'content'")
+            raise DataError(f"{row.where(at)}: expected an object with 'role' and 'content'")
         role, content = turn.get("role"), turn.get("content")
         if role not in CHAT_ROLES:
-            raise DataError(f"{row.where(field + '.role')}: {role!r} is not one of {', '.join(CHAT_ROLES)}")
+            raise DataError(f"{row.where(at + '.role')}: {role!r} is not one of {', '.join(CHAT_ROLES)}")
         if not isinstance(content, str):
-            raise DataError(f"{row.where(field + '.content')}: expected a string")
+            raise DataError(f"{row.where(at + '.content')}: expected a string")
         turns.append({"role": role, "content": content})
-    if turns[-1]["role"] != "assistant":
-        raise DataError(f"{row.where(f'messages[{len(turns) - 1}].role')}: the last turn must be 'assistant'")
-    prompt = chat_format(turns[:-1], True)
-    full = chat_format(turns, False)
-    if not full.startswith(prompt):
-        raise DataError(f"{row.where('messages')}: chat template does not render the prompt as a prefix")
-    return SFTExample(prompt=prompt, completion=full[len(prompt) :])
+    return turns
+
+
+def _render_completion(
+    row: Row,
+    field: str,
+    chat_format: ChatFormatter,
+    prompt: list[dict[str, str]],
+    answer: list[dict[str, str]],
+) -> tuple[str, str]:
+    """(prompt text, completion text) of a conversation split after ``prompt``.
+
+    The completion is what the template renders after the generation prompt, so the model is
+    trained and scored on exactly the tokens it would produce when asked.
+    """
+    if not answer:
+        raise DataError(f"{row.where(field)}: no turns after the prompt")
+    if answer[-1]["role"] != "assistant":
+        last = f"{field}[{len(prompt) + len(answer) - 1}].role"
+        raise DataError(f"{row.where(last)}: the last turn must be 'assistant'")
+    prompt_text = chat_format(prompt, True)
+    full = chat_format(prompt + answer, False)
+    if not full.startswith(prompt_text):
+        raise DataError(f"{row.where(field)}: chat template does not render the prompt as a prefix")
+    completion = full[len(prompt_text) :]
+    if not completion.strip():
+        raise DataError(f"{row.where(field)}: empty answer")
+    return prompt_text, completion
+
+
+def _chat(row: Row, chat_format: ChatFormatter) -> SFTExample:
+    turns = _turns(row, "messages", minimum=2)
+    prompt, completion = _render_completion(row, "messages", chat_format, turns[:-1], turns[-1:])
+    return SFTExample(prompt=prompt, completion=completion)
+
+
+def _chat_pair(row: Row, chat_format: ChatFormatter) -> PreferenceExample:
+    """A preference pair whose answers are turn lists, rendered with ``chat_format``.
+
+    Either ``prompt`` is a turn list and ``chosen``/``rejected`` continue it, or there is no
+    prompt and the two conversations share their leading turns, which are the prompt (both
+    layouts TRL's conversational preference format uses).
+    """
+    for field in ("chosen", "rejected"):
+        if not isinstance(row.fields.get(field), list):
+            raise DataError(f"{row.where(field)}: expected a list of turns like the other answer")
+    chosen, rejected = _turns(row, "chosen"), _turns(row, "rejected")
+    if "prompt" in row.fields:
+        if not isinstance(row.fields["prompt"], list):
+            raise DataError(f"{row.where('prompt')}: expected a list of turns when the answers are turns")
+        prompt = _turns(row, "prompt")
+        chosen_turns, rejected_turns = prompt + chosen, prompt + rejected
+    else:
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        if shared == 0:
+            raise DataError(
+                f"{row.where('chosen')}: no 'prompt' and no leading turns shared with 'rejected' (the prompt)"
+            )
+        prompt, chosen_turns, rejected_turns = chosen[:shared], chosen, rejected
+    prompt_text, chosen_text = _render_completion(
+        row, "chosen", chat_format, prompt, chosen_turns[len(prompt) :]
+    )
+    _, rejected_text = _render_completion(row, "rejected", chat_format, prompt, rejected_turns[len(prompt) :])
+    return PreferenceExample(prompt=prompt_text, chosen=chosen_text, rejected=rejected_text)
 
 
 def sft_example(row: Row, chat_format: ChatFormatter = default_chat_format) -> SFTExample:
@@ -237,17 +303,20 @@ def sft_example(row: Row, chat_format: ChatFormatter = default_chat_format) -> S
     )
 
 
-def preference_example(row: Row) -> PreferenceExample:
+def preference_example(row: Row, chat_format: ChatFormatter = default_chat_format) -> PreferenceExample:
+    """Normalise one preference row: text answers, or chat turns rendered with ``chat_format``."""
+    if isinstance(row.fields.get("chosen"), list) or isinstance(row.fields.get("rejected"), list):
+        return _chat_pair(row, chat_format)
     return PreferenceExample(
         prompt=_prompt_field(row), chosen=_string(row, "chosen"), rejected=_string(row, "rejected")
     )
 
 
-def ranked_example(row: Row) -> RankedExample:
+def ranked_example(row: Row, chat_format: ChatFormatter = default_chat_format) -> RankedExample:
     """A ranking, best first; a preference pair is a ranking of two."""
     if "responses" not in row.fields:
         if "chosen" in row.fields or "rejected" in row.fields:
-            pair = preference_example(row)
+            pair = preference_example(row, chat_format)
             return RankedExample(prompt=pair.prompt, responses=(pair.chosen, pair.rejected))
         raise DataError(f"{row.where('responses')}: missing (or 'chosen' and 'rejected')")
     responses = row.fields["responses"]
@@ -259,10 +328,22 @@ def ranked_example(row: Row) -> RankedExample:
     return RankedExample(prompt=_prompt_field(row), responses=tuple(responses))
 
 
-def prompt_text(row: Row) -> str:
-    """The prompt of an RL row: ``prompt``/``question``, or an instruction (with optional input)."""
+def prompt_text(row: Row, chat_format: ChatFormatter = default_chat_format) -> str:
+    """The prompt of an RL or eval row: ``prompt``/``question``, an instruction (with optional
+    input), or chat turns (``messages`` or ``prompt`` as a turn list, the turns before the last
+    answer, or the prompt of a chat preference pair) rendered with the generation prompt."""
     if "instruction" in row.fields:
         return _instruction_prompt(row)
+    if isinstance(row.fields.get("chosen"), list) or isinstance(row.fields.get("rejected"), list):
+        return _chat_pair(row, chat_format).prompt
+    for field in ("messages", "prompt"):
+        if isinstance(row.fields.get(field), list):
+            turns = _turns(row, field)
+            if turns[-1]["role"] == "assistant":  # an SFT conversation: the prompt precedes its answer
+                turns = turns[:-1]
+                if not turns:
+                    raise DataError(f"{row.where(field)}: no turns before the assistant's answer")
+            return chat_format(turns, True)
     return _prompt_field(row)
 
 
@@ -310,16 +391,26 @@ def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     return ids
 
 
+def with_bos(tokenizer: Any, prompt_ids: Sequence[int]) -> list[int]:
+    """``[bos] prompt``, unless the prompt already starts with bos (a chat template put it there)."""
+    bos = _special(tokenizer.bos_token_id)
+    return list(prompt_ids) if prompt_ids[:1] == bos else bos + list(prompt_ids)
+
+
 def join_prompt_completion(
     tokenizer: Any, prompt_ids: Sequence[int], completion_ids: Sequence[int], *, max_length: int
 ) -> Encoded:
     """``[bos] prompt completion [eos]``, truncated to ``max_length`` tokens.
 
+    Text rendered by a chat template already carries its special tokens (SmolLM2's prompt
+    starts with its bos ``<|im_start|>``, its answer ends with its eos ``<|im_end|>``): a prompt
+    that starts with bos gets no second one, and a completion that holds eos gets none after it.
     Truncation keeps the end of the prompt (the part next to the answer) and at least half of
     ``max_length`` for the completion, whose tail is cut last.
     """
-    prompt = _special(tokenizer.bos_token_id) + list(prompt_ids)
-    completion = list(completion_ids) + _special(tokenizer.eos_token_id)
+    prompt = with_bos(tokenizer, prompt_ids)
+    eos = _special(tokenizer.eos_token_id)
+    completion = list(completion_ids) + ([] if eos and eos[0] in completion_ids else eos)
     if len(prompt) + len(completion) > max_length:
         prompt_budget = max(max_length - len(completion), max_length // 2)
         prompt = prompt[-prompt_budget:] if prompt_budget > 0 else []

@@ -275,9 +275,10 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         trainable.adapters is not None or (trainable.sharded and resume is None)
     )
 
-    splits = {"train": data.load(data_uri, ctx.scratch / "data", data.preference_example)}
+    parse = partial(data.preference_example, chat_format=data.tokenizer_chat_format(tokenizer))
+    splits = {"train": data.load(data_uri, ctx.scratch / "data", parse)}
     if inputs.eval_data:
-        splits["eval"] = data.load(inputs.eval_data, ctx.scratch / "eval_data", data.preference_example)
+        splits["eval"] = data.load(inputs.eval_data, ctx.scratch / "eval_data", parse)
     encoded = {
         name: data.encode_preferences(tokenizer, rows, max_length=hp.max_length)
         for name, rows in splits.items()

@@ -23,6 +23,7 @@ same eval prompts (``inputs.eval_data``, else ``inputs.data``) at each sampling 
 Artifact: ``results.json`` shaped for a reward-KL frontier plot, and ``frontier.png``::
 
     {"policies": {name: {temperature: {"reward", "kl", "win_rate", "n"}}},
+     "answers": {name: {temperature: [{"prompt", "answer", "score"}, ...]}},  # show_answers each
      "best_of_n": {"n": N, "selector": ..., "kl": ..., "temperatures": {temperature: {...}}},
      "judge": ..., "baseline": "reference" | "data", "prompts": ...}
 
@@ -172,6 +173,19 @@ def _sample(
     )
 
 
+Answers = dict[str, list[dict[str, Any]]]  # temperature -> the first few (prompt, answer, score)
+
+
+def shown_answers(hp: Hyperparameters, samples: Samples, judge_scores: list[float]) -> list[dict[str, Any]]:
+    """The first ``show_answers`` answers, to read beside the numbers (a reward can be gamed)."""
+    return [
+        {"prompt": prompt, "answer": answer, "score": score}
+        for prompt, answer, score in list(
+            zip(samples.prompts, samples.completions, judge_scores, strict=True)
+        )[: hp.show_answers]
+    ]
+
+
 def evaluate_reference(
     ctx: StageContext,
     hp: Hyperparameters,
@@ -181,8 +195,9 @@ def evaluate_reference(
     prompts: list[str],
     judges: Judges,
     data_baseline: list[float] | None,
-) -> tuple[dict[str, Any], dict[str, list[float]]]:
-    """The reference's cells and Best-of-N's, and the baseline judge scores per temperature (this rank).
+) -> tuple[dict[str, Any], dict[str, list[float]], Answers]:
+    """The reference's cells and Best-of-N's, the baseline judge scores per temperature (this
+    rank), and the reference's first answers.
 
     The baseline is ``data_baseline`` (the dataset's answers) when given, else the reference's
     own answers at each temperature.
@@ -190,6 +205,7 @@ def evaluate_reference(
     cells: dict[str, Any] = {}
     baselines: dict[str, list[float]] = {}
     best: dict[str, Any] = {}
+    answers: Answers = {}
     for t_index, temperature in enumerate(hp.temperatures):
         key = temperature_key(temperature)
         torch.manual_seed(derive_seed(ctx.config.seed, 0, t_index, ctx.rank))
@@ -198,6 +214,7 @@ def evaluate_reference(
         # Against itself the reference ties every comparison, by definition; its KL is 0.
         baselines[key] = scores["judge"] if data_baseline is None else data_baseline
         cells[key] = _reduce(ctx, _sums(scores, baselines[key], [0.0] * len(samples)))
+        answers[key] = shown_answers(hp, samples, scores["judge"])
         if hp.best_of_n:
             best[key] = _reduce(
                 ctx,
@@ -219,7 +236,7 @@ def evaluate_reference(
             "kl": best_of_n_kl(hp.best_of_n),
             "temperatures": best,
         }
-    return out, baselines
+    return out, baselines, answers
 
 
 def _best_of_n(
@@ -260,9 +277,11 @@ def evaluate_policy(
     prompts: list[str],
     judges: Judges,
     baselines: dict[str, list[float]],
-) -> dict[str, Any]:
-    """One policy's cells: samples at each temperature, judged, compared, and their KL to the reference."""
+) -> tuple[dict[str, Any], Answers]:
+    """One policy's cells (samples at each temperature, judged, compared, and their KL to the
+    reference) and its first answers."""
     cells = {}
+    answers: Answers = {}
     for t_index, temperature in enumerate(hp.temperatures):
         key = temperature_key(temperature)
         torch.manual_seed(derive_seed(ctx.config.seed, unit, t_index, ctx.rank))
@@ -270,8 +289,10 @@ def evaluate_policy(
         logps = completion_logps(policy, samples, batch_size=hp.batch_size)
         ref_logps = completion_logps(reference, samples, batch_size=hp.batch_size)
         kl = rl.sequence_kl(logps, ref_logps, samples.completion_mask).tolist()
-        cells[key] = _reduce(ctx, _sums(judges.score(samples), baselines[key], kl))
-    return cells
+        scores = judges.score(samples)
+        cells[key] = _reduce(ctx, _sums(scores, baselines[key], kl))
+        answers[key] = shown_answers(hp, samples, scores["judge"])
+    return cells, answers
 
 
 # ---------------------------------------------------------------------------- the stage
@@ -315,17 +336,18 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     rows = data.read_rows(data_uri, ctx.scratch / "data")
     if hp.max_prompts:
         rows = rows[: hp.max_prompts]
-    all_prompts = [data.prompt_text(row) for row in rows]
+    reference_dir = loop.fetch_model(ctx, reference_uri, REFERENCE)
+    tokenizer = models.load_tokenizer(reference_dir)
+    chat_format = data.tokenizer_chat_format(tokenizer)
+    all_prompts = [data.prompt_text(row, chat_format) for row in rows]
     repeated = [prompt for prompt in all_prompts for _ in range(hp.samples_per_prompt)]
     if len(repeated) < ctx.world_size:
         raise data.DataError(f"{data_uri}: {len(repeated)} eval answers for {ctx.world_size} processes")
     prompts = repeated[ctx.rank :: ctx.world_size]
     data_baseline = None
     if hp.baseline == "data":
-        answers = [reference_answer(row) for row in rows for _ in range(hp.samples_per_prompt)]
-        data_baseline = judges.judge.score(prompts, answers[ctx.rank :: ctx.world_size])
-    reference_dir = loop.fetch_model(ctx, reference_uri, REFERENCE)
-    tokenizer = models.load_tokenizer(reference_dir)
+        given = [reference_answer(row, chat_format) for row in rows for _ in range(hp.samples_per_prompt)]
+        data_baseline = judges.judge.score(prompts, given[ctx.rank :: ctx.world_size])
     reference = use_fast_masks(models.load_causal_lm(reference_dir)).to(ctx.device).eval()
 
     names = [REFERENCE, *sorted(inputs.policies)]
@@ -333,12 +355,14 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     if done:
         ctx.emit({"event": "resumed", "done": [names[unit] for unit in sorted(done)]})
 
+    answers: dict[str, Answers] = {}
     if 0 in done:
         results = done[0]["results"]
+        answers[REFERENCE] = done[0].get("answers", {})
         baselines = {key: scores[ctx.rank :: ctx.world_size] for key, scores in done[0]["baselines"].items()}
     else:
         with ctx.accelerator.autocast():
-            results, baselines = evaluate_reference(
+            results, baselines, answers[REFERENCE] = evaluate_reference(
                 ctx,
                 hp,
                 reference=reference,
@@ -354,19 +378,22 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         full = {
             key: [gathered[i % world][key][i // world] for i in range(len(repeated))] for key in baselines
         }
-        _save_unit(ctx, 0, {"name": REFERENCE, "results": results, "baselines": full})
+        _save_unit(
+            ctx, 0, {"name": REFERENCE, "results": results, "baselines": full, "answers": answers[REFERENCE]}
+        )
     ctx.emit({"step": 1, "total_steps": len(names), "policy": REFERENCE, **_headline(results[REFERENCE])})
 
     policies: dict[str, Any] = {REFERENCE: results[REFERENCE]}
     for unit, name in enumerate(names[1:], start=1):
         if unit in done:
             policies[name] = done[unit]["results"]
+            answers[name] = done[unit].get("answers", {})
         else:
             policy_dir = loop.fetch_model(ctx, inputs.policies[name], f"policy-{unit}")
             policy = use_fast_masks(models.load_causal_lm(policy_dir)).to(ctx.device).eval()
             # The same autocast for the policy and the reference: precision alone must not show up as KL.
             with ctx.accelerator.autocast():
-                policies[name] = evaluate_policy(
+                policies[name], answers[name] = evaluate_policy(
                     ctx,
                     hp,
                     unit=unit,
@@ -378,7 +405,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
                     baselines=baselines,
                 )
             del policy
-            _save_unit(ctx, unit, {"name": name, "results": policies[name]})
+            _save_unit(ctx, unit, {"name": name, "results": policies[name], "answers": answers[name]})
         ctx.emit({"step": unit + 1, "total_steps": len(names), "policy": name, **_headline(policies[name])})
 
     report: dict[str, Any] = {
@@ -387,6 +414,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         "baseline": hp.baseline,
         "prompts": len(all_prompts),
         "samples_per_prompt": hp.samples_per_prompt,
+        "answers": answers,
     }
     if BEST_OF_N in results:
         report[BEST_OF_N] = results[BEST_OF_N]
@@ -401,12 +429,12 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     return metrics
 
 
-def reference_answer(row: data.Row) -> str:
+def reference_answer(row: data.Row, chat_format: data.ChatFormatter = data.default_chat_format) -> str:
     """The dataset's own answer to an eval row: ``chosen``, else the SFT answer (completion/output)."""
     try:
         if "chosen" in row.fields:
-            return data.preference_example(row).chosen
-        return data.sft_example(row).completion
+            return data.preference_example(row, chat_format).chosen
+        return data.sft_example(row, chat_format).completion
     except data.DataError as exc:
         raise data.DataError(f"hyperparameters.baseline=data needs each eval row's answer: {exc}") from exc
 

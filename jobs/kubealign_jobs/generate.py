@@ -211,11 +211,12 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         batch_size=hp.batch_size,
         stage="generate",
     )
-    prompts = data.load(data_uri, ctx.scratch / "data", data.prompt_text)
-    if hp.max_prompts:
-        prompts = prompts[: hp.max_prompts]
     model_dir = loop.fetch_model(ctx, model_uri, "policy")
     tokenizer = models.load_tokenizer(model_dir)
+    chat_format = data.tokenizer_chat_format(tokenizer)
+    prompts = data.load(data_uri, ctx.scratch / "data", lambda row: data.prompt_text(row, chat_format))
+    if hp.max_prompts:
+        prompts = prompts[: hp.max_prompts]
     policy = use_fast_masks(models.load_causal_lm(model_dir)).to(ctx.device).eval()
 
     chunks = math.ceil(len(prompts) / hp.chunk_prompts)

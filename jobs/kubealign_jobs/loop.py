@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from kubealign_jobs import checkpoint as checkpoints
+from kubealign_jobs import hub, parallel, storage
 from kubealign_jobs import model as models
-from kubealign_jobs import parallel, storage
 from kubealign_jobs.config import ConfigError
 from kubealign_jobs.data import DataPosition, EpochSampler, shard
 from kubealign_jobs.parallel import Trainable
@@ -147,8 +147,21 @@ def require_input(value: str | None, field: str) -> str:
 
 
 def fetch_model(ctx: StageContext, uri: str, name: str = "model") -> Path:
-    """Fetch a save_pretrained folder once per node (verified when it has a manifest)."""
-    return ctx.fetch_shared(uri, f"inputs/{name}")
+    """Fetch a save_pretrained folder once per node (verified when it has a manifest).
+
+    ``hf://org/name[@revision]`` comes from the hub (`hub.fetch`). A ``.gguf`` file is fetched
+    and then converted into a save_pretrained folder, once per node by its first process, so
+    everything downstream loads the same kind of folder.
+    """
+    from_hub = (lambda _dest: hub.fetch(uri)) if hub.is_hub_uri(uri) else None
+    local = ctx.fetch_shared(uri, f"inputs/{name}", fetch=from_hub)
+    if local.suffix != models.GGUF_SUFFIX:
+        return local
+    folder = ctx.node_scratch / "inputs" / f"{name}-from-gguf"
+    if ctx.is_local_main and not folder.is_dir():
+        models.gguf_to_pretrained(local, folder)
+    ctx.barrier()
+    return folder
 
 
 def starting_weights(

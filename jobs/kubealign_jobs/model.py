@@ -1,8 +1,9 @@
 """Models and tokenizers: load a save_pretrained folder, build a new one from a config, score sequences.
 
 Everything here works offline. A model is always a *local directory* (fetched from storage
-first); a string that is not an existing directory is refused rather than passed to
-transformers, where it would be taken for a hub name and trigger a download attempt.
+first; a ``.gguf`` file is converted into one by `gguf_to_pretrained`); a string that is not
+an existing directory is refused rather than passed to transformers, where it would be taken
+for a hub name and trigger a download attempt.
 
 Shared by every stage:
 
@@ -15,7 +16,6 @@ Shared by every stage:
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -23,13 +23,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional
-
-# Belt and braces: even a bug that hands transformers a hub name must not reach the network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-# The offline switches above must be set before transformers is imported.
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -180,6 +173,66 @@ def load_reward_model(path: Path, *, tokenizer: PreTrainedTokenizerBase | None =
         # Sequence classifiers find the last real token through the pad id.
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+GGUF_SUFFIX = ".gguf"
+
+
+def gguf_to_pretrained(gguf: Path, dest: Path) -> Path:
+    """Dequantise a GGUF file (llama.cpp's format) into a save_pretrained folder at ``dest``.
+
+    transformers reads the weights (dequantised to float32), the tokenizer and its chat
+    template from the file's metadata through the ``gguf`` package. Every stage then loads an
+    ordinary folder, and the artifact a stage publishes is one too. The folder appears
+    atomically (written beside ``dest``, then renamed), so a conversion killed half-way is
+    never taken for a model.
+    """
+    if not gguf.is_file():
+        raise ModelError(f"model: {gguf} is not a GGUF file")
+    partial_dir = dest.with_name(dest.name + ".partial")
+    try:
+        tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(  # type: ignore[no-untyped-call]
+            str(gguf.parent), gguf_file=gguf.name, local_files_only=True
+        )
+        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, local_files_only=True, dtype=torch.float32
+        )
+    except Exception as exc:  # a foreign binary format fails in many ways (struct, index, key errors...)
+        raise ModelError(f"{gguf}: not a loadable GGUF model ({type(exc).__name__}: {exc})") from exc
+    _apply_gguf_special_tokens(gguf, tokenizer, model)
+    save_pretrained(model, tokenizer, partial_dir)
+    partial_dir.replace(dest)
+    return dest
+
+
+# GGUF metadata key -> the tokenizer attribute it sets.
+_GGUF_SPECIAL_TOKENS = {
+    "tokenizer.ggml.bos_token_id": "bos_token",
+    "tokenizer.ggml.eos_token_id": "eos_token",
+    "tokenizer.ggml.padding_token_id": "pad_token",
+}
+
+
+def _apply_gguf_special_tokens(
+    gguf: Path, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel
+) -> None:
+    """Take bos, eos and pad from the file's own metadata.
+
+    transformers 4.57 builds SmolLM2's tokenizer with eos = bos = ``<|im_start|>``, while the
+    file says eos = ``<|im_end|>``: sampling would never stop at the end of an answer, and
+    every training sequence would end with the wrong token.
+    """
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf))
+    for key, attr in _GGUF_SPECIAL_TOKENS.items():
+        field = reader.fields.get(key)
+        if field is None:
+            continue
+        token_id = int(field.parts[field.data[0]][0])
+        setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(token_id))
+        setattr(model.config, f"{attr}_id", token_id)
+        setattr(model.generation_config, f"{attr}_id", token_id)
 
 
 def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dest: Path) -> Path:

@@ -310,7 +310,8 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         batch_size=hp.forward_batch_size,
         stage="ppo",
     )
-    prompts = data.load(data_uri, ctx.scratch / "data", data.prompt_text)
+    chat_format = data.tokenizer_chat_format(models.load_tokenizer(policy_dir))
+    prompts = data.load(data_uri, ctx.scratch / "data", lambda row: data.prompt_text(row, chat_format))
     global_batch = hp.rollout_batch_size * world
     sampler = data.EpochSampler(len(prompts), global_batch, seed=config.seed)
 

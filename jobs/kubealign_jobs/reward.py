@@ -160,9 +160,10 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     # Under LoRA the scalar head trains in full beside the adapters.
     trainable = parallel.prepare(ctx, hp, reward_model, wrap=models.LastTokenReward, head="score")
 
-    rows = data.load(data_uri, ctx.scratch / "data", data.ranked_example)
+    parse = partial(data.ranked_example, chat_format=data.tokenizer_chat_format(tokenizer))
+    rows = data.load(data_uri, ctx.scratch / "data", parse)
     if inputs.eval_data:
-        held_out = data.load(inputs.eval_data, ctx.scratch / "eval_data", data.ranked_example)
+        held_out = data.load(inputs.eval_data, ctx.scratch / "eval_data", parse)
     else:
         rows, held_out = split_held_out(rows, fraction=hp.eval_fraction, seed=ctx.config.seed)
 

@@ -164,16 +164,16 @@ class StageContext:
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
-    def fetch_shared(self, uri: str, name: str) -> Path:
+    def fetch_shared(self, uri: str, name: str, fetch: Callable[[Path], Path] | None = None) -> Path:
         """Fetch ``uri`` (file or prefix) once per node, by the node's first process; all get its path.
 
         Eight processes of a GPU node would otherwise download (and verify) the same
-        multi-gigabyte weights eight times.
+        multi-gigabyte weights eight times. ``fetch(dest)`` replaces the storage fetch (the hub's).
         """
         dest = self.node_scratch / name
         record = self.node_scratch / f"{name}.path"
         if self.is_local_main:
-            path = storage.fetch(uri, dest)
+            path = fetch(dest) if fetch is not None else storage.fetch(uri, dest)
             record.parent.mkdir(parents=True, exist_ok=True)
             record.write_text(str(path))
         self.barrier()

@@ -207,9 +207,7 @@ def encode_prompt(tokenizer: Any, prompt: str, *, max_prompt_tokens: int | None 
     Sampling from the same prefix the SFT, reward and DPO stages trained on keeps the
     completions in-distribution and lets a reward model score them token for token.
     """
-    ids = ([] if tokenizer.bos_token_id is None else [int(tokenizer.bos_token_id)]) + data.encode_text(
-        tokenizer, prompt
-    )
+    ids = data.with_bos(tokenizer, data.encode_text(tokenizer, prompt))
     if max_prompt_tokens is not None:
         ids = ids[-max_prompt_tokens:]
     if not ids:

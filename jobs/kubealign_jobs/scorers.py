@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
-from kubealign_jobs import data, storage
+from kubealign_jobs import data, hub, storage
 from kubealign_jobs import model as models
 from kubealign_jobs.attention import use_fast_masks
 from kubealign_jobs.config import ConfigError
@@ -118,7 +118,7 @@ def load_reward_model_scorer(
     uri: str, scratch: Path, *, device: Any, batch_size: int = 64, max_length: int = 512
 ) -> RewardModelScorer:
     """Fetch a reward stage's artifact (or any reward-model folder) and wrap it as a scorer."""
-    folder = storage.fetch_dir(uri, scratch / "reward_model")
+    folder = hub.fetch(uri) if hub.is_hub_uri(uri) else storage.fetch_dir(uri, scratch / "reward_model")
     tokenizer = models.load_tokenizer(folder)
     reward_model = use_fast_masks(models.load_reward_model(folder, tokenizer=tokenizer)).to(device)
     reward_model.requires_grad_(False)

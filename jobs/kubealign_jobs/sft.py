@@ -72,10 +72,10 @@ def evaluate_nll(
 
 
 def read_examples(uri: str, ctx: StageContext, hp: Hyperparameters, tokenizer: Any) -> list[data.SFTExample]:
-    if hp.preferred_ft:
-        pairs = data.load(uri, ctx.scratch / "data", data.preference_example)
-        return [data.SFTExample(prompt=p.prompt, completion=p.chosen) for p in pairs]
     chat_format = data.tokenizer_chat_format(tokenizer)
+    if hp.preferred_ft:
+        pairs = data.load(uri, ctx.scratch / "data", lambda row: data.preference_example(row, chat_format))
+        return [data.SFTExample(prompt=p.prompt, completion=p.chosen) for p in pairs]
     return data.load(uri, ctx.scratch / "data", lambda row: data.sft_example(row, chat_format))
 
 

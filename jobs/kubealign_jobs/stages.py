@@ -535,6 +535,9 @@ class EvaluateHyperparameters(PrecisionHyperparameters, RewardSourceHyperparamet
         "reference", "win rates against the reference's answers or the data's", choices=BASELINES
     )
     plot: bool = param(True, "draw the reward-KL frontier as frontier.png")
+    show_answers: int = param(
+        4, "answers per policy and temperature kept in results.json beside the numbers", ge=0
+    )
 
     def __post_init__(self) -> None:
         if not self.temperatures:

@@ -208,6 +208,8 @@ MSG_RUN_NAME: Final = (
 MSG_SELF_INPUT: Final = "a stage cannot take input from itself"
 MSG_EXACTLY_ONE: Final = "set exactly one of from or uri"
 MSG_POLICY_NAME: Final = "a policy given by uri needs a name"
+MSG_HUB_DATASET: Final = "hf:// names a model repository; datasets come from s3:// or file://"
+DATASET_ROLES: Final = ("data", "evalData")
 
 
 def msg_from_earlier(role: str) -> str:
@@ -235,10 +237,12 @@ def _cel_errors(manifest: Mapping[str, Any]) -> list[FieldError]:
                 errors.append(FieldError(f"{at}.{where}", MSG_EXACTLY_ONE))
             if where.startswith("inputs.policies") and "from" not in source and "name" not in source:
                 errors.append(FieldError(f"{at}.{where}.name", MSG_POLICY_NAME))
+            role = where.split(".")[1].split("[")[0]
+            if role in DATASET_ROLES and str(source.get("uri", "")).startswith("hf://"):
+                errors.append(FieldError(f"{at}.{where}.uri", MSG_HUB_DATASET))
             upstream = source.get("from")
             if upstream is None:
                 continue
-            role = where.split(".")[1].split("[")[0]
             if upstream == stage["name"]:
                 # The CRD puts the policies rule on the list, the others on the from field itself.
                 path = f"{at}.inputs.policies" if role == "policies" else f"{at}.{where}.from"
@@ -529,12 +533,27 @@ class Storage:
 
 
 @dataclass(frozen=True)
+class SecretKey:
+    """One key of a Secret in the run's namespace, read by the pods, never by the operator."""
+
+    name: str
+    key: str
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any] | None, *, default_key: str) -> SecretKey | None:
+        if not doc:
+            return None
+        return cls(name=str(doc["name"]), key=str(doc.get("key") or default_key))
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """The desired pipeline."""
 
     stages: tuple[Stage, ...]
     storage: Storage
     image: str | None = None
+    hub_token: SecretKey | None = None  # spec.huggingface.tokenSecretRef: HF_TOKEN for hf:// inputs
     service_account_name: str | None = None
     queue_name: str | None = None
     priority_class_name: str | None = None
@@ -554,6 +573,9 @@ class RunSpec:
             stages=tuple(Stage.from_dict(s) for s in doc["stages"]),
             storage=Storage.from_dict(doc["storage"]),
             image=doc.get("image"),
+            hub_token=SecretKey.from_dict(
+                (doc.get("huggingface") or {}).get("tokenSecretRef"), default_key="token"
+            ),
             service_account_name=doc.get("serviceAccountName"),
             queue_name=doc.get("queueName"),
             priority_class_name=doc.get("priorityClassName"),

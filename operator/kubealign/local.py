@@ -491,6 +491,9 @@ class LocalRunner:
             "KUBEALIGN_TERMINATION_LOG": str(termination),
             "KUBEALIGN_SCRATCH": str(self.workdir / "scratch" / stage.name),
             "TOKENIZERS_PARALLELISM": "false",
+            # Offline unless the caller's environment says otherwise: HF_HUB_OFFLINE=0 (and HF_TOKEN
+            # for private repositories) lets hf:// inputs download on this machine.
+            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
             **self._threads_env(),
             # One machine: a multi-node stage runs as a single node of --processes processes here.
             "NNODES": "1",

@@ -214,8 +214,8 @@ def trainer_env(run: AlignmentRun, stage: Stage, attempt: int) -> dict[str, str]
         "KUBEALIGN_RUN": run.name,
         "KUBEALIGN_STAGE": stage.name,
         "KUBEALIGN_ATTEMPT": str(attempt),
-        # Models come from the stage's inputs, never from a hub.
-        "HF_HUB_OFFLINE": "1",
+        # No HF_HUB_OFFLINE: hf:// inputs reach the hub; every other model loads from a local
+        # folder with local_files_only, so nothing else can.
         "PYTHONUNBUFFERED": "1",
     }
     if run.spec.storage.endpoint:
@@ -242,6 +242,11 @@ def _env(run: AlignmentRun, stage: Stage, attempt: int) -> list[dict[str, Any]]:
             _secret_env("AWS_SECRET_ACCESS_KEY", storage.secret_name, optional=False),
             _secret_env("AWS_SESSION_TOKEN", storage.secret_name, optional=True),
         ]
+    if run.spec.hub_token is not None:
+        token = run.spec.hub_token
+        env.append(
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}}
+        )
     if stage.resources.nodes > 1:
         name = job_name(run.name, stage.name, attempt)
         env += [

@@ -184,3 +184,139 @@ def test_batched_encoding_equals_one_by_one(tokenizer: PreTrainedTokenizerFast) 
     assert batched == single
     sft = [data.SFTExample(r.prompt, r.responses[0]) for r in rows]
     assert data.encode_sft(tokenizer, sft, max_length=32) == [s.sequences[0] for s in single]
+
+
+# ---------------------------------------------------------------------------- chat preferences
+
+# A ChatML template like SmolLM2's: bos opens each turn, eos closes it.
+CHATML = (
+    "{% for m in messages %}{{ '<|bos|>' + m['role'] + '\n' + m['content'] + '<|eos|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|bos|>assistant\n' }}{% endif %}"
+)
+
+
+def turn(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+@pytest.fixture()
+def chat_tokenizer(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    templated = models.tokenizer_from_json(tokenizer.backend_tokenizer.to_str())
+    templated.chat_template = CHATML
+    return templated
+
+
+def test_chat_preference_rows_explicit_and_shared_prompt(tmp_path: Path) -> None:
+    question = [turn("user", "What is your name?")]
+    rows = [
+        {
+            "prompt": question,
+            "chosen": [turn("assistant", "My name is Mary")],
+            "rejected": [turn("assistant", "Whats it to you?")],
+        },
+        {
+            "chosen": [*question, turn("assistant", "My name is Mary")],
+            "rejected": [*question, turn("assistant", "Whats it to you?")],
+        },
+    ]
+    explicit, shared = data.load(
+        str(write_jsonl(tmp_path / "p.jsonl", rows)), tmp_path, data.preference_example
+    )
+    assert explicit == shared
+    assert explicit.prompt == "<|user|>\nWhat is your name?\n<|assistant|>\n"
+    assert (explicit.chosen, explicit.rejected) == ("My name is Mary\n", "Whats it to you?\n")
+    # The same prompt for sampling (generate, ppo, evaluate) and for the data baseline.
+    assert data.prompt_text(data.read_rows(str(tmp_path / "p.jsonl"), tmp_path)[0]) == explicit.prompt
+    ranked = data.load(str(tmp_path / "p.jsonl"), tmp_path, data.ranked_example)[0]
+    assert ranked.responses == (explicit.chosen, explicit.rejected)
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (
+            {"prompt": [turn("user", "q")], "chosen": [turn("assistant", "a")], "rejected": "b"},
+            r"field 'rejected': expected a list of turns like the other answer",
+        ),
+        (
+            {"prompt": "q", "chosen": [turn("assistant", "a")], "rejected": [turn("assistant", "b")]},
+            r"field 'prompt': expected a list of turns when the answers are turns",
+        ),
+        (
+            {
+                "prompt": [turn("user", "q")],
+                "chosen": [turn("assistant", "a")],
+                "rejected": [turn("robot", "b")],
+            },
+            r"field 'rejected\[0\]\.role': 'robot' is not one of",
+        ),
+        (
+            {
+                "prompt": [turn("user", "q")],
+                "chosen": [turn("user", "a")],
+                "rejected": [turn("assistant", "b")],
+            },
+            r"field 'chosen\[1\]\.role': the last turn must be 'assistant'",
+        ),
+        (
+            {
+                "chosen": [turn("user", "q"), turn("assistant", "a")],
+                "rejected": [turn("user", "other"), turn("assistant", "b")],
+            },
+            r"field 'chosen': no 'prompt' and no leading turns shared with 'rejected'",
+        ),
+        (
+            {"prompt": [turn("user", "q")], "chosen": [turn("assistant", "a")], "rejected": []},
+            r"field 'rejected': expected a list of at least 1 turn",
+        ),
+        (
+            {
+                "prompt": [turn("user", "q")],
+                "chosen": [turn("assistant", " ")],
+                "rejected": [turn("assistant", "b")],
+            },
+            r"field 'chosen': empty answer",
+        ),
+    ],
+)
+def test_malformed_chat_preference_rows_name_line_and_field(
+    tmp_path: Path, row: dict[str, Any], message: str
+) -> None:
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "fine", "chosen": "a", "rejected": "b"}, row])
+    with pytest.raises(DataError, match=rf"bad\.jsonl: line 2: {message}"):
+        data.load(str(path), tmp_path, data.preference_example)
+
+
+def test_chat_prompts_for_sampling(tmp_path: Path) -> None:
+    rows = [
+        {"messages": [turn("user", "hello")]},
+        {"messages": [turn("user", "hello"), turn("assistant", "hi")]},  # an SFT row: its prompt
+        {"messages": [turn("assistant", "hi")]},
+    ]
+    path = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    first, second, third = data.read_rows(str(path), tmp_path)
+    assert data.prompt_text(first) == data.prompt_text(second) == "<|user|>\nhello\n<|assistant|>\n"
+    with pytest.raises(DataError, match=r"line 3: field 'messages': no turns before the assistant's answer"):
+        data.prompt_text(third)
+
+
+def test_chat_template_special_tokens_are_not_doubled(
+    tmp_path: Path, chat_tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """A template that opens with bos and closes answers with eos gets no second bos or eos."""
+    row = {"messages": [turn("user", "hello"), turn("assistant", "hi there")]}
+    chat_format = data.tokenizer_chat_format(chat_tokenizer)
+    [example] = data.load(
+        str(write_jsonl(tmp_path / "sft.jsonl", [row])), tmp_path, lambda r: data.sft_example(r, chat_format)
+    )
+    assert example.prompt == "<|bos|>user\nhello<|eos|>\n<|bos|>assistant\n"
+    assert example.completion == "hi there<|eos|>\n"
+    [encoded] = data.encode_sft(chat_tokenizer, [example], max_length=64)
+    bos, eos = chat_tokenizer.bos_token_id, chat_tokenizer.eos_token_id
+    assert encoded.ids[0] == bos and encoded.ids[1] != bos
+    completion = encoded.ids[encoded.prompt_length :]
+    assert completion.count(eos) == 1 and completion[-1] != eos  # the template's eos, then its newline
+    assert chat_tokenizer.decode(list(encoded.ids)) == example.prompt + example.completion
+    # Plain text still gets both.
+    plain = data.encode_prompt_completion(chat_tokenizer, "hello", " hi", max_length=64)
+    assert plain.ids[0] == bos and plain.ids[-1] == eos

@@ -109,3 +109,14 @@ def test_no_hub_names(tmp_path: Path) -> None:
         models.load_causal_lm(Path("meta-llama/Llama-3-8B"))
     with pytest.raises(models.ModelError, match="cannot build 'nope'"):
         models.build_causal_lm({"arch": "nope"}, tokenizer=models.train_tokenizer(["a b"], vocab_size=260))
+
+
+def test_a_damaged_gguf_file_is_refused_naming_it_and_leaves_no_folder(tmp_path: Path) -> None:
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 64)  # the magic, then nothing a reader can use
+    dest = tmp_path / "model-from-gguf"
+    with pytest.raises(models.ModelError, match=r"model\.gguf: not a loadable GGUF model"):
+        models.gguf_to_pretrained(gguf, dest)
+    assert not dest.exists()
+    with pytest.raises(models.ModelError, match=r"missing\.gguf is not a GGUF file"):
+        models.gguf_to_pretrained(tmp_path / "missing.gguf", dest)

@@ -170,6 +170,25 @@ def test_credentials_come_from_the_secret_by_reference_only() -> None:
     assert "AWS_ACCESS_KEY_ID" not in _env(render.build_job(run(), run().spec.stage("sft"), 1))
 
 
+def test_the_hub_token_comes_from_its_secret_by_reference_and_the_hub_is_not_switched_off() -> None:
+    stages = [
+        {
+            "name": "sft",
+            "type": "sft",
+            "inputs": {"model": {"uri": "hf://org/model@v1"}, "data": {"uri": "s3://d/sft"}},
+        }
+    ]
+    for ref, key in (({"name": "hub"}, "token"), ({"name": "hub", "key": "HF"}, "HF")):
+        body = manifest(stages, huggingface={"tokenSecretRef": ref})
+        assert api.validate(body) == []
+        alr = run(body)
+        env = _env(render.build_job(alr, alr.spec.stage("sft"), 1))
+        assert env["HF_TOKEN"] == {"secretKeyRef": {"name": "hub", "key": key}}
+        assert "HF_HUB_OFFLINE" not in env
+    plain = run(manifest(stages))
+    assert "HF_TOKEN" not in _env(render.build_job(plain, plain.spec.stage("sft"), 1))
+
+
 def test_multi_node_stage_is_an_indexed_job_with_a_headless_service() -> None:
     alr = run(
         manifest(
