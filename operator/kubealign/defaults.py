@@ -3,7 +3,8 @@
 A platform team usually has one trainer image, one S3-compatible store and one conventional
 credentials Secret name per namespace. The Helm chart's ``defaultTrainerImage``, ``s3.endpoint``,
 ``s3.region`` and ``s3.credentialsSecret`` values reach the operator as environment variables; a
-run that sets a field itself always keeps it.
+run that sets a field itself always keeps it. ``gpuMemory`` (one GPU's memory) is not a spec
+default: `kubealign.fit` checks stages against it.
 
 The defaults are applied to the manifest the operator reads, before validation and rendering, so
 every consumer (stage configs, trainer env, status) sees the same effective spec. The stored
@@ -22,6 +23,7 @@ ENV_IMAGE: Final = "KUBEALIGN_DEFAULT_IMAGE"
 ENV_ENDPOINT: Final = "KUBEALIGN_DEFAULT_S3_ENDPOINT"
 ENV_REGION: Final = "KUBEALIGN_DEFAULT_S3_REGION"
 ENV_SECRET: Final = "KUBEALIGN_DEFAULT_S3_SECRET"
+ENV_GPU_MEMORY: Final = "KUBEALIGN_GPU_MEMORY"
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class InstallDefaults:
     endpoint: str | None = None
     region: str | None = None
     secret_name: str | None = None
+    gpu_memory: str | None = None  # memory of one GPU, a quantity such as 80Gi (kubealign.fit)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> InstallDefaults:
@@ -41,6 +44,7 @@ class InstallDefaults:
             endpoint=env.get(ENV_ENDPOINT) or None,
             region=env.get(ENV_REGION) or None,
             secret_name=env.get(ENV_SECRET) or None,
+            gpu_memory=env.get(ENV_GPU_MEMORY) or None,
         )
 
     def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:

@@ -370,8 +370,13 @@ def summarize(
     previous: RunStatus | None,
     errors: Sequence[FieldError],
     now: str,
+    *,
+    misfits: Sequence[str] = (),
 ) -> RunStatus:
-    """The run's whole status, recomputed from its Jobs; ``now`` only stamps condition transitions."""
+    """The run's whole status, recomputed from its Jobs; ``now`` only stamps condition transitions.
+
+    ``misfits`` are `kubealign.fit`'s messages for stages that cannot fit their GPUs.
+    """
     by_stage = _by_stage(jobs)
     phases: dict[str, str] = {}
     stages: list[StageStatus] = []
@@ -447,6 +452,9 @@ def summarize(
             reason if phase == RunPhase.FAILED else "NoFailure",
             failure,
         ),
+        Condition("MemoryFits", "False", "EstimateExceedsGPUMemory", "; ".join(misfits))
+        if misfits
+        else Condition("MemoryFits", "True", "NoKnownMisfit"),
     )
     return RunStatus(
         phase=phase,
@@ -533,6 +541,14 @@ def transitions(previous: RunStatus | None, current: RunStatus) -> tuple[Note, .
         and (valid_before is None or valid_before.status != "False" or valid_before.message != valid.message)
     ):
         notes.append(Note("Warning", "InvalidSpec", valid.message))
+    fits = current.condition("MemoryFits")
+    fits_before = previous.condition("MemoryFits") if previous else None
+    if (
+        fits is not None
+        and fits.status == "False"
+        and (fits_before is None or fits_before.status != "False" or fits_before.message != fits.message)
+    ):
+        notes.append(Note("Warning", "StageWillNotFit", fits.message))
     before = previous.phase if previous else RunPhase.PENDING
     if current.phase != before:
         failed = current.condition("Failed")

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from kubealign import api, plan, render
+from kubealign import api, fit, plan, render
 from kubealign.defaults import InstallDefaults
 from kubealign.k8s import Kube, KubeError
 from kubealign.k8s import now as utc_now
@@ -62,6 +62,7 @@ class Reconciler:
         self.metrics = metrics
         # The chart's defaultTrainerImage and s3.* values, for runs whose spec leaves them out.
         self.defaults = defaults if defaults is not None else InstallDefaults.from_env()
+        self.gpu_memory = fit.parse_memory(self.defaults.gpu_memory)
         self._guard = threading.Lock()
         # (namespace, name) -> whether another pass was requested while one is running.
         self._running: dict[tuple[str, str], bool] = {}
@@ -162,7 +163,8 @@ class Reconciler:
         actions = () if errors else plan.decide(run, observed)
         observed, blocked = self._act(run, actions, observed)
 
-        status = plan.summarize(run, observed, previous, errors, self._clock())
+        misfits = () if errors else fit.misfits(run, self.gpu_memory)
+        status = plan.summarize(run, observed, previous, errors, self._clock(), misfits=misfits)
         status = replace(
             status,
             stages=tuple(

