@@ -491,17 +491,24 @@ def pack_texts(tokenizer: Any, texts: Sequence[str], *, block_size: int) -> torc
 
 @dataclass(frozen=True)
 class CompletionBatch:
-    """Right-padded sequences. ``completion_mask`` marks tokens whose likelihood counts. All (B, T)."""
+    """Right-padded sequences. ``completion_mask`` marks tokens whose likelihood counts. All (B, T).
+
+    A packed batch (`collate_packed`) is one row of sequences laid end to end, with
+    ``position_ids`` restarting at 0 for each: the model then keeps attention inside each
+    sequence (a block-diagonal causal mask with SDPA, variable-length kernels with flash attention).
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     completion_mask: torch.Tensor
+    position_ids: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> CompletionBatch:
         return CompletionBatch(
             self.input_ids.to(device, non_blocking=True),
             self.attention_mask.to(device, non_blocking=True),
             self.completion_mask.to(device, non_blocking=True),
+            None if self.position_ids is None else self.position_ids.to(device, non_blocking=True),
         )
 
     @property
@@ -525,6 +532,30 @@ def collate(
         attention_mask[row, :n] = 1
         completion_mask[row, seq.prompt_length : n] = 1
     return CompletionBatch(input_ids, attention_mask, completion_mask)
+
+
+def collate_packed(sequences: Sequence[Encoded]) -> CompletionBatch:
+    """The sequences end to end in one (1, total) row: no padding, positions restarting per sequence.
+
+    The logit at a sequence's last token predicts the next sequence's first token; that token
+    never counts (its completion mask is 0), so no loss crosses a boundary and the result equals
+    `collate`'s, summed over the same tokens.
+    """
+    ids: list[int] = []
+    positions: list[int] = []
+    completion: list[int] = []
+    for seq in sequences:
+        n = len(seq.ids)
+        ids.extend(seq.ids)
+        positions.extend(range(n))
+        completion.extend([0] * max(seq.prompt_length, 1) + [1] * (n - max(seq.prompt_length, 1)))
+    input_ids = torch.tensor([ids], dtype=torch.long)
+    return CompletionBatch(
+        input_ids,
+        torch.ones_like(input_ids),
+        torch.tensor([completion], dtype=torch.long),
+        torch.tensor([positions], dtype=torch.long),
+    )
 
 
 # ---------------------------------------------------------------------------- sampling

@@ -281,8 +281,23 @@ def causal_attention_mask(attention_mask: torch.Tensor | None) -> torch.Tensor |
     return attention_mask
 
 
+def mask_arguments(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> dict[str, Any]:
+    """What tells the model which tokens see which: a mask, or for packed rows the position ids.
+
+    With ``position_ids`` restarting per sequence and no mask, transformers confines attention
+    to each packed sequence (and flash attention runs its variable-length kernel).
+    """
+    if position_ids is not None:
+        return {"attention_mask": None, "position_ids": position_ids}
+    return {"attention_mask": causal_attention_mask(attention_mask)}
+
+
 def completion_logits(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Logits for the positions that predict completion tokens, and the offset of the first one.
 
@@ -301,23 +316,28 @@ def completion_logits(
         offset = max(first - 1, 0)
         kwargs["logits_to_keep"] = seq_len - offset
     logits: torch.Tensor = model(
-        input_ids=input_ids, attention_mask=causal_attention_mask(attention_mask), use_cache=False, **kwargs
+        input_ids=input_ids, use_cache=False, **mask_arguments(attention_mask, position_ids), **kwargs
     ).logits
     return logits[:, : seq_len - 1 - offset], offset  # (B, T-1-offset, V): the last position predicts nothing
 
 
 def token_logps(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token log-probs (B, T-1) of ``input_ids[:, 1:]``; zero wherever ``completion_mask[:, 1:]`` is 0.
 
     ``model`` is a causal LM, or a `CompletionLogps` wrapper (possibly inside DDP), which
-    computes the LM head on completion positions only.
+    computes the LM head on completion positions only. ``position_ids``: a packed batch
+    (`data.collate_packed`).
     """
     if isinstance(getattr(model, "module", model), CompletionLogps):
-        per_token: torch.Tensor = model(input_ids, attention_mask, completion_mask)
+        per_token: torch.Tensor = model(input_ids, attention_mask, completion_mask, position_ids)
         return per_token
-    logits, offset = completion_logits(model, input_ids, attention_mask, completion_mask)
+    logits, offset = completion_logits(model, input_ids, attention_mask, completion_mask, position_ids)
     labels = input_ids[:, offset + 1 :]
     per_token = logps_from_logits(logits, labels)
     mask = completion_mask[:, offset + 1 :].to(per_token.dtype)
@@ -357,12 +377,16 @@ class CompletionLogps(nn.Module):
         self.lm.gradient_checkpointing_enable(**kwargs)  # type: ignore[no-untyped-call]
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        completion_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if not self.head_only_on_completions:
-            return token_logps(self.lm, input_ids, attention_mask, completion_mask)
+            return token_logps(self.lm, input_ids, attention_mask, completion_mask, position_ids)
         hidden: torch.Tensor = self.lm.base_model(
-            input_ids=input_ids, attention_mask=causal_attention_mask(attention_mask), use_cache=False
+            input_ids=input_ids, use_cache=False, **mask_arguments(attention_mask, position_ids)
         ).last_hidden_state  # (B, T, H)
         predicts = completion_mask[:, 1:].bool()  # (B, T-1): position t predicts completion token t + 1
         head = self.lm.get_output_embeddings()  # type: ignore[no-untyped-call]

@@ -28,16 +28,21 @@ from kubealign_jobs.stages import TrainingHyperparameters
 
 def completion_nll(model: nn.Module, batch: data.CompletionBatch) -> loop.LossOutput:
     """Summed negative log-likelihood of the completion tokens; the loop divides by their count."""
-    logps = models.token_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+    logps = models.token_logps(
+        model, batch.input_ids, batch.attention_mask, batch.completion_mask, batch.position_ids
+    )
     return loop.LossOutput(loss_sum=-logps.sum())
 
 
 def completion_task(
-    encoded: list[data.Encoded], tokenizer: Any, hp: TrainingHyperparameters
+    encoded: list[data.Encoded], tokenizer: Any, hp: TrainingHyperparameters, *, packing: bool = False
 ) -> loop.Task[data.Encoded, data.CompletionBatch]:
+    """Completion NLL over micro-batches, padded or (``packing``) laid end to end in one row."""
     return loop.Task(
         examples=encoded,
-        collate=partial(data.collate, pad_token_id=int(tokenizer.pad_token_id)),
+        collate=data.collate_packed
+        if packing
+        else partial(data.collate, pad_token_id=int(tokenizer.pad_token_id)),
         to_device=data.CompletionBatch.to,
         units=lambda batch: batch.num_completion_tokens,
         loss=completion_nll,
@@ -113,7 +118,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         ctx,
         hp,
         model=trainable,
-        task=completion_task(encoded, tokenizer, hp),
+        task=completion_task(encoded, tokenizer, hp, packing=hp.packing),
         tokenizer=tokenizer,
         resume=resume,
         evaluate=evaluate,

@@ -424,6 +424,11 @@ class SFTHyperparameters(TrainingHyperparameters, LoraHyperparameters):
     preferred_ft: bool = param(
         False, "data are preference rows; train on prompt + chosen (the DPO paper's Preferred-FT)"
     )
+    packing: bool = param(
+        False,
+        "lay each micro-batch's sequences end to end in one row, positions restarting and attention "
+        "kept inside each: no compute on padding, the same loss",
+    )
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import yaml
 
 import localcluster
 import sync_chart
-from kubealign import crdgen, defaults
+from kubealign import crdgen, defaults, fit
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "kubealign"
@@ -187,6 +187,7 @@ def test_values_reach_the_operator(helm: str) -> None:
             "s3.endpoint=http://minio.storage:9000",
             "s3.credentialsSecret=team-s3",
             "defaultTrainerImage=ghcr.io/team/trainer:1.2",
+            "gpuMemory=40Gi",
         )
     )
     assert "--verbose" in container["args"]
@@ -198,18 +199,24 @@ def test_values_reach_the_operator(helm: str) -> None:
         defaults.ENV_IMAGE: "ghcr.io/team/trainer:1.2",
         defaults.ENV_ENDPOINT: "http://minio.storage:9000",
         defaults.ENV_SECRET: "team-s3",
+        defaults.ENV_GPU_MEMORY: "40Gi",
     }
     # What the operator makes of the rendered env: the image fills a run that names none.
     installed = defaults.InstallDefaults.from_env(env)
     assert installed.image == "ghcr.io/team/trainer:1.2"
+    assert fit.parse_memory(installed.gpu_memory) == 40 * 2**30
     plain = operator_container(render(helm))
     assert "--verbose" not in plain["args"]
-    assert "env" not in plain
+    assert plain["env"] == [{"name": defaults.ENV_GPU_MEMORY, "value": "80Gi"}]  # the chart's default
+    assert "env" not in operator_container(render(helm, "gpuMemory="))
 
 
 def test_default_trainer_image_alone_sets_only_its_variable(helm: str) -> None:
     container = operator_container(render(helm, "defaultTrainerImage=trainer:2"))
-    assert container["env"] == [{"name": defaults.ENV_IMAGE, "value": "trainer:2"}]
+    assert container["env"] == [
+        {"name": defaults.ENV_GPU_MEMORY, "value": "80Gi"},
+        {"name": defaults.ENV_IMAGE, "value": "trainer:2"},
+    ]
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert values["defaultTrainerImage"] == "", "no image is assumed unless the platform team sets one"
 

@@ -120,3 +120,34 @@ def test_a_damaged_gguf_file_is_refused_naming_it_and_leaves_no_folder(tmp_path:
     assert not dest.exists()
     with pytest.raises(models.ModelError, match=r"missing\.gguf is not a GGUF file"):
         models.gguf_to_pretrained(tmp_path / "missing.gguf", dest)
+
+
+@pytest.mark.parametrize("spec", [TINY_LLAMA, TINY_GEMMA], ids=["llama", "gemma"])
+def test_packed_rows_give_the_padded_batch_log_probs_and_gradients(
+    tokenizer: PreTrainedTokenizerFast, spec: dict[str, Any]
+) -> None:
+    """Sequences end to end with restarting positions: each sees only itself, as when padded apart."""
+    torch.manual_seed(0)
+    lm = models.build_causal_lm(dict(spec), tokenizer=tokenizer).double()
+    texts = [("the movie was", " good and long"), ("a", " plot that never ends at all"), ("the cast", " was")]
+    encoded = [data.encode_prompt_completion(tokenizer, p, c, max_length=64) for p, c in texts]
+    padded = data.collate(encoded, pad_token_id=int(tokenizer.pad_token_id))
+    packed = data.collate_packed(encoded)
+    assert packed.input_ids.shape == (1, sum(len(e.ids) for e in encoded))
+    assert packed.num_completion_tokens == padded.num_completion_tokens
+    wrapper = models.CompletionLogps(lm)
+
+    def total(batch: data.CompletionBatch) -> torch.Tensor:
+        return models.token_logps(
+            wrapper, batch.input_ids, batch.attention_mask, batch.completion_mask, batch.position_ids
+        ).sum()
+
+    want, got = total(padded), total(packed)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+    grads_padded = torch.autograd.grad(want, list(lm.parameters()))
+    grads_packed = torch.autograd.grad(got, list(lm.parameters()))
+    for a, b in zip(grads_padded, grads_packed, strict=True):  # Gemma normalises in float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    # Attention really is confined: without restarting positions the same row gives other numbers.
+    leaky = data.CompletionBatch(packed.input_ids, packed.attention_mask, packed.completion_mask)
+    assert abs(float(total(leaky).detach()) - float(want.detach())) > 1e-3

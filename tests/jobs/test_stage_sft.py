@@ -189,3 +189,25 @@ def test_killed_run_resumes_from_checkpoint_without_reseeing_data(
     assert final is not None and reference_final is not None
     assert final.state["data_position"] == reference_final.state["data_position"] == {"epoch": 3, "index": 40}
     assert MANIFEST_FILE in [p for p, _ in storage.list_files(f"{output}/artifact")]
+
+
+def test_packed_batches_follow_the_padded_loss_trajectory(
+    bucket: str, tiny_lm_dir: Path, tmp_path: Path
+) -> None:
+    """packing changes how a micro-batch is laid out, never what it computes."""
+    inputs = _inputs(bucket, tiny_lm_dir, tmp_path, sft_rows(24))
+    losses = {}
+    for packing in (False, True):
+        config = stage_config(
+            tmp_path,
+            stage_type="sft",
+            output=f"s3://{bucket}/ns/run/sft-packing-{packing}",
+            inputs=inputs,
+            hyperparameters={**HYPER, "max_steps": 5, "checkpoint_every": 0, "packing": packing},
+        )
+        run = run_stage("sft", config, tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+        losses[packing] = [r["loss"] for r in run.steps]
+    assert len(losses[True]) == 5
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+    assert losses[True][-1] < losses[True][0]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""DPO tokens/s, peak memory and per-step loss agreement: kubealign against TRL 1.16's DPOTrainer.
+"""DPO and SFT tokens/s, peak memory and loss agreement: kubealign against TRL 1.16, in one run.
 
     .venv/bin/python tools/bench/dpo_vs_trl.py                  # SmolLM2-135M-Instruct (134.5M parameters)
     .venv/bin/python tools/bench/dpo_vs_trl.py --model tiny     # the hidden-64 Llama of earlier rounds
@@ -24,7 +24,16 @@ Fair by construction, and printed at the start of every run:
   over that window. Peak memory is each process's peak resident set (peak CUDA allocation on a
   GPU). The per-step losses of the two sides must agree: the largest difference is printed.
 
-The last line is ``ratio <kubealign tokens/s / TRL tokens/s>``.
+SFT (``--stages sft``) is the same against SFTTrainer with packing on for both: kubealign's
+``packing: true`` lays each micro-batch end to end in one row; TRL packs the dataset best-fit
+into rows of about the same number of tokens (``packing_strategy="bfd"``, padding-free). Both
+train one epoch over the same conversations, loss on the assistant's answer only. Their steps
+group different examples together, so per-step losses are not comparable; the script prints
+each side's mean loss over the epoch, and kubealign's packing is checked equal to its padded
+batches by tests/jobs (test_model.py, test_stage_sft.py). TRL's SFT also computes its default
+per-step entropy and token-accuracy metrics: a cost its users pay.
+
+The last line is ``ratio <kubealign DPO tokens/s / TRL DPO tokens/s>``.
 """
 
 from __future__ import annotations
@@ -52,7 +61,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402  (the environment switches above must precede the imports)
 from _common import REPO_ROOT, SENTIMENT  # noqa: E402
 
-from kubealign_jobs import data, dpo, runtime  # noqa: E402
+from kubealign_jobs import data, dpo, runtime, sft  # noqa: E402
 from kubealign_jobs import model as models  # noqa: E402
 
 TRL_VERSION = "1.16.0"
@@ -143,7 +152,7 @@ def peak_mib() -> float:
 
 
 def run_ours(settings: dict[str, Any]) -> dict[str, Any]:
-    """kubealign's dpo stage, in this process, with its model load and reference pass timed."""
+    """kubealign's dpo or sft stage, in this process, with its model load and reference pass timed."""
     marks: dict[str, float] = {}
     steps: list[float] = []
     losses: list[float] = []
@@ -166,10 +175,10 @@ def run_ours(settings: dict[str, Any]) -> dict[str, Any]:
             losses.append(float(line["loss"]))
 
     models.load_causal_lm, dpo.reference_logps, runtime.emit = timed_load, timed_reference, record  # type: ignore[assignment]
+    stage = settings["stage"]
     hyper = {
         "max_steps": settings["steps"],
         "batch_size": settings["batch_size"],
-        "beta": settings["beta"],
         "learning_rate": settings["learning_rate"],
         "warmup_steps": 0,
         "lr_schedule": "constant",
@@ -179,28 +188,29 @@ def run_ours(settings: dict[str, Any]) -> dict[str, Any]:
         "max_length": settings["max_length"],
         "gradient_checkpointing": False,
         "mixed_precision": "bf16" if torch.cuda.is_available() else "no",
+        **({"beta": settings["beta"]} if stage == "dpo" else {"packing": True}),
     }
-    config = Path(settings["workdir"]) / "ours.json"
+    config = Path(settings["workdir"]) / f"ours-{stage}.json"
     config.write_text(
         json.dumps(
             {
                 "run": "bench",
-                "stage": "dpo",
-                "type": "dpo",
-                "output": str(Path(settings["workdir"]) / "ours"),
+                "stage": stage,
+                "type": stage,
+                "output": str(Path(settings["workdir"]) / f"ours-{stage}"),
                 "inputs": {
                     "model": settings["model"],
-                    "data": str(Path(settings["workdir"]) / "pairs.jsonl"),
+                    "data": str(Path(settings["workdir"]) / f"{stage}.jsonl"),
                 },
                 "hyperparameters": hyper,
             }
         )
     )
-    if dpo.main(["--config", str(config)]) != 0:
-        raise SystemExit("kubealign dpo failed")
+    if (dpo if stage == "dpo" else sft).main(["--config", str(config)]) != 0:
+        raise SystemExit(f"kubealign {stage} failed")
     return {
         "window_s": steps[-1] - marks["start"],
-        "reference_s": marks["reference_s"],
+        "reference_s": marks.get("reference_s", float("nan")),
         "step_ends": steps,
         "losses": losses,
         "peak_mib": peak_mib(),
@@ -208,16 +218,20 @@ def run_ours(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_trl(settings: dict[str, Any]) -> dict[str, Any]:
-    """TRL's DPOTrainer on the same rows, read in order, with its precompute pass timed."""
+    """TRL's DPOTrainer (same rows, read in order, precompute pass timed) or SFTTrainer (packed)."""
     import trl
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.trainer.dpo_config import DPOConfig
     from trl.trainer.dpo_trainer import DPOTrainer
+    from trl.trainer.sft_config import SFTConfig
+    from trl.trainer.sft_trainer import SFTTrainer
 
+    stage = settings["stage"]
     rows = [
-        json.loads(line) for line in (Path(settings["workdir"]) / "ordered.jsonl").read_text().splitlines()
+        json.loads(line)
+        for line in (Path(settings["workdir"]) / f"trl-{stage}.jsonl").read_text().splitlines()
     ]
     tokenizer = AutoTokenizer.from_pretrained(settings["model"])  # type: ignore[no-untyped-call]
     model = AutoModelForCausalLM.from_pretrained(settings["model"], dtype=torch.float32)
@@ -244,39 +258,67 @@ def run_trl(settings: dict[str, Any]) -> dict[str, Any]:
             losses.append(float(loss.detach()))
             return loss
 
+    class Packed(SFTTrainer):
+        def compute_loss(self, *a: Any, **k: Any) -> Any:
+            loss = super().compute_loss(*a, **k)  # type: ignore[no-untyped-call]
+            losses.append(float((loss[0] if isinstance(loss, tuple) else loss).detach()))
+            return loss
+
     gpu = torch.cuda.is_available()
-    config = DPOConfig(
-        output_dir=str(Path(settings["workdir"]) / "trl"),
-        per_device_train_batch_size=settings["batch_size"],
-        max_steps=settings["steps"],
-        learning_rate=settings["learning_rate"],
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        beta=settings["beta"],
-        max_length=settings["max_length"],
-        optim="adamw_torch_fused",
-        max_grad_norm=1.0,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        gradient_checkpointing=False,
-        bf16=gpu,
-        fp16=False,
-        use_cpu=not gpu,
-        precompute_ref_log_probs=True,
-        precompute_ref_batch_size=settings["batch_size"],
-        padding_free=False,
-        dataloader_num_workers=0,
-        seed=0,
-    )
+    common: dict[str, Any] = {
+        "output_dir": str(Path(settings["workdir"]) / f"trl-{stage}"),
+        "learning_rate": settings["learning_rate"],
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "optim": "adamw_torch_fused",
+        "max_grad_norm": 1.0,
+        "logging_steps": 1,
+        "report_to": [],
+        "save_strategy": "no",
+        "gradient_checkpointing": False,
+        "bf16": gpu,
+        "fp16": False,
+        "use_cpu": not gpu,
+        "dataloader_num_workers": 0,
+        "seed": 0,
+    }
     start = time.perf_counter()
-    trainer = InOrder(
-        model=model,
-        args=config,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-        callbacks=[Clock()],
-    )
+    trainer: Any
+    if stage == "dpo":
+        config = DPOConfig(
+            **common,
+            per_device_train_batch_size=settings["batch_size"],
+            max_steps=settings["steps"],
+            beta=settings["beta"],
+            max_length=settings["max_length"],
+            precompute_ref_log_probs=True,
+            precompute_ref_batch_size=settings["batch_size"],
+            padding_free=False,
+        )
+        trainer = InOrder(
+            model=model,
+            args=config,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=[Clock()],
+        )
+    else:
+        sft_config = SFTConfig(
+            **common,
+            per_device_train_batch_size=1,  # one packed row of about batch_size conversations per step
+            num_train_epochs=1,
+            max_length=settings["packed_length"],
+            packing=True,
+            packing_strategy="bfd",
+            completion_only_loss=True,
+        )
+        trainer = Packed(
+            model=model,
+            args=sft_config,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=[Clock()],
+        )
     trainer.train()
     return {
         "window_s": steps[-1] - start,
@@ -316,10 +358,10 @@ def side(name: str, settings: dict[str, Any], threads: int) -> dict[str, Any]:
     env = dict(
         os.environ, OMP_NUM_THREADS=str(threads), KUBEALIGN_SCRATCH=str(Path(settings["workdir"]) / name)
     )
-    if name == "trl":
+    if name.startswith("trl"):
         env["PYTHONPATH"] = os.pathsep.join([str(trl_path()), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, __file__, "--side", name, "--settings", json.dumps(settings)],
+        [sys.executable, __file__, "--side", name.partition("-")[0], "--settings", json.dumps(settings)],
         env=env,
         capture_output=True,
         text=True,
@@ -335,11 +377,50 @@ def steps_per_s(step_ends: list[float], warmup: int) -> float:
     return 1.0 / statistics.median(b - a for a, b in itertools.pairwise(step_ends[warmup:]))
 
 
+def sft_rows(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The same conversations as SFT data: kubealign's ``messages`` rows and TRL's prompt-completion rows."""
+    ours = [{"messages": r["prompt"] + r["chosen"]} for r in rows]
+    theirs = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+    return ours, theirs
+
+
+def sft_token_counts(folder: Path, rows: list[dict[str, Any]]) -> list[int]:
+    tokenizer = models.load_tokenizer(folder)
+    chat_format = data.tokenizer_chat_format(tokenizer)
+    examples = [data.sft_example(data.Row("bench", i, "row", r), chat_format) for i, r in enumerate(rows)]
+    return [len(e.ids) for e in data.encode_sft(tokenizer, examples, max_length=1 << 20)]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def report(name: str, ours: dict[str, Any], theirs: dict[str, Any], tokens: int, warmup: int) -> float:
+    """Print one comparison's table; return the tokens/s ratio."""
+    print(f"\n{name}")
+    print(
+        f"{'':<12}{'tokens/s':>10}{'steps':>7}{'steps/s':>10}{'window s':>10}{'ref pass s':>12}"
+        f"{'peak MiB':>10}"
+    )
+    for label, r in (("kubealign", ours), (f"TRL {theirs['version']}", theirs)):
+        print(
+            f"{label:<12}{tokens / r['window_s']:>10.1f}{len(r['step_ends']):>7}"
+            f"{steps_per_s(r['step_ends'], warmup):>10.3f}{r['window_s']:>10.1f}{r['reference_s']:>12.1f}"
+            f"{r['peak_mib']:>10.0f}"
+        )
+    ratio: float = theirs["window_s"] / ours["window_s"]
+    print(f"tokens/s ratio {ratio:.2f}; peak memory ratio {ours['peak_mib'] / theirs['peak_mib']:.2f}")
+    return ratio
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--model", choices=("smollm2-135m", "tiny"), default="smollm2-135m")
+    parser.add_argument("--stages", default="dpo,sft", help="comparisons to run, of dpo and sft")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step")
+    parser.add_argument(
+        "--batch-size", type=int, default=4, help="pairs (dpo) or conversations (sft) per step"
+    )
     parser.add_argument("--history", type=int, default=8, help="earlier exchanges in each prompt")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the steady-state steps/s")
     parser.add_argument("--beta", type=float, default=0.1)
@@ -353,16 +434,21 @@ def main() -> int:
         result = (run_ours if args.side == "ours" else run_trl)(json.loads(args.settings))
         print(json.dumps(result))
         return 0
+    wanted = set(args.stages.split(","))
     threads = args.threads or os.cpu_count() or 1
+    ratio = float("nan")
     with tempfile.TemporaryDirectory(prefix="kubealign-bench-") as tmp:
         workdir = Path(tmp)
         folder = model_dir(args, workdir)
         rows = conversations(args)
         counts = token_counts(folder, rows)
         # kubealign's sampler shuffles its file; TRL reads the same order from a file of its own.
-        (workdir / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        ordered = in_sampler_order(rows, args.batch_size, args.steps)
-        (workdir / "ordered.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ordered))
+        write_jsonl(workdir / "dpo.jsonl", rows)
+        write_jsonl(workdir / "trl-dpo.jsonl", in_sampler_order(rows, args.batch_size, args.steps))
+        ours_sft, theirs_sft = sft_rows(rows)
+        write_jsonl(workdir / "sft.jsonl", ours_sft)
+        write_jsonl(workdir / "trl-sft.jsonl", theirs_sft)
+        sft_counts = sft_token_counts(folder, ours_sft)
         settings = {
             "model": str(folder),
             "workdir": str(workdir),
@@ -371,6 +457,8 @@ def main() -> int:
             "beta": args.beta,
             "learning_rate": args.learning_rate,
             "max_length": max(counts) + 8,
+            # TRL's packed rows hold about as many tokens as one of kubealign's packed micro-batches.
+            "packed_length": max(*sft_counts, round(statistics.mean(sft_counts) * args.batch_size)),
         }
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{threads} threads"
         parameters = models.count_parameters(models.load_causal_lm(folder))
@@ -379,37 +467,44 @@ def main() -> int:
             f"{'bf16 autocast' if torch.cuda.is_available() else 'fp32'}"
         )
         print(
-            f"{len(rows)} conversational pairs in {args.steps} steps of {args.batch_size}; "
-            f"{statistics.mean(counts) / 2:.0f} tokens per sequence on average (max {max(counts)} per pair); "
-            f"{sum(counts)} tokens in all"
+            f"{len(rows)} multi-turn conversations, {statistics.mean(sft_counts):.0f} tokens each on average "
+            f"(max {max(sft_counts)}); batches of {args.batch_size}, {args.steps} steps"
         )
         print(
             "both sides: full fine-tuning, fused AdamW, constant lr "
-            f"{args.learning_rate}, beta {args.beta}, grad clip 1.0, gradient checkpointing off, "
-            "log every step, precomputed reference log-probs, padded batches (TRL 1.16 disables "
-            "padding_free), no truncation; window = model in memory -> last step",
+            f"{args.learning_rate}, grad clip 1.0, gradient checkpointing off, log every step, "
+            "no truncation; window = model in memory -> last step (tokenising, reference pass, every step)",
             flush=True,
         )
-        ours = side("ours", settings, threads)
-        theirs = side("trl", settings, threads)
-    diffs = [abs(a - b) for a, b in zip(ours["losses"], theirs["losses"], strict=True)]
-    tokens = sum(counts)
-    rows_out = (("kubealign", ours), (f"TRL {theirs['version']}", theirs))
-    print(f"{'':<12}{'tokens/s':>10}{'steps/s':>10}{'window s':>10}{'ref pass s':>12}{'peak MiB':>10}")
-    for label, r in rows_out:
-        print(
-            f"{label:<12}{tokens / r['window_s']:>10.1f}{steps_per_s(r['step_ends'], args.warmup):>10.3f}"
-            f"{r['window_s']:>10.1f}{r['reference_s']:>12.1f}{r['peak_mib']:>10.0f}"
-        )
-    print(
-        f"max |loss difference| {max(diffs):.2e} over {len(diffs)} steps "
-        f"(step 1 {diffs[0]:.2e}; loss {ours['losses'][0]:.4f} -> {ours['losses'][-1]:.4f})"
-    )
-    print(
-        f"peak memory ratio {ours['peak_mib'] / theirs['peak_mib']:.2f}; steady-state steps/s ratio "
-        f"{steps_per_s(ours['step_ends'], args.warmup) / steps_per_s(theirs['step_ends'], args.warmup):.2f}"
-    )
-    print(f"ratio {(tokens / ours['window_s']) / (tokens / theirs['window_s']):.2f}")
+        if "dpo" in wanted:
+            print(
+                f"dpo: beta {args.beta}, precomputed reference log-probs on both, padded batches "
+                "(TRL 1.16 disables padding_free for DPO), the same batches in the same order",
+                flush=True,
+            )
+            ours = side("ours-dpo", {**settings, "stage": "dpo"}, threads)
+            theirs = side("trl-dpo", {**settings, "stage": "dpo"}, threads)
+            ratio = report("DPO vs DPOTrainer", ours, theirs, sum(counts), args.warmup)
+            diffs = [abs(a - b) for a, b in zip(ours["losses"], theirs["losses"], strict=True)]
+            print(
+                f"max |loss difference| {max(diffs):.2e} over {len(diffs)} steps "
+                f"(step 1 {diffs[0]:.2e}; loss {ours['losses'][0]:.4f} -> {ours['losses'][-1]:.4f})"
+            )
+        if "sft" in wanted:
+            print(
+                f"\nsft: packing on both (kubealign packing: true; TRL bfd, padding-free, rows of "
+                f"{settings['packed_length']} tokens), loss on answers only, one epoch",
+                flush=True,
+            )
+            ours = side("ours-sft", {**settings, "stage": "sft"}, threads)
+            theirs = side("trl-sft", {**settings, "stage": "sft"}, threads)
+            report("SFT vs SFTTrainer", ours, theirs, sum(sft_counts), args.warmup)
+            print(
+                "mean loss over the epoch: kubealign "
+                f"{statistics.mean(ours['losses']):.4f}, TRL {statistics.mean(theirs['losses']):.4f} "
+                "(different examples share a step on the two sides: not a per-step check)"
+            )
+    print(f"ratio {ratio:.2f}")
     return 0
 
 
