@@ -363,9 +363,19 @@ def download(s3: Any, uri: str, dest: Path) -> Path:
     return dest
 
 
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        return str(response.read().decode())
+def scrape(port: int, *, until: str | None = None, timeout: float = 15.0) -> str:
+    """The operator's metrics; with ``until``, polled until that sample shows up (or ``timeout``).
+
+    The operator updates its metrics right after it writes a status, so a reader that saw the
+    status may scrape a moment before the gauges follow.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = str(response.read().decode())
+        if until is None or until in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.5)
 
 
 def assert_chart_policy_refuses_a_typo(custom: Any, namespace: str, manifest: dict[str, Any]) -> None:
@@ -460,7 +470,7 @@ def test_alignment_run_end_to_end(
         )
         run = wait_for_run(custom, namespace, agent=agent, operator_log=operator_log)
         elapsed = time.monotonic() - started
-        metrics_text = scrape(chart.metrics_port)
+        metrics_text = scrape(chart.metrics_port, until='kubealign_alignmentruns{phase="Succeeded"} 1.0')
     print(f"e2e: run {run['status']['phase']} after {elapsed:.1f}s wall time (chart install included)")
 
     status = run["status"]

@@ -225,6 +225,7 @@ def test_status_of_a_running_pipeline() -> None:
         "Suspended": ("False", "NotSuspended"),
         "Ready": ("False", "StagesIncomplete"),
         "Failed": ("False", "NoFailure"),
+        "MemoryFits": ("True", "NoKnownMisfit"),
     }
     assert all(c.observed_generation == 1 and c.last_transition_time == NOW for c in status.conditions)
 
