@@ -14,6 +14,7 @@ Output: ``<output>/artifact`` (model + tokenizer), ``<output>/metrics.json``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -21,14 +22,33 @@ from torch import nn
 
 from kubealign_jobs import data, loop, parallel
 from kubealign_jobs import model as models
+from kubealign_jobs.config import ConfigError
 from kubealign_jobs.runtime import StageContext, publish_results, run_stage
 from kubealign_jobs.stages import PretrainHyperparameters as Hyperparameters
 
 
-def causal_lm_loss(model: nn.Module, blocks: torch.Tensor) -> loop.LossOutput:
-    """Summed NLL of every token after the first of each block (B, T)."""
+def document_positions(blocks: torch.Tensor, start_token: int) -> torch.Tensor:
+    """(B, T) position ids that restart at 0 on every ``start_token`` (each document's bos).
+
+    Handed to the model with no attention mask, they keep attention inside each document of a
+    packed block (see `data.collate_packed`); a block's first tokens, the tail of a document that
+    began in the previous block, count up from 0 too.
+    """
+    index = torch.arange(blocks.shape[1], device=blocks.device).expand_as(blocks)
+    starts = torch.where(blocks == start_token, index, torch.zeros_like(index))
+    return index - starts.cummax(dim=1).values
+
+
+def causal_lm_loss(
+    model: nn.Module, blocks: torch.Tensor, *, start_token: int | None = None
+) -> loop.LossOutput:
+    """Summed NLL of every token after the first of each block (B, T).
+
+    ``start_token``: attention stays inside the documents that begin with it.
+    """
     ones = torch.ones_like(blocks)
-    logps = models.token_logps(model, blocks, ones, ones)
+    positions = None if start_token is None else document_positions(blocks, start_token)
+    logps = models.token_logps(model, blocks, ones, ones, positions)
     return loop.LossOutput(loss_sum=-logps.sum())
 
 
@@ -37,7 +57,13 @@ def stack_blocks(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def evaluate_blocks(
-    ctx: StageContext, model: nn.Module, blocks: torch.Tensor, *, size: int, lockstep: bool = False
+    ctx: StageContext,
+    model: nn.Module,
+    blocks: torch.Tensor,
+    *,
+    size: int,
+    lockstep: bool = False,
+    start_token: int | None = None,
 ) -> dict[str, float]:
     """Held-out loss and perplexity; ``lockstep``: a sharded model, same forward count on every rank."""
     total, count = 0.0, 0
@@ -49,13 +75,22 @@ def evaluate_blocks(
         lockstep=lockstep,
     ):
         with ctx.accelerator.autocast():
-            nll = float(causal_lm_loss(model, blocks[chunk].to(ctx.device)).loss_sum)
+            nll = float(causal_lm_loss(model, blocks[chunk].to(ctx.device), start_token=start_token).loss_sum)
         if counts:
             total += nll
             count += len(chunk)
     sums = ctx.sum_across_ranks({"nll": total, "tokens": float(count * (blocks.shape[1] - 1))})
     loss = sums["nll"] / max(sums["tokens"], 1.0)
     return {"eval_loss": loss, "eval_perplexity": float(torch.exp(torch.tensor(loss)))}
+
+
+def document_start(tokenizer: Any) -> int:
+    """The token every packed document starts with (`data.pack_texts` puts bos first)."""
+    if tokenizer.bos_token_id is None:
+        raise ConfigError(
+            "hyperparameters.document_attention: the tokenizer has no bos token to find documents by"
+        )
+    return int(tokenizer.bos_token_id)
 
 
 def shared_tokenizer(ctx: StageContext, texts: list[str], hp: Hyperparameters) -> Any:
@@ -90,6 +125,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     trainable = parallel.prepare(ctx, hp, lm)
 
     blocks = data.pack_texts(tokenizer, texts, block_size=hp.block_size)
+    start_token = document_start(tokenizer) if hp.document_attention else None
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
     if inputs.eval_data:
         eval_texts = data.load(inputs.eval_data, ctx.scratch / "eval_data", data.text_of)
@@ -97,14 +133,16 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         size = loop.micro_batch_size(hp, ctx.world_size)
 
         def evaluate(model: nn.Module) -> dict[str, float]:
-            return evaluate_blocks(ctx, model, eval_blocks, size=size, lockstep=hp.sharding == "fsdp")
+            return evaluate_blocks(
+                ctx, model, eval_blocks, size=size, lockstep=hp.sharding == "fsdp", start_token=start_token
+            )
 
     task: loop.Task[torch.Tensor, torch.Tensor] = loop.Task(
         examples=blocks,  # type: ignore[arg-type]  # a (N, T) tensor is a sequence of (T,) blocks
         collate=stack_blocks,
         to_device=lambda batch, device: batch.to(device, non_blocking=True),
         units=lambda batch: batch.shape[0] * (batch.shape[1] - 1),
-        loss=causal_lm_loss,
+        loss=partial(causal_lm_loss, start_token=start_token),
     )
     result = loop.train(
         ctx,

@@ -399,6 +399,11 @@ class PretrainHyperparameters(TrainingHyperparameters):
     batch_size: int = 32
     warmup_steps: int = 100
     block_size: int = param(256, "tokens per packed training sequence", ge=2)
+    document_attention: bool = param(
+        False,
+        "keep attention inside each document of a packed block (positions restart at each bos); "
+        "off: a block is one stream, as GPT-2 trained",
+    )
     vocab_size: int = param(8000, "size of the tokenizer trained when there is no input model", ge=256)
     tokenizer_min_frequency: int = param(2, "minimum count of a merge in the trained tokenizer", ge=1)
     model: dict[str, Any] = param(

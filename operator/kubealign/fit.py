@@ -52,19 +52,18 @@ def parse_memory(text: str | None) -> int:
 def model_config(run: AlignmentRun, stage: Stage) -> dict[str, Any] | None:
     """The model config a stage trains, when the manifest says it: a pretrain stage's, inherited."""
     seen: set[str] = set()
-    while stage.type != "pretrain":
+    while stage.type != "pretrain" or stage.inputs.model is not None:
         source = stage.inputs.model
         if source is None or source.from_stage is None or source.from_stage in seen:
             return None  # a URI: only the trainer can read its config.json
         seen.add(stage.name)
         stage = run.spec.stage(source.from_stage)
-    spec = stage.hyperparameters.get("model")
-    if not isinstance(spec, dict):
-        return None
-    config = dict(spec)
+    try:
+        hp = stages.parse_hyperparameters("pretrain", stage.hyperparameters)
+    except ConfigError:
+        return None  # validation reports it
     # The tokenizer the pretrain stage trains sets the vocabulary, unless the model fixes it.
-    config.setdefault("vocab_size", stage.hyperparameters.get("vocab_size", 8192))
-    return config
+    return {"vocab_size": hp.vocab_size, **hp.model}
 
 
 def misfits(run: AlignmentRun, gpu_memory: int) -> tuple[str, ...]:

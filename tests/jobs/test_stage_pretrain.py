@@ -89,3 +89,48 @@ def test_pretrain_bad_model_spec_is_named(bucket: str, tmp_path: Path) -> None:
     run = run_stage("pretrain", config, tmp_path)
     assert run.returncode == 2
     assert "hyperparameters.model: cannot build 'no-such-arch'" in run.stderr
+
+
+def test_document_positions_restart_at_every_bos() -> None:
+    from kubealign_jobs.pretrain import document_positions
+
+    bos = 1
+    blocks = torch.tensor([[7, 8, 1, 5, 6, 9, 1, 4], [1, 3, 3, 3, 1, 2, 2, 2]])
+    assert document_positions(blocks, bos).tolist() == [[0, 1, 0, 1, 2, 3, 0, 1], [0, 1, 2, 3, 0, 1, 2, 3]]
+
+
+def test_document_attention_scores_each_document_as_if_alone() -> None:
+    """With it, a packed block's log-probs are the documents' own; without it, later ones see earlier ones."""
+    from kubealign_jobs import model as models
+    from kubealign_jobs.pretrain import causal_lm_loss
+
+    tokenizer = models.train_tokenizer(sentences(100), vocab_size=300)
+    torch.manual_seed(0)
+    lm = models.build_causal_lm(dict(TINY_LLAMA), tokenizer=tokenizer).double().eval()  # type: ignore[no-untyped-call]
+    docs = [
+        [tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        for t in ("the movie was good", "a dull plot")
+    ]
+
+    def nll(tokens: list[int], **kwargs: int) -> float:
+        return float(causal_lm_loss(lm, torch.tensor([tokens]), **kwargs).loss_sum.detach())
+
+    # The block also predicts the second document's bos from the first document: that term aside,
+    # each document is scored as if it were alone.
+    alone = nll(docs[0] + docs[1][:1]) + nll(docs[1])
+    assert nll(docs[0] + docs[1], start_token=tokenizer.bos_token_id) == pytest.approx(alone, abs=1e-8)
+    assert nll(docs[0] + docs[1]) != pytest.approx(alone, abs=1e-4)
+
+
+def test_pretrain_trains_with_document_attention(bucket: str, tmp_path: Path) -> None:
+    storage.write_text(f"s3://{bucket}/corpus.txt", "\n".join(sentences(200)) + "\n")
+    config = stage_config(
+        tmp_path,
+        stage_type="pretrain",
+        output=f"s3://{bucket}/ns/run/pretrain-docs",
+        inputs={"data": f"s3://{bucket}/corpus.txt", "eval_data": f"s3://{bucket}/corpus.txt"},
+        hyperparameters={**HYPER, "max_steps": 4, "checkpoint_every": 0, "document_attention": True},
+    )
+    run = run_stage("pretrain", config, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.termination is not None and run.termination["eval_loss"] > 0

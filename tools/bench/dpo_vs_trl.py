@@ -42,6 +42,7 @@ import argparse
 import importlib.metadata
 import itertools
 import json
+import math
 import os
 import resource
 import statistics
@@ -403,9 +404,10 @@ def report(name: str, ours: dict[str, Any], theirs: dict[str, Any], tokens: int,
         f"{'peak MiB':>10}"
     )
     for label, r in (("kubealign", ours), (f"TRL {theirs['version']}", theirs)):
+        reference = "-" if math.isnan(r["reference_s"]) else f"{r['reference_s']:.1f}"
         print(
             f"{label:<12}{tokens / r['window_s']:>10.1f}{len(r['step_ends']):>7}"
-            f"{steps_per_s(r['step_ends'], warmup):>10.3f}{r['window_s']:>10.1f}{r['reference_s']:>12.1f}"
+            f"{steps_per_s(r['step_ends'], warmup):>10.3f}{r['window_s']:>10.1f}{reference:>12}"
             f"{r['peak_mib']:>10.0f}"
         )
     ratio: float = theirs["window_s"] / ours["window_s"]
