@@ -132,12 +132,12 @@ def save_checkpoint(
     try:
         write_model(local / MODEL_DIR)
         torch.save({**state, "step": step}, local / STATE_FILE)
-        # A leftover of an interrupted attempt at this same step is replaced; a complete one
-        # means this step was already saved by an earlier attempt and is kept as it is.
+        # A checkpoint already at this step was left by an earlier attempt that this one resumed
+        # before: resume takes the newest usable checkpoint, so it was unusable (truncated,
+        # corrupt) and is superseded. Keeping it would leave the stage resuming before it forever.
         if storage.is_complete(uri):
-            log.info("checkpoint %s already complete", uri)
-        else:
-            storage.publish_dir(local, uri, metadata={"step": step})
+            log.warning("checkpoint %s: replacing the one an earlier attempt left (resume skipped it)", uri)
+        storage.publish_dir(local, uri, metadata={"step": step}, overwrite=True)
     finally:
         shutil.rmtree(local, ignore_errors=True)
     prune_checkpoints(checkpoints_uri, keep_last=keep_last)

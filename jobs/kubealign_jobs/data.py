@@ -116,12 +116,26 @@ def read_rows(uri: str, scratch: Path) -> list[Row]:
     return rows
 
 
+def _decoded_lines(source: str, path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of a UTF-8 file; bytes that are not UTF-8 fail naming line and byte."""
+    offset = 0
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{source}: line {number}: not valid UTF-8 at byte {offset + exc.start} of the file "
+                    f"(0x{raw[exc.start]:02x}): {exc.reason}"
+                ) from None
+            offset += len(raw)
+
+
 def _read_file(source: str, path: Path) -> Iterator[Row]:
     if path.suffix == ".txt":
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    yield Row(source, number, "line", {"text": line.rstrip("\n")})
+        for number, line in _decoded_lines(source, path):
+            if line.strip():
+                yield Row(source, number, "line", {"text": line.rstrip("\r\n")})
         return
     if path.suffix == ".parquet":
         import datasets
@@ -130,7 +144,8 @@ def _read_file(source: str, path: Path) -> Iterator[Row]:
         for number, fields in enumerate(table, start=1):
             yield Row(source, number, "row", dict(fields))
         return
-    text = path.read_text(encoding="utf-8")
+    lines = list(_decoded_lines(source, path))
+    text = "".join(line for _, line in lines)
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             items = json.loads(text)
@@ -141,7 +156,7 @@ def _read_file(source: str, path: Path) -> Iterator[Row]:
                 raise DataError(f"{source}: row {number}: expected a JSON object")
             yield Row(source, number, "row", fields)
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in lines:
         if not line.strip():
             continue
         try:
@@ -286,7 +301,16 @@ def _chat_pair(row: Row, chat_format: ChatFormatter) -> PreferenceExample:
         row, "chosen", chat_format, prompt, chosen_turns[len(prompt) :]
     )
     _, rejected_text = _render_completion(row, "rejected", chat_format, prompt, rejected_turns[len(prompt) :])
-    return PreferenceExample(prompt=prompt_text, chosen=chosen_text, rejected=rejected_text)
+    return _distinct(row, PreferenceExample(prompt=prompt_text, chosen=chosen_text, rejected=rejected_text))
+
+
+def _distinct(row: Row, pair: PreferenceExample) -> PreferenceExample:
+    """A pair whose two answers are the same text says nothing, and its loss has no gradient."""
+    if pair.chosen.strip() == pair.rejected.strip():
+        raise DataError(
+            f"{row.where('rejected')}: the same answer as 'chosen'; a pair needs two different answers"
+        )
+    return pair
 
 
 def sft_example(row: Row, chat_format: ChatFormatter = default_chat_format) -> SFTExample:
@@ -307,8 +331,11 @@ def preference_example(row: Row, chat_format: ChatFormatter = default_chat_forma
     """Normalise one preference row: text answers, or chat turns rendered with ``chat_format``."""
     if isinstance(row.fields.get("chosen"), list) or isinstance(row.fields.get("rejected"), list):
         return _chat_pair(row, chat_format)
-    return PreferenceExample(
-        prompt=_prompt_field(row), chosen=_string(row, "chosen"), rejected=_string(row, "rejected")
+    return _distinct(
+        row,
+        PreferenceExample(
+            prompt=_prompt_field(row), chosen=_string(row, "chosen"), rejected=_string(row, "rejected")
+        ),
     )
 
 
@@ -325,6 +352,8 @@ def ranked_example(row: Row, chat_format: ChatFormatter = default_chat_format) -
     for index, response in enumerate(responses):
         if not isinstance(response, str) or not response.strip():
             raise DataError(f"{row.where(f'responses[{index}]')}: expected a non-empty string")
+        if response.strip() in (r.strip() for r in responses[:index]):
+            raise DataError(f"{row.where(f'responses[{index}]')}: the same answer as an earlier one")
     return RankedExample(prompt=_prompt_field(row), responses=tuple(responses))
 
 

@@ -304,17 +304,14 @@ def _save_distributed_state(
     extra_state: dict[str, Any],
 ) -> None:
     uri = checkpoints.step_uri(ctx.config.checkpoints, step)
-    # Rank 0 decides for everyone: a complete checkpoint at this step (an earlier attempt's)
-    # is kept as it is; otherwise leftovers are cleared and the writers share one token.
+    # Rank 0 clears what is there and the writers share one token. A complete checkpoint at
+    # this step is one this attempt's resume skipped as unusable (see `save_checkpoint`).
     decision = None
-    if ctx.is_main and not storage.is_complete(uri):
+    if ctx.is_main:
+        if storage.is_complete(uri):
+            log.warning("checkpoint %s: replacing the one an earlier attempt left (resume skipped it)", uri)
         decision = storage.begin_parts(uri)
     token = ctx.broadcast(decision)
-    if token is None:
-        if ctx.is_main:
-            log.info("checkpoint %s already complete", uri)
-        ctx.barrier()
-        return
     local = ctx.scratch / "checkpoint" / f"{checkpoints.STEP_PREFIX}{step:08d}"
     shutil.rmtree(local, ignore_errors=True)
     try:

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import threading
@@ -114,6 +115,10 @@ class Location:
         return str(self.path)
 
 
+# S3's bucket naming rules, as the CRD's uri patterns state them.
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
 def parse_uri(uri: str) -> Location:
     """Split ``s3://bucket/key``, ``file:///path`` or a plain path into a `Location`."""
     if not uri:
@@ -122,6 +127,11 @@ def parse_uri(uri: str) -> Location:
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise StorageError(f"{uri}: an s3:// URI needs a bucket")
+        if not _BUCKET.fullmatch(parsed.netloc):
+            raise StorageError(
+                f"{uri}: {parsed.netloc!r} is not an S3 bucket name (3-63 lowercase letters, digits, "
+                "dots and hyphens, starting and ending with a letter or digit)"
+            )
         return Location(scheme="s3", bucket=parsed.netloc, key=parsed.path.lstrip("/"), path=None)
     if parsed.scheme == "file":
         return Location(scheme="file", bucket="", key="", path=Path(unquote(parsed.path)))

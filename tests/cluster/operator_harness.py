@@ -72,7 +72,7 @@ def _policy_probe() -> dict[str, Any]:
                 {
                     "name": "sft",
                     "type": "sft",
-                    "inputs": {"model": {"uri": "s3://m/base"}, "data": {"uri": "s3://d/sft"}},
+                    "inputs": {"model": {"uri": "s3://m00/base"}, "data": {"uri": "s3://d00/sft"}},
                     "hyperparameters": {"no_such_hyperparameter": 1},
                 }
             ],

@@ -113,7 +113,7 @@ def test_stage_job_is_rendered_as_specified(
             stage(
                 "sft",
                 "sft",
-                inputs={"model": uri("s3://m/base"), "data": uri("s3://d/sft")},
+                inputs={"model": uri("s3://m00/base"), "data": uri("s3://d00/sft")},
                 resources={"gpusPerNode": 2, "memory": "8Gi"},
             )
         ],
@@ -150,12 +150,12 @@ def test_dpo_and_ppo_branches_run_in_parallel(
 ) -> None:
     slow = {KWOK_RUN_SECONDS: "4"}
     stages = [
-        stage("sft", "sft", inputs={"model": uri("s3://m/base"), "data": uri("s3://d/sft")}),
-        stage("dpo", "dpo", inputs={"model": src("sft"), "data": uri("s3://d/prefs")}, podAnnotations=slow),
+        stage("sft", "sft", inputs={"model": uri("s3://m00/base"), "data": uri("s3://d00/sft")}),
+        stage("dpo", "dpo", inputs={"model": src("sft"), "data": uri("s3://d00/prefs")}, podAnnotations=slow),
         stage(
             "ppo",
             "ppo",
-            inputs={"model": src("sft"), "rewardModel": uri("s3://m/rm"), "data": uri("s3://d/prompts")},
+            inputs={"model": src("sft"), "rewardModel": uri("s3://m00/rm"), "data": uri("s3://d00/prompts")},
             podAnnotations=slow,
         ),
     ]
@@ -183,17 +183,17 @@ def test_failing_stage_is_retried_then_fails_the_run(
         stage(
             "pre",
             "pretrain",
-            inputs={"data": uri("s3://d/corpus")},
+            inputs={"data": uri("s3://d00/corpus")},
             podAnnotations={KWOK_MESSAGE: '{"loss": 2}'},
         ),
         stage(
             "sft",
             "sft",
-            inputs={"model": src("pre"), "data": uri("s3://d/sft")},
+            inputs={"model": src("pre"), "data": uri("s3://d00/sft")},
             maxRetries=2,
             podAnnotations=crash,
         ),
-        stage("dpo", "dpo", inputs={"model": src("sft"), "data": uri("s3://d/prefs")}),
+        stage("dpo", "dpo", inputs={"model": src("sft"), "data": uri("s3://d00/prefs")}),
     ]
     submit(cluster, namespace, manifest(stages, name="crash"))
     status = reader.wait_phase("crash", "Failed")
@@ -228,9 +228,9 @@ def test_operator_killed_mid_run_creates_no_duplicates(
         stage(
             f"s{n}",
             "sft",
-            inputs={"model": uri("s3://m/base"), "data": uri("s3://d/sft")}
+            inputs={"model": uri("s3://m00/base"), "data": uri("s3://d00/sft")}
             if n == 0
-            else {"model": src(f"s{n - 1}"), "data": uri("s3://d/sft")},
+            else {"model": src(f"s{n - 1}"), "data": uri("s3://d00/sft")},
             podAnnotations={KWOK_RUN_SECONDS: "2", KWOK_MESSAGE: json.dumps({"step": n})},
         )
         for n in range(4)
@@ -268,10 +268,10 @@ def test_suspend_and_resume(cluster: Cluster, namespace: str, operator: Any, rea
         stage(
             "sft",
             "sft",
-            inputs={"model": uri("s3://m/base"), "data": uri("s3://d/sft")},
+            inputs={"model": uri("s3://m00/base"), "data": uri("s3://d00/sft")},
             podAnnotations={KWOK_RUN_SECONDS: "8"},
         ),
-        stage("dpo", "dpo", inputs={"model": src("sft"), "data": uri("s3://d/prefs")}),
+        stage("dpo", "dpo", inputs={"model": src("sft"), "data": uri("s3://d00/prefs")}),
     ]
     submit(cluster, namespace, manifest(stages, name="pause"))
     wait_until("sft to run", lambda: reader.stage("pause", "sft").get("phase") == "Running", timeout=60)
@@ -311,7 +311,7 @@ def test_deleting_the_run_garbage_collects_its_children(
         stage(
             "sft",
             "sft",
-            inputs={"model": uri("s3://m/base"), "data": uri("s3://d/sft")},
+            inputs={"model": uri("s3://m00/base"), "data": uri("s3://d00/sft")},
             resources={"nodes": 2},
             podAnnotations={KWOK_RUN_SECONDS: "60"},
         )
@@ -338,7 +338,7 @@ def test_multi_node_stage_is_an_indexed_job_with_headless_service(
         stage(
             "pre",
             "pretrain",
-            inputs={"data": uri("s3://d/corpus")},
+            inputs={"data": uri("s3://d00/corpus")},
             resources={"nodes": 3, "gpusPerNode": 8},
             podAnnotations={KWOK_RUN_SECONDS: "3"},
         )
@@ -387,8 +387,10 @@ def test_invalid_spec_beyond_the_schema_is_a_condition_not_a_crash(
     cluster: Cluster, namespace: str, operator: Any, reader: Reader
 ) -> None:
     stages = [
-        stage("sft", "sft", inputs={"model": uri("s3://m/base"), "data": uri("s3://d/sft")}),
-        stage("ppo", "ppo", inputs={"model": src("sft"), "rewardModel": src("sft"), "data": uri("s3://d/p")}),
+        stage("sft", "sft", inputs={"model": uri("s3://m00/base"), "data": uri("s3://d00/sft")}),
+        stage(
+            "ppo", "ppo", inputs={"model": src("sft"), "rewardModel": src("sft"), "data": uri("s3://d00/p")}
+        ),
     ]
     submit(cluster, namespace, manifest(stages, name="semantic"))
     status = reader.wait_phase("semantic", "Failed", timeout=30)
@@ -399,7 +401,7 @@ def test_invalid_spec_beyond_the_schema_is_a_condition_not_a_crash(
     assert "InvalidSpec" in reader.reasons("semantic")
 
     # Fixing the spec lets the run proceed; observedGeneration follows.
-    fix = [{"op": "replace", "path": "/spec/stages/1/inputs/rewardModel", "value": {"uri": "s3://m/rm"}}]
+    fix = [{"op": "replace", "path": "/spec/stages/1/inputs/rewardModel", "value": {"uri": "s3://m00/rm"}}]
     cluster.kubectl("patch", "alr", "semantic", "-n", namespace, "--type=json", "-p", json.dumps(fix))
     status = reader.wait_phase("semantic", "Succeeded", timeout=60)
     assert status["observedGeneration"] == 2
@@ -411,11 +413,11 @@ def test_a_hyperparameter_rule_past_the_api_server_is_a_valid_false_condition(
 ) -> None:
     """The admission policy checks each field; the operator also checks the rules that relate fields."""
     stages = [
-        stage("sft", "sft", inputs={"model": uri("s3://m/base"), "data": uri("s3://d/sft")}),
+        stage("sft", "sft", inputs={"model": uri("s3://m00/base"), "data": uri("s3://d00/sft")}),
         stage(
             "ppo",
             "ppo",
-            inputs={"model": src("sft"), "data": uri("s3://d/p")},
+            inputs={"model": src("sft"), "data": uri("s3://d00/p")},
             hyperparameters={"scorer": "vader", "rollout_batch_size": 6, "mini_batch_size": 4},
         ),
     ]
@@ -433,7 +435,7 @@ def test_a_run_without_any_image_waits_for_the_install_default(
 ) -> None:
     """The API server accepts a run with no image; the operator reports it until the install provides one."""
     body = manifest(
-        [stage("sft", "sft", inputs={"model": uri("s3://m/base"), "data": uri("s3://d/sft")})],
+        [stage("sft", "sft", inputs={"model": uri("s3://m00/base"), "data": uri("s3://d00/sft")})],
         name="imageless",
     )
     del body["spec"]["image"]
@@ -462,14 +464,14 @@ def test_spec_changes_reach_only_stages_not_yet_started(
         stage(
             "sft",
             "sft",
-            inputs={"model": uri("s3://m/base"), "data": uri("s3://d/sft")},
+            inputs={"model": uri("s3://m00/base"), "data": uri("s3://d00/sft")},
             hyperparameters={"learning_rate": 1e-4},
             podAnnotations={KWOK_RUN_SECONDS: "4"},
         ),
         stage(
             "dpo",
             "dpo",
-            inputs={"model": src("sft"), "data": uri("s3://d/prefs")},
+            inputs={"model": src("sft"), "data": uri("s3://d00/prefs")},
             hyperparameters={"beta": 0.1},
         ),
     ]
@@ -551,11 +553,11 @@ def test_operator_runs_with_only_the_rbac_rules_it_ships(
         stage(
             "sft",
             "sft",
-            inputs={"model": uri("s3://m/base"), "data": uri("s3://d/sft")},
+            inputs={"model": uri("s3://m00/base"), "data": uri("s3://d00/sft")},
             podAnnotations={KWOK_MESSAGE: '{"ok": 1}'},
         ),
         stage(
-            "dpo", "dpo", inputs={"model": src("sft"), "data": uri("s3://d/prefs")}, resources={"nodes": 2}
+            "dpo", "dpo", inputs={"model": src("sft"), "data": uri("s3://d00/prefs")}, resources={"nodes": 2}
         ),
     ]
     submit(cluster, namespace, manifest(stages, name="rbac"))
@@ -572,8 +574,8 @@ def test_queued_jobs_wait_for_kueue_admission(
     """With queueName, Jobs are created suspended and stay Queued until admitted (Kueue unsuspends
     them; here the test plays Kueue). The operator never unsuspends them itself."""
     stages = [
-        stage("sft", "sft", inputs={"model": uri("s3://m/base"), "data": uri("s3://d/sft")}),
-        stage("dpo", "dpo", inputs={"model": src("sft"), "data": uri("s3://d/prefs")}),
+        stage("sft", "sft", inputs={"model": uri("s3://m00/base"), "data": uri("s3://d00/sft")}),
+        stage("dpo", "dpo", inputs={"model": src("sft"), "data": uri("s3://d00/prefs")}),
     ]
     submit(cluster, namespace, manifest(stages, name="queued", queueName="gpu-queue"))
     for name in ("sft", "dpo"):

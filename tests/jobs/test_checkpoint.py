@@ -56,7 +56,7 @@ def test_latest_complete_checkpoint_is_loaded(
 
 @pytest.mark.s3
 @pytest.mark.parametrize("damage", ["no-manifest", "checksum", "truncated", "unloadable"])
-def test_damaged_newest_checkpoint_falls_back_to_previous(
+def test_damaged_newest_checkpoint_falls_back_to_previous_and_is_superseded(
     checkpoints_uri: str, tiny_lm_dir: Path, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     _save(checkpoints_uri, 10, tiny_lm_dir, tmp_path / "s")
@@ -80,6 +80,11 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(
         found = checkpoint.latest_checkpoint(checkpoints_uri, tmp_path / "scratch")
     assert found is not None and found.step == 10
     assert "ignoring checkpoint at step 20" in caplog.text
+    # Training goes on from step 10 and reaches step 20 again: the damaged checkpoint is
+    # superseded (never kept, which would send every later retry back to step 10).
+    _save(checkpoints_uri, 20, tiny_lm_dir, tmp_path / "s")
+    again = checkpoint.latest_checkpoint(checkpoints_uri, tmp_path / "scratch-2")
+    assert again is not None and again.step == 20
 
 
 @pytest.mark.s3

@@ -63,6 +63,11 @@ def test_preference_and_ranked_rows(tmp_path: Path) -> None:
         (['{"chosen": "b", "rejected": "c"}'], r"line 1: field 'prompt': missing \(or 'question'\)"),
         (["", '{"prompt": " ", "chosen": "b", "rejected": "c"}'], r"line 2: field 'prompt': empty"),
         (['["a"]'], r"line 1: expected a JSON object, got list"),
+        (
+            ['{"prompt": "a", "chosen": "same", "rejected": "same "}'],
+            r"line 1: field 'rejected': the same answer as 'chosen'",
+        ),
+        (['{"prompt": "a", "chosen": "b", "rejected": "  "}'], r"line 1: field 'rejected': empty"),
     ],
 )
 def test_malformed_preference_rows_name_file_line_and_field(
@@ -81,6 +86,9 @@ def test_malformed_chat_and_ranking(tmp_path: Path) -> None:
     ranked = {"prompt": "q", "responses": ["a", ""]}
     with pytest.raises(DataError, match=r"line 1: field 'responses\[1\]': expected a non-empty string"):
         data.load(str(write_jsonl(tmp_path / "rank.jsonl", [ranked])), tmp_path, data.ranked_example)
+    repeated = {"prompt": "q", "responses": ["a", "b", "a"]}
+    with pytest.raises(DataError, match=r"line 1: field 'responses\[2\]': the same answer as an earlier one"):
+        data.load(str(write_jsonl(tmp_path / "again.jsonl", [repeated])), tmp_path, data.ranked_example)
 
 
 def test_parquet_rows_and_errors(tmp_path: Path) -> None:
@@ -277,6 +285,14 @@ def test_chat_preference_rows_explicit_and_shared_prompt(tmp_path: Path) -> None
             },
             r"field 'chosen': empty answer",
         ),
+        (
+            {
+                "prompt": [turn("user", "q")],
+                "chosen": [turn("assistant", "same")],
+                "rejected": [turn("assistant", "same")],
+            },
+            r"field 'rejected': the same answer as 'chosen'",
+        ),
     ],
 )
 def test_malformed_chat_preference_rows_name_line_and_field(
@@ -320,3 +336,16 @@ def test_chat_template_special_tokens_are_not_doubled(
     # Plain text still gets both.
     plain = data.encode_prompt_completion(chat_tokenizer, "hello", " hi", max_length=64)
     assert plain.ids[0] == bos and plain.ids[-1] == eos
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt", ".json"])
+def test_bytes_that_are_not_utf8_are_named_by_file_line_and_byte(tmp_path: Path, suffix: str) -> None:
+    good = b'{"text": "fine"}\n' if suffix != ".txt" else b"fine\n"
+    bad = b'{"text": "caf\xe9"}\n' if suffix != ".txt" else b"caf\xe9\n"
+    path = tmp_path / f"corpus{suffix}"
+    path.write_bytes(good + good + bad)
+    offset = 2 * len(good) + bad.index(b"\xe9")
+    with pytest.raises(
+        DataError, match=rf"corpus\{suffix}: line 3: not valid UTF-8 at byte {offset} of the file \(0xe9\)"
+    ):
+        data.load(str(path), tmp_path, data.text_of)

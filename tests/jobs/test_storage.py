@@ -29,13 +29,26 @@ def base_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def test_parse_uri_forms() -> None:
-    assert storage.parse_uri("s3://b/k/x").key == "k/x"
+    assert storage.parse_uri("s3://b00/k/x").key == "k/x"
     assert storage.parse_uri("file:///tmp/x").path == Path("/tmp/x")
     assert storage.parse_uri("relative/dir").path == Path("relative/dir")
     with pytest.raises(StorageError, match="bucket"):
         storage.parse_uri("s3:///nobucket")
     with pytest.raises(StorageError, match="unsupported scheme 'gs'"):
         storage.parse_uri("gs://bucket/x")
+
+
+@pytest.mark.parametrize(
+    "bucket", ["My_Bucket!", "ab", "a" * 64, "-leading", "trailing-", "UPPER", "has space"]
+)
+def test_bucket_names_s3_would_refuse_are_refused_naming_the_uri(bucket: str) -> None:
+    with pytest.raises(StorageError, match=r"is not an S3 bucket name"):
+        storage.parse_uri(f"s3://{bucket}/runs")
+
+
+@pytest.mark.parametrize("bucket", ["abc", "my.bucket-1", "a" * 63, "0numbers9"])
+def test_valid_bucket_names_pass(bucket: str) -> None:
+    assert storage.parse_uri(f"s3://{bucket}/runs").bucket == bucket
 
 
 @pytest.mark.s3

@@ -105,11 +105,11 @@ def test_inputs_must_come_from_a_stage_that_makes_that_kind_of_thing(
     role: str, upstream_type: str, needs: str
 ) -> None:
     """Beyond the schema: the operator reports these as Valid=False rather than crash-looping."""
-    first = stage("up", upstream_type, inputs={"model": uri("s3://m/base"), "data": uri("s3://d/x")})
+    first = stage("up", upstream_type, inputs={"model": uri("s3://m00/base"), "data": uri("s3://d00/x")})
     inputs = {
-        "model": uri("s3://m/base"),
-        "rewardModel": uri("s3://m/rm"),
-        "data": uri("s3://d/p"),
+        "model": uri("s3://m00/base"),
+        "rewardModel": uri("s3://m00/rm"),
+        "data": uri("s3://d00/p"),
         role: src("up"),
     }
     body = manifest([first, stage("ppo", "ppo", inputs=inputs)])
@@ -120,7 +120,7 @@ def test_inputs_must_come_from_a_stage_that_makes_that_kind_of_thing(
 
 def test_duplicate_policy_names_are_rejected() -> None:
     body = manifest()
-    body["spec"]["stages"][-1]["inputs"]["policies"].append({"uri": "s3://m/other", "name": "dpo"})
+    body["spec"]["stages"][-1]["inputs"]["policies"].append({"uri": "s3://m00/other", "name": "dpo"})
     errors = api.validate(body)
     assert [e.path for e in errors] == ["spec.stages[6].inputs.policies[3]"]
 
@@ -151,7 +151,7 @@ def test_status_round_trips_through_dicts() -> None:
         running_stages="dpo,ppo",
         stages=(
             api.StageStatus(
-                "sft", "sft", api.StagePhase.SUCCEEDED, "r-sft-1", 1, "t0", "t1", "s3://o", {"loss": 0.5}
+                "sft", "sft", api.StagePhase.SUCCEEDED, "r-sft-1", 1, "t0", "t1", "s3://o00", {"loss": 0.5}
             ),
             api.StageStatus(
                 "dpo",
@@ -161,7 +161,7 @@ def test_status_round_trips_through_dicts() -> None:
                 2,
                 "t1",
                 None,
-                "s3://o2",
+                "s3://o200",
                 None,
                 "attempt 1 failed",
             ),
@@ -180,7 +180,7 @@ def test_manifest_lines_point_at_the_field() -> None:
             "metadata: {name: demo}",
             "spec:",
             "  image: trainer",
-            "  storage: {uri: 's3://b/p'}",
+            "  storage: {uri: 's3://b00/p'}",
             "  stages:",
             "  - name: sft",
             "    type: sft",

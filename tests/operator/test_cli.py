@@ -38,19 +38,19 @@ def test_validate_names_file_line_and_field(tmp_path: Path, capsys: pytest.Captu
                 "apiVersion: kubealign.io/v1alpha1",
                 "kind: AlignmentRun",
                 "metadata: {name: good}",
-                "spec: {image: t, storage: {uri: 's3://b'},",
-                "       stages: [{name: a, type: sft, inputs: {model: {uri: 's3://m'}, data: {uri: 's3://d'}}}]}",
+                "spec: {image: t, storage: {uri: 's3://b00'},",
+                "       stages: [{name: a, type: sft, inputs: {model: {uri: 's3://m00'}, data: {uri: 's3://d00'}}}]}",
                 "---",
                 "apiVersion: kubealign.io/v1alpha1",
                 "kind: AlignmentRun",
                 "metadata: {name: bad}",
                 "spec:",
                 "  image: t",
-                "  storage: {uri: 's3://b'}",
+                "  storage: {uri: 's3://b00'}",
                 "  stages:",
                 "  - name: dpo",
                 "    type: dpo",
-                "    inputs: {model: {uri: 's3://m'}}",
+                "    inputs: {model: {uri: 's3://m00'}}",
             ]
         )
     )

@@ -35,14 +35,14 @@ def pipeline(model: dict[str, Any], *, gpus: int = 1, nodes: int = 1, **sft: Any
         stage(
             "pretrain",
             "pretrain",
-            inputs={"data": uri("s3://d/corpus")},
+            inputs={"data": uri("s3://d00/corpus")},
             resources=resources,
             hyperparameters={"model": model, "vocab_size": 32000, "block_size": 2048, "batch_size": 8 * gpus},
         ),
         stage(
             "sft",
             "sft",
-            inputs={"model": src("pretrain"), "data": uri("s3://d/sft")},
+            inputs={"model": src("pretrain"), "data": uri("s3://d00/sft")},
             resources=resources,
             hyperparameters={
                 "max_length": 2048,
@@ -76,7 +76,7 @@ def test_a_model_given_by_uri_is_left_to_the_trainer() -> None:
         stage(
             "sft",
             "sft",
-            inputs={"model": uri("hf://org/big"), "data": uri("s3://d/sft")},
+            inputs={"model": uri("hf://org/big"), "data": uri("s3://d00/sft")},
             resources={"gpusPerNode": 1},
         )
     ]

@@ -29,7 +29,7 @@ def _run(storage: dict[str, Any]) -> dict[str, Any]:
                 {
                     "name": "sft",
                     "type": "sft",
-                    "inputs": {"model": {"uri": "s3://b/m"}, "data": {"uri": "s3://b/d"}},
+                    "inputs": {"model": {"uri": "s3://b00/m"}, "data": {"uri": "s3://b00/d"}},
                 }
             ],
         },
@@ -83,8 +83,8 @@ def test_malformed_specs_are_left_for_validation() -> None:
     for manifest in ({"spec": None}, {"spec": ["x"]}, {}):
         assert DEFAULTS.apply(manifest) == manifest
     # The image is filled all the same; the malformed storage is left for validation to name.
-    applied = DEFAULTS.apply({"spec": {"storage": "s3://x"}})
-    assert applied == {"spec": {"storage": "s3://x", "image": "registry.example/trainer:install"}}
+    applied = DEFAULTS.apply({"spec": {"storage": "s3://x00"}})
+    assert applied == {"spec": {"storage": "s3://x00", "image": "registry.example/trainer:install"}}
 
 
 def test_from_env_reads_the_charts_variables() -> None:

@@ -143,7 +143,7 @@ def test_decide_walks_the_dag(jobs: list[dict[str, Any]], expected: list[tuple[s
 def test_decide_retries_until_max_retries(
     attempts_failed: int, max_retries: int, expected: list[tuple[str, int]]
 ) -> None:
-    alr = run(manifest([stage("sft", "sft", inputs={"data": uri("s3://d")}, maxRetries=max_retries)]))
+    alr = run(manifest([stage("sft", "sft", inputs={"data": uri("s3://d00")}, maxRetries=max_retries)]))
     jobs = [job("demo", "sft", n, state="failed") for n in range(1, attempts_failed + 1)]
     assert stages_of(plan.decide(alr, observed(*jobs))) == expected
 
@@ -151,8 +151,8 @@ def test_decide_retries_until_max_retries(
 def test_a_failed_run_starts_nothing_new() -> None:
     body = manifest(
         [
-            stage("a", "sft", inputs={"data": uri("s3://d")}, maxRetries=0),
-            stage("b", "sft", inputs={"data": uri("s3://e")}),
+            stage("a", "sft", inputs={"data": uri("s3://d00")}, maxRetries=0),
+            stage("b", "sft", inputs={"data": uri("s3://e00")}),
         ]
     )
     jobs = observed(job("demo", "a", state="failed"))
@@ -172,7 +172,7 @@ def test_a_failed_run_starts_nothing_new() -> None:
 def test_decide_follows_suspend(
     suspend: bool, job_kwargs: dict[str, Any], expected: tuple[plan.Action, ...]
 ) -> None:
-    alr = run(manifest([stage("pretrain", "pretrain", inputs={"data": uri("s3://d")})], suspend=suspend))
+    alr = run(manifest([stage("pretrain", "pretrain", inputs={"data": uri("s3://d00")})], suspend=suspend))
     assert plan.decide(alr, observed(job("demo", "pretrain", **job_kwargs))) == expected
 
 
@@ -233,8 +233,8 @@ def test_status_of_a_running_pipeline() -> None:
 def test_status_when_a_stage_exhausts_its_retries() -> None:
     body = manifest(
         [
-            stage("sft", "sft", inputs={"data": uri("s3://d")}, maxRetries=1),
-            stage("dpo", "dpo", inputs={"model": src("sft"), "data": uri("s3://p")}),
+            stage("sft", "sft", inputs={"data": uri("s3://d00")}, maxRetries=1),
+            stage("dpo", "dpo", inputs={"model": src("sft"), "data": uri("s3://p00")}),
         ]
     )
     jobs = observed(
@@ -256,8 +256,8 @@ def test_recorded_metrics_and_failures_survive_when_pods_are_not_reread() -> Non
     """A restarted operator (or a later reconcile) does not re-read pods: the status keeps what it knew."""
     body = manifest(
         [
-            stage("sft", "sft", inputs={"data": uri("s3://d")}, maxRetries=0),
-            stage("b", "sft", inputs={"data": uri("s3://e")}, maxRetries=0),
+            stage("sft", "sft", inputs={"data": uri("s3://d00")}, maxRetries=0),
+            stage("b", "sft", inputs={"data": uri("s3://e00")}, maxRetries=0),
         ]
     )
     first = plan.summarize(
@@ -389,7 +389,7 @@ def test_events_for_each_transition_and_none_when_nothing_changed() -> None:
 
 
 def test_events_for_run_failure_and_invalid_spec() -> None:
-    body = manifest([stage("sft", "sft", inputs={"data": uri("s3://d")}, maxRetries=0)])
+    body = manifest([stage("sft", "sft", inputs={"data": uri("s3://d00")}, maxRetries=0)])
     before = plan.summarize(run(body), observed(job("demo", "sft")), None, [], NOW)
     after = plan.summarize(run(body), observed(job("demo", "sft", state="failed"), pods=[]), before, [], NOW)
     assert reasons(plan.transitions(before, after)) == ["StageFailed", "RunFailed"]

@@ -62,11 +62,11 @@ def test_stage_config_resolves_inputs_outputs_and_resume() -> None:
 
 
 def test_configmap_holds_the_stage_config_the_trainer_parses() -> None:
-    alr = run(manifest(storage={"uri": "s3://b/p/", "endpoint": "http://minio:9000", "region": "eu-1"}))
+    alr = run(manifest(storage={"uri": "s3://b00/p/", "endpoint": "http://minio:9000", "region": "eu-1"}))
     cm = render.build_configmap(alr, alr.spec.stage("sft"), 2)
     assert cm["metadata"]["name"] == "demo-sft-2"
     parsed = StageConfig.from_json(cm["data"]["stage.json"])
-    assert parsed.output == "s3://b/p/team-a/demo/sft"
+    assert parsed.output == "s3://b00/p/team-a/demo/sft"
     assert (parsed.storage.endpoint, parsed.storage.region) == ("http://minio:9000", "eu-1")
     assert parsed == render.stage_config(alr, alr.spec.stage("sft"))
 
@@ -99,7 +99,7 @@ def test_job_metadata_labels_and_owner() -> None:
 
 
 def test_single_node_job_spec() -> None:
-    alr = run(manifest([stage("sft", "sft", inputs={"data": uri("s3://d")}, resources={"gpusPerNode": 1})]))
+    alr = run(manifest([stage("sft", "sft", inputs={"data": uri("s3://d00")}, resources={"gpusPerNode": 1})]))
     job = render.build_job(alr, alr.spec.stage("sft"), 1)
     spec = job["spec"]
     assert (spec["backoffLimit"], spec["completions"], spec["parallelism"], spec["suspend"]) == (
@@ -175,7 +175,7 @@ def test_the_hub_token_comes_from_its_secret_by_reference_and_the_hub_is_not_swi
         {
             "name": "sft",
             "type": "sft",
-            "inputs": {"model": {"uri": "hf://org/model@v1"}, "data": {"uri": "s3://d/sft"}},
+            "inputs": {"model": {"uri": "hf://org/model@v1"}, "data": {"uri": "s3://d00/sft"}},
         }
     ]
     for ref, key in (({"name": "hub"}, "token"), ({"name": "hub", "key": "HF"}, "HF")):
@@ -192,7 +192,7 @@ def test_the_hub_token_comes_from_its_secret_by_reference_and_the_hub_is_not_swi
 def test_multi_node_stage_is_an_indexed_job_with_a_headless_service() -> None:
     alr = run(
         manifest(
-            [stage("sft", "sft", inputs={"data": uri("s3://d")}, resources={"nodes": 4, "gpusPerNode": 8})]
+            [stage("sft", "sft", inputs={"data": uri("s3://d00")}, resources={"nodes": 4, "gpusPerNode": 8})]
         )
     )
     sft = alr.spec.stage("sft")
@@ -235,7 +235,7 @@ def test_multi_node_stage_is_an_indexed_job_with_a_headless_service() -> None:
     ],
 )
 def test_command_by_topology(resources: dict[str, int], command_head: list[str], nproc: int) -> None:
-    alr = run(manifest([stage("sft", "sft", inputs={"data": uri("s3://d")}, resources=resources)]))
+    alr = run(manifest([stage("sft", "sft", inputs={"data": uri("s3://d00")}, resources=resources)]))
     job = render.build_job(alr, alr.spec.stage("sft"), 1)
     assert _container(job)["command"][: len(command_head)] == command_head
     assert render.stage_config(alr, alr.spec.stage("sft")).distributed.nproc_per_node == nproc
@@ -253,7 +253,7 @@ def test_scheduling_and_annotations_are_copied() -> None:
     sft = stage(
         "sft",
         "sft",
-        inputs={"data": uri("s3://d")},
+        inputs={"data": uri("s3://d00")},
         image="custom:1",
         nodeSelector={"gpu": "a100"},
         tolerations=[toleration],
@@ -286,7 +286,7 @@ def test_scheduling_and_annotations_are_copied() -> None:
 
 
 def test_single_node_stage_has_no_service() -> None:
-    alr = run(manifest([stage("sft", "sft", inputs={"data": uri("s3://d")})]))
+    alr = run(manifest([stage("sft", "sft", inputs={"data": uri("s3://d00")})]))
     assert render.build_service(alr, alr.spec.stage("sft"), 1) is None
     assert [c["kind"] for c in render.build_children(alr, alr.spec.stage("sft"), 1)] == ["ConfigMap", "Job"]
 
@@ -295,8 +295,8 @@ def test_from_inputs_point_at_the_upstream_artifact() -> None:
     alr = run(
         manifest(
             [
-                stage("a", "sft", inputs={"data": uri("s3://d")}),
-                stage("b", "dpo", inputs={"model": src("a"), "data": uri("s3://p")}),
+                stage("a", "sft", inputs={"data": uri("s3://d00")}),
+                stage("b", "dpo", inputs={"model": src("a"), "data": uri("s3://p00")}),
             ]
         )
     )
