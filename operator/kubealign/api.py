@@ -209,6 +209,7 @@ MSG_SELF_INPUT: Final = "a stage cannot take input from itself"
 MSG_EXACTLY_ONE: Final = "set exactly one of from or uri"
 MSG_POLICY_NAME: Final = "a policy given by uri needs a name"
 MSG_HUB_DATASET: Final = "hf:// names a model repository; datasets come from s3:// or file://"
+MSG_NON_NEGATIVE: Final = "must be a non-negative quantity"
 DATASET_ROLES: Final = ("data", "evalData")
 
 
@@ -232,6 +233,10 @@ def _cel_errors(manifest: Mapping[str, Any]) -> list[FieldError]:
     for index, stage in enumerate(listed):
         at = f"spec.stages[{index}]"
         errors.extend(_catalogue_errors(at, stage))
+        for name, value in (stage.get("resources") or {}).items():
+            # The CRD's pattern checks string quantities; an integer one is checked by a CEL rule.
+            if name in ("cpu", "memory") and type(value) is int and value < 0:
+                errors.append(FieldError(f"{at}.resources.{name}", MSG_NON_NEGATIVE))
         for where, source in _sources(stage):
             if ("from" in source) == ("uri" in source):
                 errors.append(FieldError(f"{at}.{where}", MSG_EXACTLY_ONE))

@@ -38,6 +38,7 @@ def test_every_cel_rule_of_the_crd_has_a_python_twin() -> None:
         api.MSG_EXACTLY_ONE,
         api.MSG_POLICY_NAME,
         api.MSG_HUB_DATASET,
+        api.MSG_NON_NEGATIVE,
         *crdgen.crd_messages(),
         *(api.msg_from_earlier(role) for role, _ in api.SINGLE_ROLES),
         api.msg_from_earlier("policies"),
