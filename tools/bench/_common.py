@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -11,6 +13,27 @@ from kubealign_jobs import model as models
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SENTIMENT = REPO_ROOT / "examples" / "sentiment" / "data"
+
+
+def install_trl(version: str, target: Path) -> Path:
+    """TRL ``version`` in ``target`` (pip --no-deps --target, once), for PYTHONPATH beside the venv's own."""
+    if not (target / "trl" / "__init__.py").exists():
+        print(f"installing TRL {version} into {target} (pip --no-deps --target)", flush=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "--target",
+                str(target),
+                f"trl=={version}",
+            ],
+            check=True,
+        )
+    return target
 
 
 def build_policy_and_reward(

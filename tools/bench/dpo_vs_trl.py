@@ -60,7 +60,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402  (the environment switches above must precede the imports)
-from _common import REPO_ROOT, SENTIMENT  # noqa: E402
+from _common import REPO_ROOT, SENTIMENT, install_trl  # noqa: E402
 
 from kubealign_jobs import data, dpo, runtime, sft  # noqa: E402
 from kubealign_jobs import model as models  # noqa: E402
@@ -335,24 +335,7 @@ def run_trl(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def trl_path() -> Path:
-    target = CACHE / f"trl-{TRL_VERSION}"
-    if not (target / "trl" / "__init__.py").exists():
-        print(f"installing TRL {TRL_VERSION} into {target} (pip --no-deps --target)", flush=True)
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "--no-deps",
-                "--target",
-                str(target),
-                f"trl=={TRL_VERSION}",
-            ],
-            check=True,
-        )
-    return target
+    return install_trl(TRL_VERSION, CACHE / f"trl-{TRL_VERSION}")
 
 
 def side(name: str, settings: dict[str, Any], threads: int) -> dict[str, Any]:

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _common import install_trl
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CORPUS = REPO_ROOT / "examples" / "sentiment" / "data" / "corpus.txt"
 TRL_VERSION = "1.16.0"
@@ -240,23 +242,7 @@ print(json.dumps({"steps_per_s": 1 / statistics.median(intervals), "version": tr
 def run_trl(
     args: argparse.Namespace, paths: dict[str, Path], workdir: Path, lora: dict[str, Any]
 ) -> dict[str, Any] | None:
-    trl_dir = Path(args.trl_dir)
-    if not (trl_dir / "trl" / "__init__.py").exists():
-        print(f"installing TRL {TRL_VERSION} into {trl_dir} (pip --no-deps --target)")
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "--no-deps",
-                "--target",
-                str(trl_dir),
-                f"trl=={TRL_VERSION}",
-            ],
-            check=True,
-        )
+    trl_dir = install_trl(TRL_VERSION, Path(args.trl_dir))
     env = stage_env(workdir)
     env["PYTHONPATH"] = f"{trl_dir}{os.pathsep}{env['PYTHONPATH']}"
     settings = {
