@@ -26,6 +26,7 @@ import jsonschema
 import yaml
 
 from kubealign import crdgen
+from kubealign import sweep as sweeps
 from kubealign.defaults import ENV_IMAGE
 from kubealign_jobs import stages
 from kubealign_jobs.stages import CATALOGUE, ROLES
@@ -313,6 +314,11 @@ def _semantic_errors(manifest: Mapping[str, Any]) -> list[FieldError]:
     return errors
 
 
+def _sweep_errors(manifest: Mapping[str, Any]) -> list[FieldError]:
+    """Sweep keys, values and the names their members get (``kubealign.sweep.errors``)."""
+    return [FieldError(path, message) for path, message in sweeps.errors(manifest["spec"]["stages"])]
+
+
 def _image_errors(manifest: Mapping[str, Any]) -> list[FieldError]:
     """Pods need an image: from the stage, spec.image, or the install-wide default filled in before."""
     spec = manifest["spec"]
@@ -364,7 +370,7 @@ def validate(manifest: Mapping[str, Any], *, require_image: bool = False) -> lis
     errors.extend(_structural_errors(manifest))
     if errors:
         return errors
-    checks = [_duplicate_stage_errors, _cel_errors, _semantic_errors]
+    checks = [_duplicate_stage_errors, _cel_errors, _semantic_errors, _sweep_errors]
     if require_image:
         checks.append(_image_errors)
     for check in checks:
@@ -500,9 +506,11 @@ class Stage:
     max_retries: int = 2
     pod_annotations: Mapping[str, str] = field(default_factory=dict)
     seed: int | None = None  # None: the run's spec.seed
+    sweep: sweeps.Member | None = None  # set on each member of an expanded sweep
 
     @classmethod
-    def from_dict(cls, doc: Mapping[str, Any]) -> Stage:
+    def from_dict(cls, doc: Mapping[str, Any], member: sweeps.Member | None = None) -> Stage:
+        """One concrete stage: a declared stage without ``sweep``, or a member ``sweep.expand`` made."""
         return cls(
             name=doc["name"],
             type=doc["type"],
@@ -515,6 +523,7 @@ class Stage:
             max_retries=int(doc.get("maxRetries", 2)),
             pod_annotations=dict(doc.get("podAnnotations") or {}),
             seed=None if doc.get("seed") is None else int(doc["seed"]),
+            sweep=member,
         )
 
 
@@ -572,10 +581,15 @@ class RunSpec:
                 return stage
         raise KeyError(name)
 
+    def members(self, declared: str) -> tuple[Stage, ...]:
+        """The concrete stages of a declared stage: its sweep's members, or the stage itself."""
+        return tuple(s for s in self.stages if (s.sweep.of if s.sweep else s.name) == declared)
+
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> RunSpec:
+        """The spec with every sweep expanded into its members (``kubealign.sweep``)."""
         return cls(
-            stages=tuple(Stage.from_dict(s) for s in doc["stages"]),
+            stages=tuple(Stage.from_dict(s, member) for s, member in sweeps.expand(doc["stages"])),
             storage=Storage.from_dict(doc["storage"]),
             image=doc.get("image"),
             hub_token=SecretKey.from_dict(
@@ -708,12 +722,15 @@ class StageStatus:
     output: str | None = None
     metrics: Mapping[str, Any] | None = None
     message: str = ""
+    # A sweep member's declared stage and values: {"stage": ..., "values": {...}}.
+    sweep: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _drop_none(
             {
                 "name": self.name,
                 "type": self.type,
+                "sweep": None if self.sweep is None else dict(self.sweep),
                 "phase": self.phase,
                 "jobName": self.job_name,
                 "attempts": self.attempts,
@@ -739,6 +756,7 @@ class StageStatus:
             output=doc.get("output"),
             metrics=dict(metrics) if isinstance(metrics, Mapping) else None,
             message=str(doc.get("message", "")),
+            sweep=dict(doc["sweep"]) if isinstance(doc.get("sweep"), Mapping) else None,
         )
 
 

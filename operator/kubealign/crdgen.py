@@ -222,6 +222,61 @@ def hyperparameter_rules() -> list[dict[str, Any]]:
     return rules
 
 
+SEED_PARAM: Final = Param("seed", Kind.INT, None, "a sweep's seed", ge=0)
+
+
+def sweep_rules() -> list[dict[str, Any]]:
+    """The same checks for the values listed in ``sweep``: names, then each value's type and bounds."""
+    rules: list[dict[str, Any]] = []
+    for entry in CATALOGUE.values():
+        known = f"variables.known_{entry.name}"
+        bad = f"s.sweep.exists(k, k != 'seed' && !(k in {known}))"
+        where = f"s.type == '{entry.name}' && has(s.sweep) && {bad}"
+        rules.append(
+            {
+                "expression": f"!{STAGES}.exists(s, {where})",
+                "messageExpression": (
+                    f"{STAGES}.transformList(i, s, {where}, s.sweep.filter(k, k != 'seed' && !(k in {known}))"
+                    f".map(k, 'spec.stages[' + string(i) + '].sweep.' + k + "
+                    f"': {sweep_unknown_message(entry.name)}')[0])[0]"
+                ),
+                "message": sweep_unknown_message(entry.name),
+                "reason": "Invalid",
+            }
+        )
+    seed = (SEED_PARAM.name, value_check(SEED_PARAM, "VALUE"))
+    groups: dict[tuple[str, str], list[str]] = {seed: list(CATALOGUE)}
+    params: dict[tuple[str, str], Param] = {seed: SEED_PARAM}
+    for entry in CATALOGUE.values():
+        for p in entry.params:
+            key = (p.name, value_check(p, "VALUE"))
+            groups.setdefault(key, []).append(entry.name)
+            params[key] = p
+    for key, types in groups.items():
+        p = params[key]
+        condition = (
+            f"has(s.sweep) && '{p.name}' in s.sweep && !s.sweep['{p.name}'].all(v, {value_check(p, 'v')})"
+        )
+        where = _stage_filter(types, condition).replace(" && has(s.hyperparameters)", "")
+        text = f"every value must be {expected(p)}"
+        rules.append(
+            {
+                "expression": f"!{STAGES}.exists(s, {where})",
+                "messageExpression": (
+                    f"{STAGES}.transformList(i, s, {where}, 'spec.stages[' + string(i) + "
+                    f"'].sweep.{p.name}: {text}')[0]"
+                ),
+                "message": f"sweep.{p.name}: {text}",
+                "reason": "Invalid",
+            }
+        )
+    return rules
+
+
+def sweep_unknown_message(stage: str) -> str:
+    return f"not a hyperparameter of a {stage} stage, nor seed (kubealign stages {stage} lists them)"
+
+
 def unknown_rule_message(stage: str) -> str:
     return f"unknown hyperparameter of a {stage} stage (kubealign stages {stage} lists them)"
 
@@ -247,7 +302,7 @@ def known_names() -> list[dict[str, str]]:
 
 def policy() -> list[dict[str, Any]]:
     """The ValidatingAdmissionPolicy and its binding (every namespace, deny)."""
-    validations = reward_rules() + hyperparameter_rules()
+    validations = reward_rules() + hyperparameter_rules() + sweep_rules()
     return [
         {
             "apiVersion": "admissionregistration.k8s.io/v1",
@@ -279,7 +334,7 @@ def policy() -> list[dict[str, Any]]:
 
 
 def policy_messages() -> set[str]:
-    return {rule["message"] for rule in reward_rules() + hyperparameter_rules()}
+    return {rule["message"] for rule in reward_rules() + hyperparameter_rules() + sweep_rules()}
 
 
 def policy_text() -> str:

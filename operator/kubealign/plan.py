@@ -266,12 +266,20 @@ def decide(run: AlignmentRun, jobs: Sequence[ObservedJob]) -> tuple[Action, ...]
     """The actions that move the run towards its spec. Idempotent: Jobs that exist are not re-made.
 
     A run that has failed (some stage exhausted its retries) starts nothing new; its running Jobs
-    finish on their own, since their artifacts may still be useful.
+    finish on their own, since their artifacts may still be useful. Members of a sweep with
+    ``maxParallel`` start only while fewer than that many of them are running or retrying.
     """
     latest = latest_attempts(jobs)
     failed = any(exhausted(stage, latest.get(stage.name)) for stage in run.spec.stages)
     suspend = run.spec.suspend
     actions: list[Action] = []
+    # Per sweep: the members that hold a slot (a live Job, or a failed one about to be retried).
+    busy: dict[str, int] = {}
+    for stage in run.spec.stages:
+        last = latest.get(stage.name)
+        holds = last is not None and last.state is not JobState.SUCCEEDED and not exhausted(stage, last)
+        if stage.sweep is not None and holds:
+            busy[stage.sweep.of] = busy.get(stage.sweep.of, 0) + 1
     for stage in run.spec.stages:
         last = latest.get(stage.name)
         if last is not None and last.state is JobState.ACTIVE and suspend:
@@ -283,8 +291,13 @@ def decide(run: AlignmentRun, jobs: Sequence[ObservedJob]) -> tuple[Action, ...]
             continue
         if last is None:
             upstream = stage.inputs.upstream()
-            if all(latest.get(u) is not None and latest[u].state is JobState.SUCCEEDED for u in upstream):
-                actions.append(CreateAttempt(stage.name, 1))
+            if not all(latest.get(u) is not None and latest[u].state is JobState.SUCCEEDED for u in upstream):
+                continue
+            if stage.sweep is not None and stage.sweep.max_parallel is not None:
+                if busy.get(stage.sweep.of, 0) >= stage.sweep.max_parallel:
+                    continue
+                busy[stage.sweep.of] = busy.get(stage.sweep.of, 0) + 1
+            actions.append(CreateAttempt(stage.name, 1))
         elif last.state is JobState.FAILED and not exhausted(stage, last):
             actions.append(CreateAttempt(stage.name, last.attempt + 1))
     return tuple(actions)
@@ -301,7 +314,8 @@ def _stage_status(
     phases: Mapping[str, str],
 ) -> StageStatus:
     output = artifact_uri(stage_output(run, stage))
-    base = StageStatus(name=stage.name, type=stage.type, output=output)
+    member = stage.sweep.to_dict() if stage.sweep is not None else None
+    base = StageStatus(name=stage.name, type=stage.type, output=output, sweep=member)
     if not attempts:
         waiting = [u for u in stage.inputs.upstream() if phases.get(u) != StagePhase.SUCCEEDED]
         message = (
