@@ -12,20 +12,32 @@ same eval prompts (``inputs.eval_data``, else ``inputs.data``) at each sampling 
   (``baseline: reference``), or the dataset's own answer to the prompt (``baseline: data``:
   ``chosen``, ``completion`` or ``output`` of each eval row), as the paper compares summaries
   with the human-written ones.
-- kl: mean over the policy's own samples of ``sum_t log pi(y_t) - log pi_ref(y_t)``, both at
-  temperature 1: the Monte Carlo estimate of KL(pi || pi_ref) at temperature 1, and the
-  models' log-ratio on the sampled answers at other temperatures.
+- kl: KL(pi_T || pi_ref) of the distribution the answers were sampled from (the policy at
+  temperature T, with top_p) to the reference at temperature 1, in nats per answer: along each
+  sampled answer, the exact per-token KL summed over the whole vocabulary, then summed over
+  the answer's tokens (``sampling.completion_kl``); the mean over answers estimates the
+  sequence KL without the variance of sampling each token. ``kl_mc`` beside it is the plain
+  log-ratio estimate ``sum_t log pi_T(y_t) - log pi_ref(y_t)`` on the same answers. The
+  tempered reference is a policy like any other: its KL is 0 only at T = 1.
 - Best-of-N: N answers from the reference, the best kept by the reward model (else the
-  scorer); its KL is the analytic ``log N - (N - 1) / N``.
+  scorer). It has no per-token distribution, so no KL is measured: ``kl`` is the analytic
+  bound ``log N - (N - 1) / N`` (``kl_method: analytic_bound``), to be plotted apart.
 
     python -m kubealign_jobs.evaluate --config stage.json
 
 Artifact: ``results.json`` shaped for a reward-KL frontier plot, and ``frontier.png``::
 
-    {"policies": {name: {temperature: {"reward", "kl", "win_rate", "n"}}},
+    {"policies": {name: {temperature: {"reward", "kl", "kl_mc", "win_rate", "n", "reward_model"?}}},
+     "per_answer": {name: {temperature: {"reward": [...], "kl": [...], "kl_mc": [...], ...}}},
      "answers": {name: {temperature: [{"prompt", "answer", "score"}, ...]}},  # show_answers each
-     "best_of_n": {"n": N, "selector": ..., "kl": ..., "temperatures": {temperature: {...}}},
-     "judge": ..., "baseline": "reference" | "data", "prompts": ...}
+     "best_of_n": {"n": N, "selector": ..., "kl": ..., "kl_method": "analytic_bound",
+                   "temperatures": {temperature: {...}}, "per_answer": {...}},
+     "kl_method": "exact", "judge": ..., "baseline": "reference" | "data", "prompts": ...,
+     "samples_per_prompt": ...}
+
+``per_answer`` lists are in answer order: answer i answers prompt ``i // samples_per_prompt``,
+so intervals can be bootstrapped over prompts (``reward_model`` is the reward model's score
+when it is not the judge: the learned reward beside the true one).
 
 Each finished policy's results are checkpointed, so a restarted stage evaluates only the rest;
 the reference is sampled from fixed seeds, so the win rates of a resumed run are unchanged.
@@ -42,12 +54,12 @@ from typing import Any
 
 import torch
 
-from kubealign_jobs import data, loop, rl, runtime, scorers, storage
+from kubealign_jobs import data, loop, runtime, scorers, storage
 from kubealign_jobs import model as models
 from kubealign_jobs.attention import use_fast_masks
 from kubealign_jobs.config import ConfigError, derive_seed
 from kubealign_jobs.runtime import StageContext
-from kubealign_jobs.sampling import Samples, SamplingParams, completion_logps, sample
+from kubealign_jobs.sampling import Samples, SamplingParams, completion_kl, sample
 from kubealign_jobs.stages import EvaluateHyperparameters as Hyperparameters
 
 REFERENCE = "reference"
@@ -71,7 +83,8 @@ def win_rate(scores: Sequence[float], baseline: Sequence[float]) -> float:
 
 
 def best_of_n_kl(n: int) -> float:
-    """KL(pi_BoN || pi_ref) = log N - (N - 1) / N (Stiennon et al. 2020, appendix)."""
+    """``log N - (N - 1) / N``: the usual closed form for KL(pi_BoN || pi_ref) (Stiennon et al. 2020),
+    which is exact only without ties and in fact an upper bound on it (Beirami et al. 2024)."""
     return math.log(n) - (n - 1) / n
 
 
@@ -114,49 +127,42 @@ def _judges(ctx: StageContext, hp: Hyperparameters) -> Judges:
 
 # ---------------------------------------------------------------------------- one unit of work
 
-
-@dataclass(frozen=True)
-class Sums:
-    """This rank's sums for one (policy, temperature) cell; added across ranks before dividing."""
-
-    n: float
-    reward: float
-    wins: float
-    kl: float
-    reward_model: float
-
-    def metrics(self) -> dict[str, float]:
-        n = max(self.n, 1.0)
-        out = {"reward": self.reward / n, "win_rate": self.wins / n, "kl": self.kl / n, "n": self.n}
-        if not math.isnan(self.reward_model):
-            out["reward_model"] = self.reward_model / n
-        return out
+# Per-answer values of one (policy, temperature) cell, in global answer order (answer i is
+# prompt i // samples_per_prompt): what results.json keeps for intervals over prompts and seeds.
+PerAnswer = dict[str, list[float]]
 
 
-def _sums(scores: dict[str, list[float]], baseline: list[float], kl: list[float]) -> Sums:
-    judge = scores["judge"]
-    wins = win_rate(judge, baseline) * len(judge) if judge else 0.0
-    return Sums(
-        n=float(len(judge)),
-        reward=sum(judge),
-        wins=wins,
-        kl=sum(kl),
-        reward_model=sum(scores["reward_model"]) if "reward_model" in scores else math.nan,
-    )
+def in_global_order(ctx: StageContext, values: PerAnswer) -> PerAnswer:
+    """Every rank's lists joined in global answer order: answer i was rank (i mod W)'s number i // W."""
+    gathered = ctx.gather(values)
+    world = ctx.world_size
+    total = sum(len(part[next(iter(values))]) for part in gathered) if values else 0
+    return {key: [gathered[i % world][key][i // world] for i in range(total)] for key in values}
 
 
-def _reduce(ctx: StageContext, sums: Sums) -> dict[str, float]:
-    values = {"n": sums.n, "reward": sums.reward, "wins": sums.wins, "kl": sums.kl}
-    if not math.isnan(sums.reward_model):
-        values["reward_model"] = sums.reward_model
-    total = ctx.sum_across_ranks(values)
-    return Sums(
-        n=total["n"],
-        reward=total["reward"],
-        wins=total["wins"],
-        kl=total["kl"],
-        reward_model=total.get("reward_model", math.nan),
-    ).metrics()
+def cell_metrics(per_answer: PerAnswer, baseline: list[float]) -> dict[str, float]:
+    """The means of one cell, its win rate against ``baseline`` (same order) and its size."""
+    n = len(per_answer["reward"])
+    out = {key: sum(values) / max(n, 1) for key, values in per_answer.items()}
+    out["win_rate"] = win_rate(per_answer["reward"], baseline)
+    out["n"] = float(n)
+    return out
+
+
+def _per_answer(
+    ctx: StageContext,
+    hp: Hyperparameters,
+    samples: Samples,
+    judges: Judges,
+    kl: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[PerAnswer, list[float]]:
+    """The cell's per-answer values (global order) and this rank's judge scores (for its answers)."""
+    scores = judges.score(samples)
+    exact, monte_carlo = kl
+    values = {"reward": scores["judge"], "kl": exact.tolist(), "kl_mc": monte_carlo.tolist()}
+    if "reward_model" in scores:
+        values["reward_model"] = scores["reward_model"]
+    return in_global_order(ctx, values), scores["judge"]
 
 
 def _sample(
@@ -173,6 +179,12 @@ def _sample(
     )
 
 
+def _kl(hp: Hyperparameters, policy: Any, reference: Any, samples: Samples, temperature: float) -> Any:
+    return completion_kl(
+        policy, reference, samples, temperature=temperature, top_p=hp.top_p, batch_size=hp.batch_size
+    )
+
+
 Answers = dict[str, list[dict[str, Any]]]  # temperature -> the first few (prompt, answer, score)
 
 
@@ -186,6 +198,15 @@ def shown_answers(hp: Hyperparameters, samples: Samples, judge_scores: list[floa
     ]
 
 
+@dataclass
+class Unit:
+    """One policy's (or the reference's) results: cells and per-answer values per temperature."""
+
+    cells: dict[str, dict[str, float]]
+    per_answer: dict[str, PerAnswer]
+    answers: Answers
+
+
 def evaluate_reference(
     ctx: StageContext,
     hp: Hyperparameters,
@@ -195,51 +216,57 @@ def evaluate_reference(
     prompts: list[str],
     judges: Judges,
     data_baseline: list[float] | None,
-) -> tuple[dict[str, Any], dict[str, list[float]], Answers]:
-    """The reference's cells and Best-of-N's, the baseline judge scores per temperature (this
-    rank), and the reference's first answers.
+) -> tuple[Unit, dict[str, Any] | None, dict[str, list[float]]]:
+    """The reference's unit, Best-of-N's report (None when off) and the baseline judge scores
+    per temperature (global answer order).
 
     The baseline is ``data_baseline`` (the dataset's answers) when given, else the reference's
-    own answers at each temperature.
+    own answers at each temperature. The tempered reference is a policy of its own: its KL to
+    the reference is 0 only at temperature 1.
     """
-    cells: dict[str, Any] = {}
+    unit = Unit({}, {}, {})
     baselines: dict[str, list[float]] = {}
     best: dict[str, Any] = {}
-    answers: Answers = {}
+    best_answers: dict[str, PerAnswer] = {}
     for t_index, temperature in enumerate(hp.temperatures):
         key = temperature_key(temperature)
         torch.manual_seed(derive_seed(ctx.config.seed, 0, t_index, ctx.rank))
         samples = _sample(hp, reference, tokenizer, prompts, temperature)
-        scores = judges.score(samples)
-        # Against itself the reference ties every comparison, by definition; its KL is 0.
-        baselines[key] = scores["judge"] if data_baseline is None else data_baseline
-        cells[key] = _reduce(ctx, _sums(scores, baselines[key], [0.0] * len(samples)))
-        answers[key] = shown_answers(hp, samples, scores["judge"])
+        values, mine = _per_answer(
+            ctx, hp, samples, judges, _kl(hp, reference, reference, samples, temperature)
+        )
+        # Against its own answers the reference ties every comparison, by definition.
+        baselines[key] = values["reward"] if data_baseline is None else data_baseline
+        unit.cells[key] = cell_metrics(values, baselines[key])
+        unit.per_answer[key] = values
+        unit.answers[key] = shown_answers(hp, samples, mine)
         if hp.best_of_n:
-            best[key] = _reduce(
+            best_answers[key] = _best_of_n(
                 ctx,
-                _best_of_n(
-                    hp,
-                    reference=reference,
-                    tokenizer=tokenizer,
-                    prompts=prompts,
-                    judges=judges,
-                    temperature=temperature,
-                    baseline=baselines[key],
-                ),
+                hp,
+                reference=reference,
+                tokenizer=tokenizer,
+                prompts=prompts,
+                judges=judges,
+                temperature=temperature,
             )
-    out: dict[str, Any] = {REFERENCE: cells}
+            best[key] = cell_metrics(best_answers[key], baselines[key])
+    report = None
     if hp.best_of_n:
-        out[BEST_OF_N] = {
+        report = {
             "n": hp.best_of_n,
             "selector": judges.selector.name,
+            # Not a measured divergence: the Best-of-N policy has no per-token distribution.
             "kl": best_of_n_kl(hp.best_of_n),
+            "kl_method": "analytic_bound",
             "temperatures": best,
+            "per_answer": best_answers,
         }
-    return out, baselines, answers
+    return unit, report, baselines
 
 
 def _best_of_n(
+    ctx: StageContext,
     hp: Hyperparameters,
     *,
     reference: Any,
@@ -247,8 +274,7 @@ def _best_of_n(
     prompts: list[str],
     judges: Judges,
     temperature: float,
-    baseline: list[float],
-) -> Sums:
+) -> PerAnswer:
     n = hp.best_of_n
     repeated = [prompt for prompt in prompts for _ in range(n)]
     samples = _sample(hp, reference, tokenizer, repeated, temperature)
@@ -263,7 +289,10 @@ def _best_of_n(
         completion_mask=samples.completion_mask[picks],
     )
     scores = judges.score(chosen)
-    return _sums(scores, baseline, [best_of_n_kl(n)] * len(picks))
+    values = {"reward": scores["judge"], "kl": [best_of_n_kl(n)] * len(picks)}
+    if "reward_model" in scores:
+        values["reward_model"] = scores["reward_model"]
+    return in_global_order(ctx, values)
 
 
 def evaluate_policy(
@@ -277,22 +306,19 @@ def evaluate_policy(
     prompts: list[str],
     judges: Judges,
     baselines: dict[str, list[float]],
-) -> tuple[dict[str, Any], Answers]:
-    """One policy's cells (samples at each temperature, judged, compared, and their KL to the
-    reference) and its first answers."""
-    cells = {}
-    answers: Answers = {}
+) -> Unit:
+    """One policy's cells: samples at each temperature, judged, compared, and their exact KL to
+    the reference."""
+    result = Unit({}, {}, {})
     for t_index, temperature in enumerate(hp.temperatures):
         key = temperature_key(temperature)
         torch.manual_seed(derive_seed(ctx.config.seed, unit, t_index, ctx.rank))
         samples = _sample(hp, policy, tokenizer, prompts, temperature)
-        logps = completion_logps(policy, samples, batch_size=hp.batch_size)
-        ref_logps = completion_logps(reference, samples, batch_size=hp.batch_size)
-        kl = rl.sequence_kl(logps, ref_logps, samples.completion_mask).tolist()
-        scores = judges.score(samples)
-        cells[key] = _reduce(ctx, _sums(scores, baselines[key], kl))
-        answers[key] = shown_answers(hp, samples, scores["judge"])
-    return cells, answers
+        values, mine = _per_answer(ctx, hp, samples, judges, _kl(hp, policy, reference, samples, temperature))
+        result.cells[key] = cell_metrics(values, baselines[key])
+        result.per_answer[key] = values
+        result.answers[key] = shown_answers(hp, samples, mine)
+    return result
 
 
 # ---------------------------------------------------------------------------- the stage
@@ -310,7 +336,8 @@ def _load_done(ctx: StageContext, names: list[str]) -> dict[int, dict[str, Any]]
             uri = _unit_uri(ctx.config.checkpoints, unit)
             if storage.is_complete(uri):
                 doc = storage.read_json(storage.join(uri, UNIT_FILE))
-                if doc.get("name") == name:  # a renamed policy list invalidates the old numbering
+                # A renamed policy list invalidates the old numbering; an older layout is redone.
+                if doc.get("name") == name and "per_answer" in doc:
                     done[unit] = doc
     result: dict[int, dict[str, Any]] = ctx.broadcast(done)
     return result
@@ -347,7 +374,8 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     data_baseline = None
     if hp.baseline == "data":
         given = [reference_answer(row, chat_format) for row in rows for _ in range(hp.samples_per_prompt)]
-        data_baseline = judges.judge.score(prompts, given[ctx.rank :: ctx.world_size])
+        scored = {"reward": judges.judge.score(prompts, given[ctx.rank :: ctx.world_size])}
+        data_baseline = in_global_order(ctx, scored)["reward"]
     reference = use_fast_masks(models.load_causal_lm(reference_dir)).to(ctx.device).eval()
 
     names = [REFERENCE, *sorted(inputs.policies)]
@@ -355,14 +383,14 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     if done:
         ctx.emit({"event": "resumed", "done": [names[unit] for unit in sorted(done)]})
 
-    answers: dict[str, Answers] = {}
+    units: dict[str, Unit] = {}
     if 0 in done:
-        results = done[0]["results"]
-        answers[REFERENCE] = done[0].get("answers", {})
-        baselines = {key: scores[ctx.rank :: ctx.world_size] for key, scores in done[0]["baselines"].items()}
+        units[REFERENCE] = _unit(done[0])
+        best = done[0].get(BEST_OF_N)
+        baselines = done[0]["baselines"]
     else:
         with ctx.accelerator.autocast():
-            results, baselines, answers[REFERENCE] = evaluate_reference(
+            units[REFERENCE], best, baselines = evaluate_reference(
                 ctx,
                 hp,
                 reference=reference,
@@ -371,29 +399,23 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
                 judges=judges,
                 data_baseline=data_baseline,
             )
-        # Every rank's reference scores, in prompt order, so a resumed run compares against the same answers.
-        gathered = ctx.gather(baselines)
-        # Global answer i was rank (i mod W)'s answer number i // W.
-        world = ctx.world_size
-        full = {
-            key: [gathered[i % world][key][i // world] for i in range(len(repeated))] for key in baselines
-        }
+        # The baselines are saved so a resumed run compares against the same answers.
         _save_unit(
-            ctx, 0, {"name": REFERENCE, "results": results, "baselines": full, "answers": answers[REFERENCE]}
+            ctx,
+            0,
+            {"name": REFERENCE, **_unit_doc(units[REFERENCE]), "baselines": baselines, BEST_OF_N: best},
         )
-    ctx.emit({"step": 1, "total_steps": len(names), "policy": REFERENCE, **_headline(results[REFERENCE])})
+    ctx.emit({"step": 1, "total_steps": len(names), "policy": REFERENCE, **_headline(units[REFERENCE].cells)})
 
-    policies: dict[str, Any] = {REFERENCE: results[REFERENCE]}
     for unit, name in enumerate(names[1:], start=1):
         if unit in done:
-            policies[name] = done[unit]["results"]
-            answers[name] = done[unit].get("answers", {})
+            units[name] = _unit(done[unit])
         else:
             policy_dir = loop.fetch_model(ctx, inputs.policies[name], f"policy-{unit}")
             policy = use_fast_masks(models.load_causal_lm(policy_dir)).to(ctx.device).eval()
             # The same autocast for the policy and the reference: precision alone must not show up as KL.
             with ctx.accelerator.autocast():
-                policies[name], answers[name] = evaluate_policy(
+                units[name] = evaluate_policy(
                     ctx,
                     hp,
                     unit=unit,
@@ -405,19 +427,23 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
                     baselines=baselines,
                 )
             del policy
-            _save_unit(ctx, unit, {"name": name, "results": policies[name], "answers": answers[name]})
-        ctx.emit({"step": unit + 1, "total_steps": len(names), "policy": name, **_headline(policies[name])})
+            _save_unit(ctx, unit, {"name": name, **_unit_doc(units[name])})
+        ctx.emit(
+            {"step": unit + 1, "total_steps": len(names), "policy": name, **_headline(units[name].cells)}
+        )
 
     report: dict[str, Any] = {
-        "policies": policies,
+        "policies": {name: unit.cells for name, unit in units.items()},
+        "per_answer": {name: unit.per_answer for name, unit in units.items()},
+        "kl_method": "exact",
         "judge": judges.judge.name,
         "baseline": hp.baseline,
         "prompts": len(all_prompts),
         "samples_per_prompt": hp.samples_per_prompt,
-        "answers": answers,
+        "answers": {name: unit.answers for name, unit in units.items()},
     }
-    if BEST_OF_N in results:
-        report[BEST_OF_N] = results[BEST_OF_N]
+    if best is not None:
+        report[BEST_OF_N] = best
 
     def write(dest: Path) -> None:
         (dest / RESULTS_FILE).write_text(json.dumps(report, indent=2, sort_keys=True))
@@ -427,6 +453,14 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     metrics = _summary(report)
     runtime.publish_results(ctx, report, write)
     return metrics
+
+
+def _unit_doc(unit: Unit) -> dict[str, Any]:
+    return {"results": unit.cells, "per_answer": unit.per_answer, "answers": unit.answers}
+
+
+def _unit(doc: dict[str, Any]) -> Unit:
+    return Unit(doc["results"], doc["per_answer"], doc.get("answers", {}))
 
 
 def reference_answer(row: data.Row, chat_format: data.ChatFormatter = data.default_chat_format) -> str:
@@ -464,7 +498,7 @@ def plot_frontier(report: dict[str, Any], path: Path) -> None:
     figure, (frontier, wins) = plt.subplots(1, 2, figsize=(11, 4.5))
     series = dict(report["policies"])
     if BEST_OF_N in report:
-        series[f"best of {report[BEST_OF_N]['n']}"] = report[BEST_OF_N]["temperatures"]
+        series[f"best of {report[BEST_OF_N]['n']} (KL: analytic bound)"] = report[BEST_OF_N]["temperatures"]
     for name, cells in series.items():
         keys = sorted(cells, key=float)
         frontier.plot([cells[k]["kl"] for k in keys], [cells[k]["reward"] for k in keys], "o-", label=name)

@@ -111,6 +111,74 @@ def completion_logps(model: Any, samples: Samples, *, batch_size: int = 64) -> t
     return torch.cat(parts) * samples.completion_mask
 
 
+def sampling_logprobs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+    """log-probs (..., V) of the distribution ``sample`` draws from: logits / T, then nucleus top-p.
+
+    Tokens outside the nucleus get -inf. The nucleus is the one ``generate`` keeps: the most
+    likely tokens whose probabilities sum to at least ``top_p`` (always at least one).
+    Temperature 0 (greedy decoding) is the point mass on the most likely token.
+    """
+    if temperature <= 0:
+        best = logits.argmax(dim=-1, keepdim=True)
+        greedy = torch.full(logits.shape, float("-inf"), device=logits.device)
+        return greedy.scatter(-1, best, 0.0)
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return logprobs
+    ascending, order = torch.sort(logprobs, dim=-1)
+    # Drop the least likely tokens while what they add up to stays within 1 - top_p.
+    drop = torch.cumsum(ascending.exp(), dim=-1) <= 1 - top_p
+    drop[..., -1] = False
+    dropped = drop.scatter(-1, order, drop)
+    return torch.log_softmax(logprobs.masked_fill(dropped, float("-inf")), dim=-1)
+
+
+@torch.no_grad()
+def completion_kl(
+    policy: Any,
+    reference: Any,
+    samples: Samples,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(π_T ‖ π_ref) of each sampled completion, two ways -> (exact, monte_carlo), each (B,).
+
+    ``samples`` were drawn from ``policy`` at ``temperature`` (and ``top_p``): π_T is that
+    sampling distribution, π_ref the reference at temperature 1.
+
+    - exact: Σ_t KL(π_T(·|y<t) ‖ π_ref(·|y<t)), each term summed over the whole vocabulary,
+      along the sampled prefixes y<t. Its mean over samples is an unbiased estimate of the
+      sequence-level KL with far less variance than the log-ratio's (the vocabulary sum is done
+      exactly; only the prefixes are sampled).
+    - monte_carlo: Σ_t log π_T(y_t|y<t) - log π_ref(y_t|y<t), the plain estimator, for checking.
+
+    Padding after each completion's first EOS contributes nothing.
+    """
+    device = next(policy.parameters()).device
+    width = samples.completion_ids.shape[1]
+    exact, monte_carlo = [], []
+    for start in range(0, len(samples), batch_size):
+        rows = slice(start, start + batch_size)
+        input_ids = samples.input_ids[rows].to(device)
+        attention_mask = samples.attention_mask[rows].to(device)
+        mask = samples.completion_mask[rows].to(device).float()
+        tokens = samples.completion_ids[rows].to(device)
+        logp = sampling_logprobs(
+            completion_logits(policy, input_ids, attention_mask, width).logits, temperature, top_p
+        )
+        logr = torch.log_softmax(
+            completion_logits(reference, input_ids, attention_mask, width).logits.float(), dim=-1
+        )
+        # 0 * log 0 = 0 for tokens outside the nucleus.
+        terms = torch.where(logp.isinf(), torch.zeros_like(logp), logp.exp() * (logp - logr)).sum(dim=-1)
+        ratio = (logp - logr).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        exact.append((terms * mask).sum(dim=1).cpu())
+        monte_carlo.append((ratio * mask).sum(dim=1).cpu())
+    return torch.cat(exact), torch.cat(monte_carlo)
+
+
 def completion_mask(completion_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
     """1 on each token up to and including the first ``eos_token_id`` of its row, 0 after it."""
     if eos_token_id is None:

@@ -77,11 +77,22 @@ def test_evaluate_through_s3_self_comparison_best_of_n_and_resume(
     for cells in results["policies"].values():
         assert set(cells) == {"0.5", "1.0"}
         for cell in cells.values():
-            assert set(cell) == {"reward", "kl", "win_rate", "n"} and cell["n"] == 64
+            assert set(cell) == {"reward", "kl", "kl_mc", "win_rate", "n"} and cell["n"] == 64
+    assert results["kl_method"] == "exact"
+    for name, cells in results["per_answer"].items():
+        for key, values in cells.items():
+            assert set(values) == {"reward", "kl", "kl_mc"} and all(len(v) == 64 for v in values.values())
+            assert sum(values["kl"]) / 64 == pytest.approx(results["policies"][name][key]["kl"])
+    # Identical weights at temperature 1: every per-token KL is 0. Tempered to 0.5, the same
+    # weights are another distribution, as far from the reference as the tempered reference is.
+    assert results["policies"]["same"]["1.0"]["kl"] < 1e-6
+    assert results["policies"]["reference"]["1.0"]["kl"] < 1e-6
+    tempered = results["policies"]["reference"]["0.5"]["kl"]
+    assert tempered > 0.01
+    assert results["policies"]["same"]["0.5"]["kl"] == pytest.approx(tempered, rel=0.5)
     for key in ("0.5", "1.0"):
         same, other = results["policies"]["same"][key], results["policies"]["other"][key]
-        # Identical weights: every log-ratio is exactly 0; independent samples win about half the time.
-        assert same["kl"] == 0.0
+        # Independent samples of the same weights win about half the time.
         assert abs(same["win_rate"] - 0.5) < 0.15
         assert results["policies"]["reference"][key]["win_rate"] == 0.5
         # A different, peaked model is measurably far from the nearly uniform reference.
@@ -91,7 +102,12 @@ def test_evaluate_through_s3_self_comparison_best_of_n_and_resume(
         assert best["reward"] > results["policies"]["reference"][key]["reward"]
         assert best["win_rate"] > 0.5
     assert results["best_of_n"]["kl"] == pytest.approx(best_of_n_kl(4))
-    assert run.termination is not None and run.termination["same/kl"] == 0.0
+    assert results["best_of_n"]["kl_method"] == "analytic_bound"
+    assert len(results["best_of_n"]["per_answer"]["1.0"]["reward"]) == 64
+    same_kl = [results["policies"]["same"][key]["kl"] for key in ("0.5", "1.0")]
+    assert run.termination is not None and run.termination["same/kl"] == pytest.approx(
+        sum(same_kl) / 2, abs=1e-4
+    )
 
     # A preemption while evaluating "same": the reference and "other" are not evaluated again.
     storage.delete_prefix(f"{output}/artifact")
