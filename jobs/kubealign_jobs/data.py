@@ -435,15 +435,27 @@ def join_prompt_completion(
     starts with its bos ``<|im_start|>``, its answer ends with its eos ``<|im_end|>``): a prompt
     that starts with bos gets no second one, and a completion that holds eos gets none after it.
     Truncation keeps the end of the prompt (the part next to the answer) and at least half of
-    ``max_length`` for the completion, whose tail is cut last.
+    ``max_length`` for the completion, whose tail is cut last. The special tokens survive it:
+    bos stays first, and the completion's eos (with whatever the template puts after it) stays
+    last, so a reward model always reads its score where it was trained to, at the end.
     """
     prompt = with_bos(tokenizer, prompt_ids)
     eos = _special(tokenizer.eos_token_id)
     completion = list(completion_ids) + ([] if eos and eos[0] in completion_ids else eos)
-    if len(prompt) + len(completion) > max_length:
-        prompt_budget = max(max_length - len(completion), max_length // 2)
-        prompt = prompt[-prompt_budget:] if prompt_budget > 0 else []
-        completion = completion[: max_length - len(prompt)]
+    if len(prompt) + len(completion) <= max_length:
+        return Encoded(ids=tuple(prompt + completion), prompt_length=len(prompt))
+    head = prompt[:1] if prompt[:1] == _special(tokenizer.bos_token_id) else []
+    prompt_budget = max(max_length - len(completion), max_length // 2)
+    kept = max(prompt_budget - len(head), 0)
+    prompt = head + (prompt[len(head) :][-kept:] if kept else [])
+    budget = max_length - len(prompt)
+    tail = (
+        completion[len(completion) - completion[::-1].index(eos[0]) - 1 :]
+        if eos and eos[0] in completion
+        else []
+    )
+    tail = tail[-budget:] if budget > 0 else []
+    completion = completion[: max(budget - len(tail), 0)] + tail
     return Encoded(ids=tuple(prompt + completion), prompt_length=len(prompt))
 
 

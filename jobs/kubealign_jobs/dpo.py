@@ -105,12 +105,21 @@ def pair_loss(model: nn.Module, batch: PairBatch, *, beta: float) -> loop.LossOu
 # ---------------------------------------------------------------------------- reference log-probs
 
 
-def fingerprint(reference_uri: str, pairs: Sequence[data.EncodedRanking], *, split: str) -> str:
-    """Identity of a reference computation: the reference weights and every tokenised sequence."""
+def fingerprint(
+    reference_uri: str,
+    pairs: Sequence[data.EncodedRanking],
+    *,
+    split: str,
+    precision: str,
+    device: str,
+) -> str:
+    """Identity of a reference computation: the reference weights, every tokenised sequence, and
+    the precision and device it ran with (bf16 log-probs, or a GPU's, differ from fp32 CPU ones)."""
     digest = hashlib.sha256()
     manifest = storage.read_manifest_quiet(reference_uri)
     weights = [f.sha256 for f in manifest.files] if manifest else [reference_uri]
-    digest.update(json.dumps({"reference": weights, "split": split}).encode())
+    identity = {"reference": weights, "split": split, "precision": precision, "device": device}
+    digest.update(json.dumps(identity).encode())
     for pair in pairs:
         for seq in pair.sequences:
             digest.update(json.dumps([seq.prompt_length, seq.ids]).encode())
@@ -165,7 +174,12 @@ def reference_logps(
     its base (adapters off) is the reference, and a sharded policy is not loaded twice.
     """
     uri = storage.join(ctx.config.output, REFERENCE_DIR)
-    prints = {name: fingerprint(reference_uri, pairs, split=name) for name, pairs in splits.items()}
+    prints = {
+        name: fingerprint(
+            reference_uri, pairs, split=name, precision=hp.mixed_precision, device=ctx.device.type
+        )
+        for name, pairs in splits.items()
+    }
     manifest = storage.read_manifest_quiet(uri)
     if manifest is not None and manifest.metadata.get("fingerprints") == prints:
         try:

@@ -59,8 +59,10 @@ class PolicyWithValueHead(nn.Module):
         self.policy = policy
         hidden_size = int(policy.get_output_embeddings().in_features)  # type: ignore[operator]
         self.value_head = nn.Linear(hidden_size, 1)
-        # A small init: early value estimates near zero keep the first advantages close to the rewards.
-        nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden_size + 1))
+        # Values start at exactly zero: the first advantages are the rewards' own GAE, not noise
+        # from a random head (a default init gives values of std ~1, as large as the rewards).
+        # The weight still learns at once: its gradient is the hidden state, whatever its value.
+        nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
     def forward(

@@ -135,13 +135,18 @@ def evaluate_rankings(
 def split_held_out(
     rows: list[data.RankedExample], *, fraction: float, seed: int
 ) -> tuple[list[data.RankedExample], list[data.RankedExample]]:
-    """A deterministic (seeded) train/held-out split; every rank computes the same one."""
-    if fraction <= 0 or len(rows) < 2:
+    """A deterministic (seeded) train/held-out split by prompt; every rank computes the same one.
+
+    All the pairs of a prompt land on the same side: held-out accuracy then measures how the
+    model ranks answers to prompts it never saw, not answers it saw beside their siblings.
+    ``fraction`` is of the prompts.
+    """
+    prompts = list(dict.fromkeys(row.prompt for row in rows))
+    if fraction <= 0 or len(prompts) < 2:
         return rows, []
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = max(1, int(len(rows) * fraction))
-    held_out = set(order[:held])
-    return [r for i, r in enumerate(rows) if i not in held_out], [rows[i] for i in sorted(held_out)]
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = {prompts[i] for i in order[: max(1, int(len(prompts) * fraction))]}
+    return [r for r in rows if r.prompt not in held], [r for r in rows if r.prompt in held]
 
 
 def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:

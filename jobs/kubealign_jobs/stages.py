@@ -440,7 +440,10 @@ class SFTHyperparameters(TrainingHyperparameters, LoraHyperparameters):
 class RewardHyperparameters(TrainingHyperparameters, LoraHyperparameters):
     batch_size: int = 32
     eval_fraction: float = param(
-        0.1, "fraction of data held out for accuracy when there is no inputs.evalData", ge=0, lt=1
+        0.1,
+        "fraction of the prompts whose pairs are held out for accuracy when there is no inputs.evalData",
+        ge=0,
+        lt=1,
     )
     disable_dropout: bool = param(True, "turn dropout off so the two answers of a pair are scored alike")
 

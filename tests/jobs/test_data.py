@@ -132,6 +132,29 @@ def test_truncation_keeps_prompt_end_and_completion_start(tokenizer: PreTrainedT
     assert len(encoded.ids) == 24
     completion = tokenizer(" it was dull.", add_special_tokens=False)["input_ids"]
     assert list(encoded.ids[encoded.prompt_length :]) == [*completion, tokenizer.eos_token_id]
+    # bos stays first; the prompt's end is kept next to the answer.
+    prompt = tokenizer(long_prompt, add_special_tokens=False)["input_ids"]
+    assert encoded.ids[0] == tokenizer.bos_token_id
+    assert list(encoded.ids[1 : encoded.prompt_length]) == prompt[-(encoded.prompt_length - 1) :]
+
+
+@pytest.mark.parametrize("max_length", [8, 12, 17])
+def test_truncation_keeps_bos_first_and_eos_last(tokenizer: PreTrainedTokenizerFast, max_length: int) -> None:
+    """A reward model reads its score at the last token: a long answer must still end in eos."""
+    long_answer = " " + " ".join(["it was good and dull"] * 20)
+    encoded = data.encode_prompt_completion(tokenizer, "Review the plot:", long_answer, max_length=max_length)
+    assert len(encoded.ids) == max_length
+    assert encoded.ids[0] == tokenizer.bos_token_id
+    assert encoded.ids[-1] == tokenizer.eos_token_id
+    answer = tokenizer(long_answer, add_special_tokens=False)["input_ids"]
+    assert list(encoded.ids[encoded.prompt_length : -1]) == answer[: max_length - encoded.prompt_length - 1]
+    # A template's eos with a token after it (SmolLM2's "<|im_end|>\n") keeps both at the end.
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    joined = data.join_prompt_completion(
+        tokenizer, [5, 6], [*answer, tokenizer.eos_token_id, *newline], max_length=max_length
+    )
+    assert list(joined.ids[-1 - len(newline) :]) == [tokenizer.eos_token_id, *newline]
+    assert len(joined.ids) == max_length
 
 
 def test_pack_texts_blocks(tokenizer: PreTrainedTokenizerFast) -> None:

@@ -231,3 +231,14 @@ def test_ppo_on_a_reward_model_reports_the_ground_truth_beside_it(
     assert 0.0 <= metrics["true_score"] <= 1.0
     assert metrics["score"] != metrics["true_score"]
     assert storage.is_complete(str(tmp_path / "out" / "artifact"))
+
+
+def test_the_value_head_starts_at_zero_and_learns(toy_inputs: dict[str, str]) -> None:
+    """Early advantages must come from the rewards, not from a random critic's noise."""
+    policy = AutoModelForCausalLM.from_pretrained(toy_inputs["model"])
+    model = ppo.PolicyWithValueHead(policy)
+    ids = torch.tensor([[1, 5, 6, 7, 8], [1, 9, 10, 11, 12]])
+    _, values = model(ids, torch.ones_like(ids), 3)
+    assert values.shape == (2, 3) and values.abs().max().item() == 0.0
+    values.sub(1.0).pow(2).mean().backward()
+    assert model.value_head.weight.grad is not None and model.value_head.weight.grad.abs().sum().item() > 0

@@ -130,3 +130,16 @@ def test_dpo_malformed_pair_is_named(bucket: str, tmp_path: Path) -> None:
     )
     assert run.returncode == 2
     assert f"{inputs['data']}: line 2: field 'rejected': missing" in run.stderr
+
+
+def test_the_reference_cache_is_keyed_by_precision_and_device(tmp_path: Path) -> None:
+    """Log-probs computed in bf16 or on a GPU are not reused by an fp32 CPU run, nor the reverse."""
+    from kubealign_jobs import data, dpo
+
+    pairs = [data.EncodedRanking(sequences=(data.Encoded((1, 5, 6), 1), data.Encoded((1, 5, 7), 1)))]
+    uri = f"file://{tmp_path}/reference"
+    base = dpo.fingerprint(uri, pairs, split="train", precision="no", device="cpu")
+    assert base == dpo.fingerprint(uri, pairs, split="train", precision="no", device="cpu")
+    assert base != dpo.fingerprint(uri, pairs, split="train", precision="bf16", device="cpu")
+    assert base != dpo.fingerprint(uri, pairs, split="train", precision="no", device="cuda")
+    assert base != dpo.fingerprint(uri, pairs, split="eval", precision="no", device="cpu")

@@ -43,7 +43,11 @@ def test_reward_model_learns_preferences_and_loads(bucket: str, tmp_path: Path, 
     assert [r["step"] for r in run.steps] == [5, 10, 15, 20]
     assert run.steps[-1]["loss"] < run.steps[0]["loss"]
     metrics = storage.read_json(f"{output}/metrics.json")
-    assert metrics["eval_examples"] == 16  # a quarter of 64 held out
+    # A quarter of the prompts is held out, each with all its rows (the toy rows repeat prompts).
+    prompts = {r["prompt"] for r in rows}
+    held_prompts = max(1, int(len(prompts) * 0.25))
+    per_prompt = sorted((sum(r["prompt"] == p for r in rows) for p in prompts), reverse=True)
+    assert sum(per_prompt[-held_prompts:]) <= metrics["eval_examples"] <= sum(per_prompt[:held_prompts])
     assert metrics["eval_accuracy"] >= 0.9  # good-vs-bad words: learnable from 48 examples
     assert run.termination is not None and run.termination["eval_accuracy"] == metrics["eval_accuracy"]
 
@@ -76,3 +80,16 @@ def test_reward_malformed_ranking_is_named(bucket: str, tmp_path: Path) -> None:
     )
     assert run.returncode == 2
     assert "r.jsonl: line 1: field 'responses': expected a list of at least two answers" in run.stderr
+
+
+def test_the_held_out_split_is_by_prompt_and_seeded() -> None:
+    from kubealign_jobs import data, reward
+
+    rows = [data.RankedExample(f"prompt {i // 3}", (f"good {i}", f"bad {i}")) for i in range(60)]
+    train, held = reward.split_held_out(rows, fraction=0.25, seed=3)
+    assert len(train) + len(held) == 60
+    assert {r.prompt for r in train}.isdisjoint({r.prompt for r in held})
+    assert len({r.prompt for r in held}) == 5  # a quarter of the 20 prompts, all 3 pairs of each
+    assert reward.split_held_out(rows, fraction=0.25, seed=3) == (train, held)
+    assert reward.split_held_out(rows, fraction=0.25, seed=4)[1] != held
+    assert reward.split_held_out(rows, fraction=0.0, seed=3) == (rows, [])
