@@ -540,6 +540,17 @@ def _stage_note(before: StageStatus | None, after: StageStatus) -> Note | None:
     return None
 
 
+def _newly_false(previous: RunStatus | None, current: RunStatus, kind: str) -> Condition | None:
+    """The condition ``kind`` when it is False now and was not, or says something new."""
+    now = current.condition(kind)
+    before = previous.condition(kind) if previous else None
+    if now is None or now.status != "False":
+        return None
+    if before is not None and before.status == "False" and before.message == now.message:
+        return None
+    return now
+
+
 def transitions(previous: RunStatus | None, current: RunStatus) -> tuple[Note, ...]:
     """One Event per stage transition and per change of the run's phase or validity."""
     notes: list[Note] = []
@@ -547,22 +558,10 @@ def transitions(previous: RunStatus | None, current: RunStatus) -> tuple[Note, .
         note = _stage_note(previous.stage(stage.name) if previous else None, stage)
         if note is not None:
             notes.append(note)
-    valid = current.condition("Valid")
-    valid_before = previous.condition("Valid") if previous else None
-    if (
-        valid is not None
-        and valid.status == "False"
-        and (valid_before is None or valid_before.status != "False" or valid_before.message != valid.message)
-    ):
-        notes.append(Note("Warning", "InvalidSpec", valid.message))
-    fits = current.condition("MemoryFits")
-    fits_before = previous.condition("MemoryFits") if previous else None
-    if (
-        fits is not None
-        and fits.status == "False"
-        and (fits_before is None or fits_before.status != "False" or fits_before.message != fits.message)
-    ):
-        notes.append(Note("Warning", "StageWillNotFit", fits.message))
+    for kind, reason in (("Valid", "InvalidSpec"), ("MemoryFits", "StageWillNotFit")):
+        failing = _newly_false(previous, current, kind)
+        if failing is not None:
+            notes.append(Note("Warning", reason, failing.message))
     before = previous.phase if previous else RunPhase.PENDING
     if current.phase != before:
         failed = current.condition("Failed")
