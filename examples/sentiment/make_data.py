@@ -3,12 +3,13 @@
 The DPO paper's controlled-sentiment experiment uses IMDb reviews; we cannot ship
 those, so this script writes short movie-review-like texts from a small grammar with
 positive, negative, neutral and mixed reviews. The output is deterministic (a fixed
-seed), licence-clean (every word is in this file) and small (~300 KB in all):
+seed), licence-clean (every word is in this file) and small (~450 KB in all):
 
     data/corpus.txt          pretraining text, one review per line
     data/sft.jsonl           {"prompt", "completion"} rows: a review prefix and its continuation
     data/prompts.jsonl       {"prompt"} review prefixes for sampling (generate, ppo)
-    data/eval_prompts.jsonl  held-out prefixes for evaluation (never used to train a policy)
+    data/eval_prompts.jsonl  held-out prefixes for evaluation (never used to train a policy):
+                             288 of the grammar's 1,440 prefixes
 
 Run ``python examples/sentiment/make_data.py`` to regenerate, ``--check`` to verify
 that the committed files are exactly what the grammar produces.
@@ -53,11 +54,32 @@ SUBJECTS = (
     "villain",
     "sequel",
     "camera work",
+    "costumes",
+    "effects",
+    "first half",
+    "second half",
+    "director",
+    "writing",
+    "visuals",
+    "set design",
 )
 VERBS = ("was", "felt", "seemed", "is")
 # The part of each opener before the subject; every review starts with one, so its
 # prefixes are the prompts and the sentiment is decided by what the model writes next.
-LEADS = ("The", "I thought the", "Honestly, the", "In my opinion the", "Overall, the")
+LEADS = (
+    "The",
+    "I thought the",
+    "Honestly, the",
+    "In my opinion the",
+    "Overall, the",
+    "Frankly, the",
+    "All in all, the",
+    "Looking back, the",
+    "My friend said the",
+    "In the end the",
+    "For me the",
+    "Then again, the",
+)
 
 POSITIVE = words(
     """

@@ -19,9 +19,10 @@ same eval prompts (``inputs.eval_data``, else ``inputs.data``) at each sampling 
   sequence KL without the variance of sampling each token. ``kl_mc`` beside it is the plain
   log-ratio estimate ``sum_t log pi_T(y_t) - log pi_ref(y_t)`` on the same answers. The
   tempered reference is a policy like any other: its KL is 0 only at T = 1.
-- Best-of-N: N answers from the reference, the best kept by the reward model (else the
-  scorer). It has no per-token distribution, so no KL is measured: ``kl`` is the analytic
-  bound ``log N - (N - 1) / N`` (``kl_method: analytic_bound``), to be plotted apart.
+- Best-of-N: N answers from the reference (at each temperature), the best kept by the reward
+  model (else the scorer). It has no per-token distribution, so no KL is measured: ``kl`` is
+  the analytic bound ``log N - (N - 1) / N`` on its KL to the distribution it draws from (the
+  reference itself only at T = 1), ``kl_method: analytic_bound``, to be plotted apart.
 
     python -m kubealign_jobs.evaluate --config stage.json
 

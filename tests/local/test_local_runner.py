@@ -277,3 +277,45 @@ def test_invalid_manifest_fails_with_the_field_named(workspace: Workspace, tmp_p
     line = result.stderr.strip().splitlines()[0]
     assert re.match(rf"^{re.escape(str(manifest))}:\d+: spec\.stages\[1\]\.inputs\.model\.from: ", line), line
     assert not (tmp_path / "work" / "status.json").exists()
+
+
+def test_a_sweep_runs_each_member_within_max_parallel_and_readers_fan_out(
+    workspace: Workspace, tmp_path: Path
+) -> None:
+    manifest = workspace.manifest(
+        "swept",
+        [
+            {**sft_stage("tune", model=BASE, steps=2), "sweep": {"seed": [1, 2]}, "maxParallel": 1},
+            sft_stage("after", model={"from": "tune"}, steps=1),
+        ],
+    )
+    result = run_cli("run", manifest, "--local", "--workdir", tmp_path, "--max-parallel", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    status = json.loads((tmp_path / "status.json").read_text())
+    jsonschema.validate(status, status_schema())
+    assert status["progress"] == "4/4"
+    assert [(s["name"], s["sweep"]) for s in status["stages"]] == [
+        ("tune-seed-1", {"stage": "tune", "values": {"seed": 1}}),
+        ("tune-seed-2", {"stage": "tune", "values": {"seed": 2}}),
+        ("after-seed-1", {"stage": "after", "values": {"seed": 1}}),
+        ("after-seed-2", {"stage": "after", "values": {"seed": 2}}),
+    ]
+    for name, seed, model in (("tune-seed-2", 2, None), ("after-seed-2", 2, "tune-seed-2")):
+        config = json.loads((tmp_path / "configs" / f"{name}.json").read_text())
+        assert config["seed"] == seed
+        if model:
+            assert (
+                config["inputs"]["model"] == (tmp_path / f"storage/default/swept/{model}/artifact").as_uri()
+            )
+    # maxParallel 1: the second member started only after the first finished.
+    events = [
+        re.sub(r" after .*", "", line.split(",")[0])
+        for line in result.stdout.splitlines()
+        if re.match(r"^tune-seed-\d: (Running|Succeeded)", line)
+    ]
+    assert events == [
+        "tune-seed-1: Running",
+        "tune-seed-1: Succeeded",
+        "tune-seed-2: Running",
+        "tune-seed-2: Succeeded",
+    ]
