@@ -4,6 +4,11 @@
 
     L = -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
 
+``loss_type`` picks another member of the family (`kubealign_jobs.losses`): ``robust``,
+``ipo``, ``hinge``, or ``simpo``, which is reference-free: no reference is loaded, scored or
+cached, and ``gamma`` is its target margin. ``label_smoothing`` gives conservative (sigmoid) or
+robust DPO.
+
 Inputs: ``model`` (the SFT policy to start from), ``reference`` (the frozen reference policy;
 defaults to ``model``), ``data`` (rows ``{prompt | question, chosen, rejected}``), optional
 ``eval_data``.
@@ -37,7 +42,8 @@ from torch import nn
 
 from kubealign_jobs import data, loop, parallel, storage
 from kubealign_jobs import model as models
-from kubealign_jobs.losses import dpo_loss
+from kubealign_jobs.config import ConfigError
+from kubealign_jobs.losses import dpo_loss, simpo_loss
 from kubealign_jobs.runtime import StageContext, publish_results, run_stage
 from kubealign_jobs.stages import DPOHyperparameters as Hyperparameters
 
@@ -83,14 +89,30 @@ def collate_pairs(examples: Sequence[PairExample], *, pad_token_id: int) -> Pair
     )
 
 
-def pair_loss(model: nn.Module, batch: PairBatch, *, beta: float) -> loop.LossOutput:
-    """DPO loss of a batch of pairs from one forward pass over chosen and rejected together."""
+def pair_loss(model: nn.Module, batch: PairBatch, *, hp: Hyperparameters) -> loop.LossOutput:
+    """The ``loss_type`` loss of a batch of pairs from one forward pass over chosen and rejected together."""
     seq = batch.sequences
     logps = models.sequence_logps(model, seq.input_ids, seq.attention_mask, seq.completion_mask)  # (2B,)
     chosen_logps, rejected_logps = logps.chunk(2)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(
-        chosen_logps, rejected_logps, batch.ref_chosen, batch.ref_rejected, beta
-    )
+    chosen_tokens, rejected_tokens = seq.completion_mask.sum(dim=1).chunk(2)
+    if hp.loss_type == "simpo":
+        losses, chosen_rewards, rejected_rewards = simpo_loss(
+            chosen_logps / chosen_tokens.clamp(min=1),
+            rejected_logps / rejected_tokens.clamp(min=1),
+            hp.beta,
+            hp.gamma,
+        )
+    else:
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            chosen_logps,
+            rejected_logps,
+            batch.ref_chosen,
+            batch.ref_rejected,
+            hp.beta,
+            loss_type=hp.loss_type,
+            label_smoothing=hp.label_smoothing,
+            lengths=(chosen_tokens, rejected_tokens),
+        )
     return loop.LossOutput(
         loss_sum=losses.sum(),
         metric_sums={
@@ -254,7 +276,7 @@ def evaluate_pairs(
     ):
         batch = collate_pairs(chunk, pad_token_id=pad_token_id).to(ctx.device)
         with ctx.accelerator.autocast():
-            out = pair_loss(model, batch, beta=hp.beta)
+            out = pair_loss(model, batch, hp=hp)
         if not counts:
             continue
         sums["loss"] += float(out.loss_sum)
@@ -274,6 +296,8 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     model_uri = loop.require_input(inputs.model, "inputs.model")
     data_uri = loop.require_input(inputs.data, "inputs.data")
     reference_uri = inputs.reference or model_uri
+    if hp.loss_type == "simpo" and inputs.reference:
+        raise ConfigError("inputs.reference: loss_type simpo uses no reference; remove it")
 
     resume = loop.find_resume_checkpoint(ctx)
     model_dir = loop.starting_weights(ctx, resume, model_uri, hp, pairs=True)
@@ -297,14 +321,18 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         name: data.encode_preferences(tokenizer, rows, max_length=hp.max_length)
         for name, rows in splits.items()
     }
-    ref = reference_logps(
-        ctx,
-        hp,
-        encoded,
-        reference_uri=reference_uri,
-        pad_token_id=pad_token_id,
-        policy=trainable if own_reference else None,
-    )
+    if hp.loss_type == "simpo":
+        # Reference-free: nothing is loaded, computed or cached; the pairs carry zeros.
+        ref = {name: torch.zeros(len(pairs), 2) for name, pairs in encoded.items()}
+    else:
+        ref = reference_logps(
+            ctx,
+            hp,
+            encoded,
+            reference_uri=reference_uri,
+            pad_token_id=pad_token_id,
+            policy=trainable if own_reference else None,
+        )
     train_pairs = attach(encoded["train"], ref["train"])
 
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
@@ -319,7 +347,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         collate=partial(collate_pairs, pad_token_id=pad_token_id),
         to_device=PairBatch.to,
         units=lambda batch: int(batch.ref_chosen.shape[0]),
-        loss=partial(pair_loss, beta=hp.beta),
+        loss=partial(pair_loss, hp=hp),
     )
     result = loop.train(
         ctx,
@@ -329,15 +357,15 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         tokenizer=tokenizer,
         resume=resume,
         evaluate=evaluate,
-        extra_state={"beta": hp.beta},
+        extra_state={"beta": hp.beta, "loss_type": hp.loss_type},
     )
-    metrics = {**result.metrics, "pairs": float(len(train_pairs)), "beta": hp.beta}
+    metrics = {**result.metrics, "pairs": float(len(train_pairs)), "beta": hp.beta, "loss_type": hp.loss_type}
     publish_results(
         ctx,
         metrics,
         trainable.writer(tokenizer),
         steps=result.steps,
-        reference=reference_uri,
+        reference=None if hp.loss_type == "simpo" else reference_uri,
     )
     return metrics
 

@@ -221,6 +221,7 @@ LR_SCHEDULES: Final = ("cosine", "linear", "constant")
 KL_ESTIMATORS: Final = ("k1", "k2", "k3")
 OUTPUT_FORMATS: Final = ("best_worst", "all_pairs", "ranking")
 BASELINES: Final = ("reference", "data")
+DPO_LOSS_TYPES: Final = ("sigmoid", "robust", "ipo", "hinge", "simpo")
 SHARDINGS: Final = ("none", "fsdp")
 # The ground-truth scorers kubealign_jobs.scorers registers (a test keeps the two in step).
 SCORERS: Final = ("vader", "word_fraction")
@@ -457,8 +458,30 @@ class DPOHyperparameters(TrainingHyperparameters, LoraHyperparameters):
     warmup_steps: int = 150
     lr_schedule: str = "constant"
     beta: float = param(0.1, "strength of the KL constraint to the reference (the paper's beta)", gt=0)
+    loss_type: str = param(
+        "sigmoid",
+        "the preference loss: sigmoid (DPO), robust (Chowdhury 2024), ipo (Azar 2023), hinge (SLiC), "
+        "simpo (Meng 2024: reference-free, length-normalised; no reference is loaded)",
+        choices=DPO_LOSS_TYPES,
+    )
+    label_smoothing: float = param(
+        0.0,
+        "assumed rate of flipped labels: conservative DPO with sigmoid (Mitchell 2023), robust DPO with "
+        "robust, smoothed SimPO with simpo",
+        ge=0,
+        lt=0.5,
+    )
+    gamma: float = param(0.5, "simpo's target reward margin", ge=0)
     reference_batch_size: int = param(0, "sequences per reference forward pass; 0 is 4 x micro-batch", ge=0)
     disable_dropout: bool = param(True, "turn dropout off: the log-ratios must compare like with like")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.label_smoothing and self.loss_type in ("ipo", "hinge"):
+            raise ConfigError(
+                f"hyperparameters.label_smoothing: {self.loss_type} has no label smoothing; "
+                "use sigmoid, robust or simpo"
+            )
 
 
 @dataclass(frozen=True)

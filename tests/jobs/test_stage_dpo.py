@@ -143,3 +143,53 @@ def test_the_reference_cache_is_keyed_by_precision_and_device(tmp_path: Path) ->
     assert base != dpo.fingerprint(uri, pairs, split="train", precision="bf16", device="cpu")
     assert base != dpo.fingerprint(uri, pairs, split="train", precision="no", device="cuda")
     assert base != dpo.fingerprint(uri, pairs, split="eval", precision="no", device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "extra", "first_loss"),
+    [
+        # At the start the policy is the reference (or, for simpo, chosen and rejected are alike
+        # only on average), so the first loss is each formula at a zero log-ratio gap.
+        ("ipo", {}, 1.0),  # (0 - 1/(2 * 0.5))^2
+        ("robust", {"label_smoothing": 0.2}, math.log(2)),
+        ("simpo", {"gamma": 0.5}, None),
+    ],
+)
+def test_other_loss_types_train_and_simpo_loads_no_reference(
+    bucket: str, tmp_path: Path, loss_type: str, extra: dict[str, float], first_loss: float | None
+) -> None:
+    inputs = _upload(bucket, save_tiny_lm(tmp_path / "sft"))
+    output = f"s3://{bucket}/ns/run/{loss_type}"
+    hyperparameters = {**HYPER, "checkpoint_every": 0, "loss_type": loss_type, **extra}
+    config = stage_config(
+        tmp_path, stage_type="dpo", output=output, inputs=inputs, hyperparameters=hyperparameters
+    )
+    run = run_stage("dpo", config, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    steps = run.steps
+    if first_loss is not None:
+        assert steps[0]["loss"] == pytest.approx(first_loss, abs=1e-4)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert steps[-1]["reward_margin"] > steps[0]["reward_margin"]
+    assert run.termination is not None and run.termination["loss_type"] == loss_type
+    # Only the reference-based losses compute and cache reference log-probs.
+    assert bool(run.events("reference_logps")) is (loss_type != "simpo")
+    assert storage.is_complete(f"{output}/reference_logps") is (loss_type != "simpo")
+
+
+def test_simpo_with_a_reference_and_smoothing_with_ipo_are_refused(bucket: str, tmp_path: Path) -> None:
+    inputs = _upload(bucket, save_tiny_lm(tmp_path / "sft"))
+    for hyperparameters, inputs_extra, field in (
+        ({"loss_type": "simpo"}, {"reference": inputs["model"]}, "inputs.reference"),
+        ({"loss_type": "ipo", "label_smoothing": 0.1}, {}, "hyperparameters.label_smoothing"),
+    ):
+        config = stage_config(
+            tmp_path,
+            stage_type="dpo",
+            output=f"s3://{bucket}/ns/run/bad",
+            inputs={**inputs, **inputs_extra},
+            hyperparameters={**HYPER, **hyperparameters},
+        )
+        run = run_stage("dpo", config, tmp_path)
+        assert run.returncode == 2, run.stderr[-2000:]
+        assert field in run.stderr

@@ -1,4 +1,4 @@
-"""Our DPO loss against TRL 1.12.0's DPOTrainer on the very same batch: values and gradients."""
+"""Our DPO-family losses against TRL 1.12.0's DPOTrainer on the very same batch: values and gradients."""
 
 from __future__ import annotations
 
@@ -14,8 +14,19 @@ from tests.jobs.trainer_toys import preference_rows, save_tiny_lm
 trl = pytest.importorskip("trl")
 
 
-@pytest.mark.parametrize("beta", [0.1, 0.5])
-def test_dpo_loss_matches_trl_dpo_trainer(tmp_path: Path, beta: float) -> None:
+@pytest.mark.parametrize(
+    ("beta", "loss_type", "label_smoothing"),
+    [
+        (0.1, "sigmoid", 0.0),
+        (0.5, "sigmoid", 0.0),
+        (0.1, "robust", 0.2),
+        (0.1, "ipo", 0.0),
+        (0.5, "hinge", 0.0),
+    ],
+)
+def test_dpo_loss_matches_trl_dpo_trainer(
+    tmp_path: Path, beta: float, loss_type: str, label_smoothing: float
+) -> None:
     from datasets import Dataset
 
     model_dir = save_tiny_lm(tmp_path / "model")
@@ -29,7 +40,13 @@ def test_dpo_loss_matches_trl_dpo_trainer(tmp_path: Path, beta: float) -> None:
             param.add_(torch.randn(param.shape, generator=generator) * 0.05)
 
     args = trl.DPOConfig(
-        output_dir=str(tmp_path / "trl"), beta=beta, report_to=[], use_cpu=True, per_device_train_batch_size=8
+        output_dir=str(tmp_path / "trl"),
+        beta=beta,
+        loss_type=[loss_type],
+        label_smoothing=label_smoothing,
+        report_to=[],
+        use_cpu=True,
+        per_device_train_batch_size=8,
     )
     trainer = trl.DPOTrainer(
         model=policy,
@@ -49,14 +66,23 @@ def test_dpo_loss_matches_trl_dpo_trainer(tmp_path: Path, beta: float) -> None:
     ).chunk(2)
     with torch.no_grad():
         ref_chosen, ref_rejected = models.sequence_logps(reference, ids, mask, completion).chunk(2)
+    chosen_tokens, rejected_tokens = completion.sum(dim=1).chunk(2)
     losses, chosen_rewards, rejected_rewards = dpo_loss(
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta
+        policy_chosen,
+        policy_rejected,
+        ref_chosen,
+        ref_rejected,
+        beta,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
+        lengths=(chosen_tokens, rejected_tokens),
     )
     ours = losses.mean()
     our_grads = torch.autograd.grad(ours, list(policy.parameters()))
 
     assert abs(ours.item() - trl_loss.item()) < 1e-6
     assert abs(ours.item() - torch.log(torch.tensor(2.0)).item()) > 1e-3  # a non-trivial batch
+    assert any(g.abs().sum() > 0 for g in our_grads)
     for ours_g, theirs_g in zip(our_grads, trl_grads, strict=True):
         torch.testing.assert_close(ours_g, theirs_g, rtol=1e-9, atol=1e-12)
     logged = trainer._metrics["train" if policy.training else "eval"]
