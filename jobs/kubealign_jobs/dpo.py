@@ -46,6 +46,7 @@ from kubealign_jobs.config import ConfigError
 from kubealign_jobs.losses import dpo_loss, simpo_loss
 from kubealign_jobs.runtime import StageContext, publish_results, run_stage
 from kubealign_jobs.stages import DPOHyperparameters as Hyperparameters
+from kubealign_jobs.stages import ReferenceHyperparameters
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def compute_sequence_logps(
 
 def reference_logps(
     ctx: StageContext,
-    hp: Hyperparameters,
+    hp: ReferenceHyperparameters,
     splits: dict[str, list[data.EncodedRanking]],
     *,
     reference_uri: str,

@@ -450,7 +450,15 @@ class RewardHyperparameters(TrainingHyperparameters, LoraHyperparameters):
 
 
 @dataclass(frozen=True)
-class DPOHyperparameters(TrainingHyperparameters, LoraHyperparameters):
+class ReferenceHyperparameters(TrainingHyperparameters, LoraHyperparameters):
+    """A policy trained against the log-probs of a frozen reference, computed once and cached."""
+
+    reference_batch_size: int = param(0, "sequences per reference forward pass; 0 is 4 x micro-batch", ge=0)
+    disable_dropout: bool = param(True, "turn dropout off: the log-ratios must compare like with like")
+
+
+@dataclass(frozen=True)
+class DPOHyperparameters(ReferenceHyperparameters):
     """The DPO paper's settings: beta 0.1, lr 1e-6, batch 64, 150 warmup steps."""
 
     learning_rate: float = 1e-6
@@ -472,8 +480,6 @@ class DPOHyperparameters(TrainingHyperparameters, LoraHyperparameters):
         lt=0.5,
     )
     gamma: float = param(0.5, "simpo's target reward margin", ge=0)
-    reference_batch_size: int = param(0, "sequences per reference forward pass; 0 is 4 x micro-batch", ge=0)
-    disable_dropout: bool = param(True, "turn dropout off: the log-ratios must compare like with like")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -482,6 +488,20 @@ class DPOHyperparameters(TrainingHyperparameters, LoraHyperparameters):
                 f"hyperparameters.label_smoothing: {self.loss_type} has no label smoothing; "
                 "use sigmoid, robust or simpo"
             )
+
+
+@dataclass(frozen=True)
+class KTOHyperparameters(ReferenceHyperparameters):
+    """KTO's settings (Ethayarajh et al. 2024): beta 0.1, equal weights for balanced labels."""
+
+    learning_rate: float = 1e-6
+    batch_size: int = 32
+    lr_schedule: str = "constant"
+    beta: float = param(0.1, "strength of the KL constraint to the reference", gt=0)
+    desirable_weight: float = param(
+        1.0, "loss weight of desirable answers (raise it when they are the minority)", gt=0
+    )
+    undesirable_weight: float = param(1.0, "loss weight of undesirable answers", gt=0)
 
 
 @dataclass(frozen=True)
@@ -698,6 +718,17 @@ CATALOGUE: Final[Mapping[str, StageType]] = {
             hyperparameters=DPOHyperparameters,
             requires=((("model",), "the policy to start from"), (("data",), "preference pairs")),
             optional=("reference", "evalData"),
+            produces=Artifact.MODEL,
+        ),
+        StageType(
+            name="kto",
+            summary="Kahneman-Tversky Optimization on unpaired answers labelled desirable or not",
+            hyperparameters=KTOHyperparameters,
+            requires=(
+                (("model",), "the policy to start from"),
+                (("data",), "rows {prompt, completion, label}"),
+            ),
+            optional=("reference",),
             produces=Artifact.MODEL,
         ),
         StageType(

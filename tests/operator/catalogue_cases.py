@@ -1,21 +1,20 @@
 """Bad-hyperparameter manifests generated from the stage catalogue, one per (stage type, field, fault).
 
 For every stage type, in the pipeline of run_builders (pretrain, sft, generate, reward, dpo, ppo,
-evaluate: each type at its own index), each hyperparameter gets a wrong type, every bound it has a
-value just past it, every choice list a near miss, and each name a misspelling. The offline tests
-(kubealign validate) and the cluster tests (the real API server's admission policy) read the same
-cases, so a rule one door lacks fails a test.
+evaluate) and a kto stage after it (each type at its own index), each hyperparameter gets a wrong
+type, every bound it has a value just past it, every choice list a near miss, and each name a
+misspelling. The offline tests (kubealign validate) and the cluster tests (the real API server's
+admission policy) read the same cases, so a rule one door lacks fails a test.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
 from kubealign_jobs import stages
 from kubealign_jobs.stages import CATALOGUE, Kind, Param
-from tests.operator.run_builders import manifest, pipeline
+from tests.operator.run_builders import manifest, pipeline, src, stage, uri
 
 # A value of another JSON type for each kind.
 WRONG_TYPE: dict[Kind, Any] = {
@@ -41,7 +40,7 @@ class Case:
         return f"spec.stages[{self.index}].hyperparameters.{self.name}"
 
     def manifest(self) -> dict[str, Any]:
-        stages = copy.deepcopy(pipeline())
+        stages = every_type()
         stages[self.index].setdefault("hyperparameters", {})[self.name] = self.value
         return manifest(stages, name=f"bad-{self.index}")
 
@@ -58,8 +57,13 @@ def _past_bounds(p: Param) -> list[tuple[str, Any]]:
     return out
 
 
+def every_type() -> list[dict[str, Any]]:
+    """run_builders' pipeline and the stage types it does not use, so every type has an index."""
+    return [*pipeline(), stage("kto", "kto", inputs={"model": src("sft"), "data": uri("s3://data/kto")})]
+
+
 def _index(stage_type: str) -> int:
-    return next(i for i, s in enumerate(pipeline()) if s["type"] == stage_type)
+    return next(i for i, s in enumerate(every_type()) if s["type"] == stage_type)
 
 
 def cases() -> list[Case]:
@@ -78,12 +82,12 @@ def cases() -> list[Case]:
 
 def every_default_manifest() -> dict[str, Any]:
     """The pipeline with every stage spelling out every hyperparameter at its catalogue default."""
-    listed = copy.deepcopy(pipeline())
-    for stage in listed:
-        defaults = stages.defaults(stage["type"])
+    listed = every_type()
+    for entry in listed:
+        defaults = stages.defaults(entry["type"])
         # A null default (e.g. target_kl) means "unset"; a manifest leaves it out the same way.
-        stage["hyperparameters"] = {
+        entry["hyperparameters"] = {
             **{k: v for k, v in defaults.items() if v is not None},
-            **stage.get("hyperparameters", {}),
+            **entry.get("hyperparameters", {}),
         }
     return manifest(listed, name="every-default")
