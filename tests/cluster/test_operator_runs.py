@@ -175,6 +175,61 @@ def test_dpo_and_ppo_branches_run_in_parallel(
     assert abs((started["dpo"] - started["ppo"]).total_seconds()) <= 1
 
 
+def test_a_sweep_runs_one_job_per_member_within_max_parallel(
+    cluster: Cluster, namespace: str, operator: Any, reader: Reader
+) -> None:
+    """Through the real admission policy and operator: members, fan-out, maxParallel, status."""
+    slow = {KWOK_RUN_SECONDS: "2"}
+    stages = [
+        stage(
+            "dpo",
+            "dpo",
+            inputs={"model": uri("s3://m00/base"), "data": uri("s3://d00/prefs")},
+            sweep={"beta": [0.1, 0.3], "seed": [0, 1]},
+            maxParallel=2,
+            podAnnotations=slow,
+        ),
+        stage(
+            "evaluate",
+            "evaluate",
+            inputs={"model": uri("s3://m00/base"), "policies": [src("dpo")], "data": uri("s3://d00/eval")},
+            hyperparameters={"scorer": "vader"},
+        ),
+    ]
+    submit(cluster, namespace, manifest(stages, name="swept"))
+    most = 0
+
+    def finished() -> dict[str, Any] | None:
+        nonlocal most
+        active = [j for j in reader.jobs("swept").values() if j["status"].get("active")]
+        most = max(most, len([j for j in active if "-dpo-" in j["metadata"]["name"]]))
+        status = reader.status("swept")
+        return status if status.get("phase") == "Succeeded" else None
+
+    status = wait_until("the swept run succeeds", finished, timeout=120)
+    assert status["progress"] == "5/5"
+    members = [s["name"] for s in status["stages"]]
+    assert members == [
+        "dpo-beta-0p1-seed-0",
+        "dpo-beta-0p1-seed-1",
+        "dpo-beta-0p3-seed-0",
+        "dpo-beta-0p3-seed-1",
+        "evaluate",
+    ]
+    assert status["stages"][2]["sweep"] == {"stage": "dpo", "values": {"beta": 0.3, "seed": 0}}
+    assert 1 <= most <= 2, f"{most} dpo members ran at once; maxParallel is 2"
+    config = json.loads(
+        reader.kube.get("ConfigMap", namespace, "swept-dpo-beta-0p3-seed-0-1")["data"]["stage.json"]
+    )
+    assert (config["seed"], config["hyperparameters"]["beta"]) == (0, 0.3)
+    evaluate = json.loads(reader.kube.get("ConfigMap", namespace, "swept-evaluate-1")["data"]["stage.json"])
+    assert sorted(evaluate["inputs"]["policies"]) == members[:4]
+    # A bad sweep value is refused at kubectl apply, naming the field.
+    bad = manifest([{**stages[0], "sweep": {"beta": [0.1, -1.0]}}], name="bad-sweep", namespace=namespace)
+    refused = cluster.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(bad), check=False)
+    assert refused.returncode != 0 and "spec.stages[0].sweep.beta" in refused.stderr, refused.stderr
+
+
 def test_failing_stage_is_retried_then_fails_the_run(
     cluster: Cluster, namespace: str, operator: Any, reader: Reader
 ) -> None:
