@@ -260,3 +260,70 @@ def make_kl_controller(*, init_kl_coef: float, target_kl: float | None, horizon:
 def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Monte Carlo sequence KL per row: ``Σ_t (log π - log π_ref)`` over real tokens -> (B,)."""
     return masked_sum(logprobs - ref_logprobs, mask, dim=1)
+
+
+ADVANTAGES = ("grpo", "rloo")
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, *, method: str = "grpo", scale: bool = True, eps: float = 1e-4
+) -> torch.Tensor:
+    """Per-completion advantages (N,) from rewards (N,) laid out as consecutive groups of one prompt.
+
+    - ``grpo`` (Shao et al. 2024): reward minus its group's mean;
+    - ``rloo`` (Ahmadian et al. 2024): reward minus the mean of the *other* G - 1 rewards of its
+      group, ``G / (G - 1)`` times the grpo advantage, an unbiased baseline;
+
+    each divided by the group's standard deviation (plus ``eps``) when ``scale``. A group whose
+    rewards are all equal teaches nothing: its advantages are exactly 0, never NaN.
+    """
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(f"group_size: {rewards.numel()} rewards do not form groups of {group_size} >= 2")
+    groups = rewards.float().view(-1, group_size)
+    advantages = groups - groups.mean(dim=1, keepdim=True)
+    if method == "rloo":
+        # r - (sum - r) / (G - 1), written so that rounding cannot tell equal rewards apart.
+        advantages = advantages * (group_size / (group_size - 1))
+    elif method != "grpo":
+        raise ValueError(f"advantage: {method!r} is not one of {', '.join(ADVANTAGES)}")
+    if scale:
+        advantages = advantages / (groups.std(dim=1, keepdim=True) + eps)
+    # A float mean of equal rewards can be off by one ulp, which the division by a zero std
+    # would blow up: equal rewards give exactly zero.
+    equal = groups.amax(dim=1, keepdim=True) == groups.amin(dim=1, keepdim=True)
+    return advantages.masked_fill(equal, 0.0).reshape(-1)
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_range: float,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO's objective, to minimise: per token the clipped surrogate ``-min(rho A, clip(rho) A)`` plus
+    ``kl_coef`` times the k3 KL estimate to the reference, averaged over each completion's
+    tokens, then over completions (Shao et al. 2024, eq. 3).
+
+    ``logprobs``, ``old_logprobs``, ``ref_logprobs`` and ``mask`` are (B, C); ``advantages`` (B,).
+    Returns the loss and detached statistics (clip fraction, KL).
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    advantage = advantages.unsqueeze(1)
+    surrogate = torch.minimum(
+        ratio * advantage, torch.clamp(ratio, 1 - clip_range, 1 + clip_range) * advantage
+    )
+    per_token = -surrogate
+    stats: dict[str, torch.Tensor] = {}
+    if ref_logprobs is not None and kl_coef:
+        kl = kl_estimate(logprobs, ref_logprobs, estimator="k3")
+        per_token = per_token + kl_coef * kl
+        stats["kl"] = masked_mean(kl.detach(), mask)
+    lengths = mask.sum(dim=1).clamp(min=1)
+    loss = ((per_token * mask).sum(dim=1) / lengths).mean()
+    clipped = ((ratio - 1).abs() > clip_range).float()
+    stats["clip_fraction"] = masked_mean(clipped.detach(), mask)
+    return loss, stats

@@ -315,7 +315,14 @@ def run_stage(
     from kubealign_jobs.data import DataError
     from kubealign_jobs.model import ModelError
 
-    parser = argparse.ArgumentParser(prog=f"python -m kubealign_jobs.{stage_type}")
+    # --help documents the stage: what its module says, then its inputs and every hyperparameter.
+    module = sys.modules.get(getattr(train, "__module__", ""))
+    parser = argparse.ArgumentParser(
+        prog=f"python -m kubealign_jobs.{stage_type}",
+        description=(module.__doc__ if module and module.__doc__ else "").strip(),
+        epilog=stages.describe(stage_type),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--config", required=True, help="stage config: a local path or an s3:// / file:// URI"
     )

@@ -222,6 +222,8 @@ KL_ESTIMATORS: Final = ("k1", "k2", "k3")
 OUTPUT_FORMATS: Final = ("best_worst", "all_pairs", "ranking")
 BASELINES: Final = ("reference", "data")
 DPO_LOSS_TYPES: Final = ("sigmoid", "robust", "ipo", "hinge", "simpo")
+ADVANTAGES: Final = ("grpo", "rloo")  # kubealign_jobs.rl.group_advantages
+VERIFIERS: Final = ("exact_match", "math", "regex")  # kubealign_jobs.verifiers
 SHARDINGS: Final = ("none", "fsdp")
 # The ground-truth scorers kubealign_jobs.scorers registers (a test keeps the two in step).
 SCORERS: Final = ("vader", "word_fraction")
@@ -579,6 +581,58 @@ class PPOHyperparameters(
 
 
 @dataclass(frozen=True)
+class GRPOHyperparameters(OptimizerHyperparameters, CheckpointHyperparameters, SamplingHyperparameters):
+    """Group-relative policy optimisation (Shao et al. 2024); TRL's GRPO defaults where it has them."""
+
+    learning_rate: float = 1e-6
+    lr_schedule: str = "constant"
+    log_every: int = 1
+    checkpoint_every: int = 50
+    max_new_tokens: int = 32
+    max_prompt_tokens: int = 128
+    steps: int = param(100, "GRPO steps, each one rollout of groups and its update", ge=1)
+    prompts_per_step: int = param(8, "prompts per process per step; each is answered group_size times", ge=1)
+    group_size: int = param(4, "completions sampled per prompt (G); advantages compare them", ge=2)
+    temperature: float = param(1.0, "sampling temperature; log-probs are taken at the same T", gt=0)
+    advantage: str = param(
+        "grpo", "baseline: grpo (the group's mean) or rloo (the mean of the other G - 1)", choices=ADVANTAGES
+    )
+    scale_rewards: bool = param(True, "divide advantages by the group's reward standard deviation")
+    epochs: int = param(1, "passes over each rollout (GRPO's mu); with 1 the ratio starts at exactly 1", ge=1)
+    mini_batch_size: int = param(
+        0, "completions per optimizer step, per process; 0 is the whole rollout (one step per pass)", ge=0
+    )
+    clip_range: float = param(0.2, "ratio clip epsilon", gt=0)
+    kl_coef: float = param(0.0, "weight of the k3 KL to the reference; 0 loads no reference", ge=0)
+    verifiers: dict[str, Any] = param(
+        {}, "verifiable rewards by name and weight, e.g. {exact_match: 1.0}: exact_match, math, regex"
+    )
+    regex: str | None = param(None, "the regex verifier's pattern; {answer} stands for the row's answer")
+    reward_model_weight: float = param(1.0, "weight of inputs.rewardModel's score, when there is one", ge=0)
+    reward_max_length: int = param(512, "tokens of prompt + completion the reward model sees", ge=1)
+    forward_batch_size: int = param(64, "rows per sampling or no-grad forward pass", ge=1)
+
+    def __post_init__(self) -> None:
+        for name, weight in self.verifiers.items():
+            if name not in VERIFIERS:
+                raise ConfigError(
+                    f"hyperparameters.verifiers.{name}: unknown verifier; one of {', '.join(VERIFIERS)}"
+                )
+            if isinstance(weight, bool) or not isinstance(weight, int | float):
+                raise ConfigError(
+                    f"hyperparameters.verifiers.{name}: the weight must be a number, got {weight!r}"
+                )
+        if ("regex" in self.verifiers) != (self.regex is not None):
+            raise ConfigError("hyperparameters.regex: set it exactly when verifiers has regex")
+        rollout = self.prompts_per_step * self.group_size
+        if self.mini_batch_size and rollout % self.mini_batch_size:
+            raise ConfigError(
+                f"hyperparameters.mini_batch_size: {self.mini_batch_size} does not divide the rollout "
+                f"of prompts_per_step x group_size = {rollout} completions"
+            )
+
+
+@dataclass(frozen=True)
 class EvaluateHyperparameters(PrecisionHyperparameters, RewardSourceHyperparameters, SamplingHyperparameters):
     temperatures: list[float] = param(
         [0.25, 0.5, 0.75, 1.0], "sampling temperatures of the frontier; 0 is greedy", ge=0
@@ -739,6 +793,17 @@ CATALOGUE: Final[Mapping[str, StageType]] = {
             optional=("rewardModel", "reference"),
             produces=Artifact.MODEL,
             needs_reward=True,
+        ),
+        StageType(
+            name="grpo",
+            summary="group-relative policy optimisation against verifiable rewards and/or a reward model",
+            hyperparameters=GRPOHyperparameters,
+            requires=(
+                (("model",), "the policy to start from"),
+                (("data",), "prompts, with an answer per row for the verifiers"),
+            ),
+            optional=("rewardModel", "reference"),
+            produces=Artifact.MODEL,
         ),
         StageType(
             name="evaluate",

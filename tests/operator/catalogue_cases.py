@@ -1,7 +1,7 @@
 """Bad-hyperparameter manifests generated from the stage catalogue, one per (stage type, field, fault).
 
 For every stage type, in the pipeline of run_builders (pretrain, sft, generate, reward, dpo, ppo,
-evaluate) and a kto stage after it (each type at its own index), each hyperparameter gets a wrong
+evaluate) and kto and grpo stages after it (each type at its own index), each hyperparameter gets a wrong
 type, every bound it has a value just past it, every choice list a near miss, and each name a
 misspelling. The offline tests (kubealign validate) and the cluster tests (the real API server's
 admission policy) read the same cases, so a rule one door lacks fails a test.
@@ -59,7 +59,11 @@ def _past_bounds(p: Param) -> list[tuple[str, Any]]:
 
 def every_type() -> list[dict[str, Any]]:
     """run_builders' pipeline and the stage types it does not use, so every type has an index."""
-    return [*pipeline(), stage("kto", "kto", inputs={"model": src("sft"), "data": uri("s3://data/kto")})]
+    return [
+        *pipeline(),
+        stage("kto", "kto", inputs={"model": src("sft"), "data": uri("s3://data/kto")}),
+        stage("grpo", "grpo", inputs={"model": src("sft"), "data": uri("s3://data/math")}),
+    ]
 
 
 def _index(stage_type: str) -> int:
