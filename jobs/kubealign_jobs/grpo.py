@@ -26,7 +26,9 @@ required by the verifiers that compare with it (exact_match, math, a regex with 
 
 A process keeps its groups whole, so advantages never need another process's rewards. The
 artifact is the policy as a plain ``save_pretrained`` model; checkpoints resume with step,
-optimizer, schedule, RNG and data position.
+optimizer, schedule, RNG and data position. With ``inputs.evalData`` (rows like ``data``) the
+greedy answers to its prompts are scored before training and after: ``eval_reward_initial``
+(the starting policy, e.g. SFT) and ``eval_reward``; with verifiers alone, accuracies.
 """
 
 from __future__ import annotations
@@ -216,6 +218,40 @@ def grpo_update(
     return {name: value / max(updates, 1) for name, value in totals.items()}
 
 
+# ---------------------------------------------------------------------------- held-out reward
+
+
+@torch.no_grad()
+def held_out_reward(
+    ctx: StageContext,
+    policy: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    reward_fn: RewardFn,
+    *,
+    hp: Hyperparameters,
+) -> float:
+    """The mean reward of greedy answers to held-out prompts (each rank answers its share):
+    the verifiers' accuracy when they are the reward."""
+    mine = list(prompts[ctx.rank :: ctx.world_size])
+    total = 0.0
+    if mine:
+        was_training = policy.training
+        policy.eval()
+        samples = sample(
+            policy,
+            tokenizer,
+            [p.text for p in mine],
+            SamplingParams(max_new_tokens=hp.max_new_tokens, temperature=0.0),
+            batch_size=hp.forward_batch_size,
+            max_prompt_tokens=hp.max_prompt_tokens,
+        )
+        policy.train(was_training)
+        total = float(reward_fn(samples, mine).sum())
+    sums = ctx.sum_across_ranks({"reward": total, "n": float(len(mine))})
+    return sums["reward"] / max(sums["n"], 1.0)
+
+
 # ---------------------------------------------------------------------------- the stage
 
 
@@ -261,6 +297,15 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
             max_length=hp.reward_max_length,
         )
     reward_fn = make_reward(hp, reward_model)
+    held_out = (
+        data.load(
+            config.inputs.eval_data,
+            ctx.scratch / "eval_data",
+            lambda row: read_prompt(row, chat_format, needs_answer=needs_answer),
+        )
+        if config.inputs.eval_data
+        else []
+    )
     sampler = data.EpochSampler(len(prompts), hp.prompts_per_step * world, seed=config.seed)
 
     resume = loop.find_resume_checkpoint(ctx)
@@ -272,16 +317,23 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     scheduler = loop.make_scheduler(optimizer, hp, hp.steps)
     wrapped, optimizer = accelerator.prepare(policy, optimizer)
     step, position = 0, data.DataPosition()
+    unwrapped: nn.Module = accelerator.unwrap_model(wrapped)
+    # The starting policy's held-out reward, measured once and kept in every checkpoint.
+    initial: float | None = None
     if resume is not None:
         restored = loop.restore_training_state(
             ctx, resume, optimizer=optimizer, scheduler=scheduler, total=hp.steps
         )
         step, position = restored.step, restored.position
+        initial = restored.state.get("eval_reward_initial")
+    elif held_out:
+        with accelerator.autocast():
+            initial = held_out_reward(ctx, unwrapped, tokenizer, held_out, reward_fn, hp=hp)
+        ctx.emit({"event": "held_out", "step": 0, "eval_reward": initial})
 
     def write_model(dest: Path) -> None:
         models.save_pretrained(accelerator.unwrap_model(wrapped), tokenizer, dest)
 
-    unwrapped: nn.Module = accelerator.unwrap_model(wrapped)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     needs_old = hp.epochs > 1 or (0 < hp.mini_batch_size < hp.prompts_per_step * hp.group_size)
     last: dict[str, float] = {}
@@ -347,9 +399,15 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
                 position=position,
                 write_model=write_model,
                 hp=hp,
+                extra_state={"eval_reward_initial": initial},
             )
 
     metrics: dict[str, Any] = {"steps": step, **last}
+    if held_out:
+        with accelerator.autocast():
+            metrics["eval_reward"] = held_out_reward(ctx, unwrapped, tokenizer, held_out, reward_fn, hp=hp)
+        metrics["eval_reward_initial"] = initial
+        metrics["eval_prompts"] = len(held_out)
     runtime.publish_results(ctx, metrics, write_model, steps=step)
     return metrics
 

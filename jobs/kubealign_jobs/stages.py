@@ -802,7 +802,7 @@ CATALOGUE: Final[Mapping[str, StageType]] = {
                 (("model",), "the policy to start from"),
                 (("data",), "prompts, with an answer per row for the verifiers"),
             ),
-            optional=("rewardModel", "reference"),
+            optional=("rewardModel", "reference", "evalData"),
             produces=Artifact.MODEL,
         ),
         StageType(

@@ -199,13 +199,22 @@ def test_grpo_with_a_kl_term_reports_it(toy_inputs: dict[str, str], tmp_path: Pa
 
 def test_grpo_resumes_from_its_checkpoint_exactly(toy_inputs: dict[str, str], tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
-    straight = run_stage("grpo", config(tmp_path / "a", toy_inputs, checkpoint_every=3), tmp_path / "a")
+    inputs = {**toy_inputs, "eval_data": toy_inputs["data"]}
+    straight = run_stage("grpo", config(tmp_path / "a", inputs, checkpoint_every=3), tmp_path / "a")
     assert straight.returncode == 0, straight.stderr[-3000:]
+    # The starting policy's held-out reward is measured before the first step.
+    assert straight.events("held_out")[0]["step"] == 0
+    assert straight.termination is not None and straight.termination["eval_prompts"] == len(PROMPTS) * 4
     # A lost artifact: the retry resumes from the step-3 checkpoint and replays steps 4-6 exactly.
     storage.delete_prefix(str(tmp_path / "a" / "out" / "artifact"))
-    again = run_stage("grpo", config(tmp_path / "a", toy_inputs, checkpoint_every=3), tmp_path / "a")
+    again = run_stage("grpo", config(tmp_path / "a", inputs, checkpoint_every=3), tmp_path / "a")
     assert again.returncode == 0, again.stderr[-3000:]
     assert [r["step"] for r in again.steps] == [4, 5, 6]
+    # The checkpoint kept the initial held-out reward; the final one is the same policy's.
+    assert not again.events("held_out")
+    assert again.termination is not None
+    for name in ("eval_reward_initial", "eval_reward"):
+        assert again.termination[name] == pytest.approx(straight.termination[name])
     for before, after in zip(straight.steps[3:], again.steps, strict=True):
         assert after["reward"] == pytest.approx(before["reward"])
         assert after["loss"] == pytest.approx(before["loss"], abs=1e-6)
