@@ -1,0 +1,99 @@
+"""examples/arithmetic without running it: the data match their generator and hold out their
+problems, the manifest is valid and its inputs exist, and report.py's statistics."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from kubealign import api
+from kubealign.local import load_manifest, localize, missing_inputs
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "arithmetic"
+
+
+def load_report() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("arithmetic_report", EXAMPLE / "report.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_committed_data_is_generated_and_held_out_problems_are_never_trained_on() -> None:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE / "make_data.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {
+        name: [json.loads(line) for line in (EXAMPLE / "data" / name).read_text().splitlines()]
+        for name in ("sft.jsonl", "prompts.jsonl", "eval.jsonl")
+    }
+    held_out = {r["prompt"] for r in rows["eval.jsonl"]}
+    assert len(held_out) == 300
+    corpus = {line.split("=")[0] + "=" for line in (EXAMPLE / "data" / "corpus.txt").read_text().splitlines()}
+    for trained in (
+        corpus,
+        {r["prompt"] for r in rows["sft.jsonl"]},
+        {r["prompt"] for r in rows["prompts.jsonl"]},
+    ):
+        assert trained.isdisjoint(held_out)
+    # Every answer is right.
+    for row in rows["eval.jsonl"]:
+        a, op, b = re.fullmatch(r"(\d+)([+-])(\d+)=", row["prompt"]).groups()  # type: ignore[union-attr]
+        assert int(row["answer"]) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+
+
+def test_manifest_is_valid_and_its_inputs_exist(tmp_path: Path) -> None:
+    path = EXAMPLE / "alignmentrun.yaml"
+    manifest, document = load_manifest(path)
+    run = localize(api.AlignmentRun.from_manifest(manifest), manifest_dir=EXAMPLE, workdir=tmp_path)
+    assert missing_inputs(run, document, path) == []
+    members = run.spec.members("grpo")
+    assert [m.seed for m in members] == [0, 1, 2, 3, 4]
+    assert all(m.hyperparameters["verifiers"] == {"exact_match": 1.0} for m in members)
+    assert all(m.inputs.eval_data is not None for m in members)
+
+
+def status(rows: list[tuple[int, float, float]]) -> dict[str, Any]:
+    return {
+        "stages": [
+            {
+                "name": f"grpo-seed-{seed}",
+                "type": "grpo",
+                "phase": "Succeeded",
+                "sweep": {"stage": "grpo", "values": {"seed": seed}},
+                "metrics": {"eval_reward_initial": sft, "eval_reward": grpo, "eval_prompts": 300},
+            }
+            for seed, sft, grpo in rows
+        ]
+    }
+
+
+def test_report_gives_the_mean_gain_and_a_t_interval_over_seeds() -> None:
+    report = load_report()
+    results = report.summarize(status([(0, 0.5, 0.53), (1, 0.5, 0.55), (2, 0.5, 0.52)]))
+    gain = results["gain"]
+    assert gain["mean"] == pytest.approx(0.1 / 3)
+    # stdev 0.01528, t(2) = 4.303: half width 0.03795.
+    assert gain["ci95"] == pytest.approx([0.0333333 - 0.037955, 0.0333333 + 0.037955], abs=1e-4)
+    assert results["seeds_improved"] == 3
+    assert results["checks"]["at_least_3_seeds"] is True
+    assert report.summarize(status([(0, 0.5, 0.4), (1, 0.5, 0.6)]))["checks"]["at_least_3_seeds"] is False
+    with pytest.raises(SystemExit, match="not finished"):
+        unfinished = status([(0, 0.5, 0.5)])
+        unfinished["stages"][0]["phase"] = "Running"
+        report.summarize(unfinished)
