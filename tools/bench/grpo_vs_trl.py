@@ -19,9 +19,12 @@ Fair by construction, and printed at the start of every run:
   default is on), logging every step on both, dropout off on both.
 - Timed: the wall time between consecutive step ends, everything each loop does per step
   (sampling, rewards, advantages, the forward and backward pass, the optimizer step, logging);
-  the first --warmup steps are not counted, and each side runs alone in its own process.
+  the first --warmup steps of each process are not counted, and each side runs alone in its own
+  process. The sides alternate for --rounds rounds, so a change in the machine's load hits both
+  alike; the rate is the median over every timed step of every round.
 
-Prints both sides' median steps/s and the ratio; the last line is ``ratio <value>``. At this
+Prints both sides' median steps/s (and each round's) and the ratio; the last line is
+``ratio <value>``. At this
 size sampling dominates both sides' steps (both use transformers' ``generate`` with a KV
 cache), so the ratio measures how much each loop adds around it.
 """
@@ -93,8 +96,9 @@ def run_ours(settings: dict[str, Any]) -> dict[str, Any]:
         "run": "bench",
         "stage": "grpo",
         "type": "grpo",
-        "output": (workdir / "ours").as_uri(),
-        "resume": (workdir / "ours" / "checkpoints").as_uri(),
+        # A fresh output per round: a complete artifact would make the stage skip its work.
+        "output": (workdir / f"ours-{settings['round']}").as_uri(),
+        "resume": (workdir / f"ours-{settings['round']}" / "checkpoints").as_uri(),
         "inputs": {"model": Path(settings["model"]).as_uri(), "data": data.as_uri()},
         "hyperparameters": {
             "steps": settings["steps"],
@@ -158,7 +162,7 @@ def run_trl(settings: dict[str, Any]) -> dict[str, Any]:
     repeated = [row for row in rows() for _ in range(settings["group_size"])]
     completions = settings["prompts"] * settings["group_size"]
     config = GRPOConfig(
-        output_dir=str(Path(settings["workdir"]) / "trl"),
+        output_dir=str(Path(settings["workdir"]) / f"trl-{settings['round']}"),
         learning_rate=settings["learning_rate"],
         lr_scheduler_type="constant",
         warmup_steps=0,
@@ -222,11 +226,11 @@ def side(name: str, settings: dict[str, Any], threads: int) -> dict[str, Any]:
     return result
 
 
-def steps_per_s(ends: list[float], warmup: int) -> float:
+def step_times(ends: list[float], warmup: int) -> list[float]:
     gaps = [b - a for a, b in zip(ends[warmup:], ends[warmup + 1 :], strict=False)]
     if not gaps:
         raise SystemExit(f"too few steps ({len(ends)}) after {warmup} warmup steps; raise --steps")
-    return 1.0 / statistics.median(gaps)
+    return gaps
 
 
 def main() -> int:
@@ -240,6 +244,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of both sides")
     parser.add_argument("--learning-rate", type=float, default=2e-5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
@@ -266,16 +271,26 @@ def main() -> int:
             f"tokens per step; T=1, top-p 1, top-k off; exact_match reward; one pass, one optimizer "
             f"step per rollout; beta 0 (no reference); group-std scaling; per-sequence loss mean; "
             f"fused AdamW lr {args.learning_rate} constant, clip 1.0; fp32; no gradient "
-            f"checkpointing; logging every step; {args.threads} threads; {args.steps} steps, "
-            f"first {args.warmup} not timed",
+            f"checkpointing; logging every step; {args.threads} threads; {args.rounds} rounds of "
+            f"{args.steps} steps per side, the first {args.warmup} of each not timed",
             flush=True,
         )
-        ours = side("ours", settings, args.threads)
-        theirs = side("trl", settings, args.threads)
-    ours_rate = steps_per_s(ours["step_ends"], args.warmup)
-    trl_rate = steps_per_s(theirs["step_ends"], args.warmup)
-    print(f"kubealign grpo      {ours_rate:8.3f} steps/s")
-    print(f"TRL {theirs['version']:<7} GRPO  {trl_rate:8.3f} steps/s")
+        times: dict[str, list[float]] = {"ours": [], "trl": []}
+        version = ""
+        for round_index in range(args.rounds):
+            for name in ("ours", "trl"):
+                result = side(name, {**settings, "round": round_index}, args.threads)
+                version = result.get("version", version)
+                gaps = step_times(result["step_ends"], args.warmup)
+                times[name] += gaps
+                print(
+                    f"round {round_index + 1} {name:<4} {1 / statistics.median(gaps):7.3f} steps/s",
+                    flush=True,
+                )
+    ours_rate = 1 / statistics.median(times["ours"])
+    trl_rate = 1 / statistics.median(times["trl"])
+    print(f"kubealign grpo      {ours_rate:8.3f} steps/s (median of {len(times['ours'])} steps)")
+    print(f"TRL {version:<7} GRPO  {trl_rate:8.3f} steps/s (median of {len(times['trl'])} steps)")
     print(f"ratio {ours_rate / trl_rate:.2f}")
     return 0
 
