@@ -532,21 +532,25 @@ class GenerateHyperparameters(PrecisionHyperparameters, RewardSourceHyperparamet
 
 
 @dataclass(frozen=True)
-class PPOHyperparameters(
-    OptimizerHyperparameters, CheckpointHyperparameters, RewardSourceHyperparameters, SamplingHyperparameters
-):
-    """Defaults follow TRL's PPO and Ziegler et al."""
+class RolloutHyperparameters(OptimizerHyperparameters, CheckpointHyperparameters, SamplingHyperparameters):
+    """What the on-policy stages (ppo, grpo) share: steps of one rollout and its update."""
 
     lr_schedule: str = "constant"
     log_every: int = 1
     checkpoint_every: int = 50
     max_new_tokens: int = 32
     max_prompt_tokens: int = 128
-    # Rollouts.
-    steps: int = param(100, "PPO steps, each one rollout batch and its update", ge=1)
-    rollout_batch_size: int = param(16, "prompts per process per step", ge=1)
+    steps: int = param(100, "optimisation steps, each one rollout and its update", ge=1)
     temperature: float = param(1.0, "the policy is pi^(1/T); log-probs are taken at the same T", gt=0)
-    forward_batch_size: int = param(64, "rows per no-grad forward pass while scoring a rollout", ge=1)
+    forward_batch_size: int = param(64, "rows per sampling call or no-grad forward pass over a rollout", ge=1)
+
+
+@dataclass(frozen=True)
+class PPOHyperparameters(RolloutHyperparameters, RewardSourceHyperparameters):
+    """Defaults follow TRL's PPO and Ziegler et al."""
+
+    # Rollouts.
+    rollout_batch_size: int = param(16, "prompts per process per step", ge=1)
     missing_eos_penalty: float | None = param(
         None, "subtracted from the score of completions cut at max_new_tokens"
     )
@@ -581,19 +585,12 @@ class PPOHyperparameters(
 
 
 @dataclass(frozen=True)
-class GRPOHyperparameters(OptimizerHyperparameters, CheckpointHyperparameters, SamplingHyperparameters):
+class GRPOHyperparameters(RolloutHyperparameters):
     """Group-relative policy optimisation (Shao et al. 2024); TRL's GRPO defaults where it has them."""
 
     learning_rate: float = 1e-6
-    lr_schedule: str = "constant"
-    log_every: int = 1
-    checkpoint_every: int = 50
-    max_new_tokens: int = 32
-    max_prompt_tokens: int = 128
-    steps: int = param(100, "GRPO steps, each one rollout of groups and its update", ge=1)
     prompts_per_step: int = param(8, "prompts per process per step; each is answered group_size times", ge=1)
     group_size: int = param(4, "completions sampled per prompt (G); advantages compare them", ge=2)
-    temperature: float = param(1.0, "sampling temperature; log-probs are taken at the same T", gt=0)
     advantage: str = param(
         "grpo", "baseline: grpo (the group's mean) or rloo (the mean of the other G - 1)", choices=ADVANTAGES
     )
@@ -610,7 +607,6 @@ class GRPOHyperparameters(OptimizerHyperparameters, CheckpointHyperparameters, S
     regex: str | None = param(None, "the regex verifier's pattern; {answer} stands for the row's answer")
     reward_model_weight: float = param(1.0, "weight of inputs.rewardModel's score, when there is one", ge=0)
     reward_max_length: int = param(512, "tokens of prompt + completion the reward model sees", ge=1)
-    forward_batch_size: int = param(64, "rows per sampling or no-grad forward pass", ge=1)
 
     def __post_init__(self) -> None:
         for name, weight in self.verifiers.items():
