@@ -34,7 +34,6 @@ greedy answers to its prompts are scored before training and after: ``eval_rewar
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ from torch import nn
 from kubealign_jobs import data, loop, rl, runtime, scorers, verifiers
 from kubealign_jobs import model as models
 from kubealign_jobs.attention import use_fast_masks
-from kubealign_jobs.config import ConfigError, derive_seed
+from kubealign_jobs.config import ConfigError
 from kubealign_jobs.runtime import StageContext
 from kubealign_jobs.sampling import Samples, SamplingParams, completion_logits, sample
 from kubealign_jobs.stages import GRPOHyperparameters as Hyperparameters
@@ -264,7 +263,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         raise ConfigError(
             "hyperparameters.verifiers: a grpo stage needs verifiers, inputs.rewardModel, or both"
         )
-    world, rank = ctx.world_size, ctx.rank
+    world = ctx.world_size
     accelerator = ctx.accelerator
 
     policy_dir = loop.fetch_model(ctx, model_uri, "policy")
@@ -337,13 +336,9 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     params = [p for p in wrapped.parameters() if p.requires_grad]
     needs_old = hp.epochs > 1 or (0 < hp.mini_batch_size < hp.prompts_per_step * hp.group_size)
     last: dict[str, float] = {}
-    window_start = time.perf_counter()
+    progress = loop.Progress(ctx, total=hp.steps, log_every=hp.log_every, examples=len(prompts))
     while step < hp.steps:
-        indices, position = sampler.next_batch(position)
-        mine = [prompts[i] for i in data.shard(indices, rank=rank, world_size=world)]
-        # One seed per (step, rank): a resumed run samples exactly what the original would have.
-        seed = derive_seed(config.seed, step, rank)
-        torch.manual_seed(seed)
+        mine, position, seed = loop.rollout_prompts(ctx, sampler, position, prompts, step=step)
         # The reference sees the same autocast as the policy: precision alone must not show as KL.
         with accelerator.autocast():
             rollout = collect_rollout(
@@ -377,19 +372,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         means = {name: value / (n * world) for name, value in ctx.sum_across_ranks(sums).items()}
         step += 1
         last = means
-        if step % hp.log_every == 0 or step == hp.steps:
-            elapsed = time.perf_counter() - window_start
-            ctx.emit(
-                {
-                    "step": step,
-                    "total_steps": hp.steps,
-                    **last,
-                    "lr": scheduler.get_last_lr()[0],
-                    "epoch": round(position.epoch + position.index / len(prompts), 4),
-                    "steps_per_s": round(hp.log_every / elapsed, 4) if elapsed > 0 else None,
-                }
-            )
-            window_start = time.perf_counter()
+        progress.step_done(step, last, lr=scheduler.get_last_lr()[0], position=position)
         if hp.checkpoint_every and step % hp.checkpoint_every == 0 and step < hp.steps:
             loop.save_training_state(
                 ctx,

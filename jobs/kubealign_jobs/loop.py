@@ -34,7 +34,7 @@ from torch import nn
 from kubealign_jobs import checkpoint as checkpoints
 from kubealign_jobs import hub, parallel, storage
 from kubealign_jobs import model as models
-from kubealign_jobs.config import ConfigError
+from kubealign_jobs.config import ConfigError, derive_seed
 from kubealign_jobs.data import DataPosition, EpochSampler, shard
 from kubealign_jobs.parallel import Trainable
 from kubealign_jobs.runtime import StageContext
@@ -519,3 +519,46 @@ def _evaluate(
     finally:
         model.reshard()
         wrapped.train()
+
+
+# ---------------------------------------------------------------------------- on-policy stages (ppo, grpo)
+
+
+def rollout_prompts(
+    ctx: StageContext, sampler: EpochSampler, position: DataPosition, items: Sequence[E], *, step: int
+) -> tuple[list[E], DataPosition, int]:
+    """This rank's share of the next global batch, the position after it, and the step's seed.
+
+    The global RNG is seeded per (step, rank), so a resumed run samples exactly what the
+    original would have.
+    """
+    indices, position = sampler.next_batch(position)
+    mine = [items[i] for i in shard(indices, rank=ctx.rank, world_size=ctx.world_size)]
+    seed = derive_seed(ctx.config.seed, step, ctx.rank)
+    torch.manual_seed(seed)
+    return mine, position, seed
+
+
+class Progress:
+    """The progress records of a step loop: one every ``log_every`` steps and one at the last,
+    with the steps/s of the window since the previous record."""
+
+    def __init__(self, ctx: StageContext, *, total: int, log_every: int, examples: int) -> None:
+        self.ctx, self.total, self.log_every, self.examples = ctx, total, log_every, examples
+        self.window_start = time.perf_counter()
+
+    def step_done(self, step: int, metrics: dict[str, float], *, lr: float, position: DataPosition) -> None:
+        if step % self.log_every and step != self.total:
+            return
+        elapsed = time.perf_counter() - self.window_start
+        self.ctx.emit(
+            {
+                "step": step,
+                "total_steps": self.total,
+                **metrics,
+                "lr": lr,
+                "epoch": round(position.epoch + position.index / self.examples, 4),
+                "steps_per_s": round(self.log_every / elapsed, 4) if elapsed > 0 else None,
+            }
+        )
+        self.window_start = time.perf_counter()

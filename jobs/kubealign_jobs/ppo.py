@@ -26,7 +26,6 @@ as any other), with the value head beside it in ``value_head.safetensors``.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +37,6 @@ from torch import nn
 from kubealign_jobs import data, loop, rl, runtime, scorers
 from kubealign_jobs import model as models
 from kubealign_jobs.attention import use_fast_masks
-from kubealign_jobs.config import derive_seed
 from kubealign_jobs.loop import find_resume_checkpoint
 from kubealign_jobs.runtime import StageContext
 from kubealign_jobs.sampling import Samples, SamplingParams, completion_logits, sample
@@ -292,7 +290,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     config = ctx.config
     model_uri = loop.require_input(config.inputs.model, "inputs.model")
     data_uri = loop.require_input(config.inputs.data, "inputs.data")
-    world, rank = ctx.world_size, ctx.rank
+    world = ctx.world_size
     accelerator = ctx.accelerator
 
     policy_dir = loop.fetch_model(ctx, model_uri, "policy")
@@ -365,13 +363,9 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     unwrapped_model: PolicyWithValueHead = accelerator.unwrap_model(wrapped)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     last: dict[str, float] = {}
-    window_start = time.perf_counter()
+    progress = loop.Progress(ctx, total=hp.steps, log_every=hp.log_every, examples=len(prompts))
     while step < hp.steps:
-        indices, position = sampler.next_batch(position)
-        mine = [prompts[i] for i in data.shard(indices, rank=rank, world_size=world)]
-        # One seed per (step, rank): a resumed run samples exactly what the original would have.
-        seed = derive_seed(config.seed, step, rank)
-        torch.manual_seed(seed)
+        mine, position, seed = loop.rollout_prompts(ctx, sampler, position, prompts, step=step)
         # Under mixed precision the reference must see the same autocast as the policy, or the
         # precision gap alone would show up as KL.
         with accelerator.autocast():
@@ -411,19 +405,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         if first_score is None:
             first_score = means["score"]
         last = {**means, "beta": beta}
-        if step % hp.log_every == 0 or step == hp.steps:
-            elapsed = time.perf_counter() - window_start
-            ctx.emit(
-                {
-                    "step": step,
-                    "total_steps": hp.steps,
-                    **last,
-                    "lr": scheduler.get_last_lr()[0],
-                    "epoch": round(position.epoch + position.index / len(prompts), 4),
-                    "steps_per_s": round(hp.log_every / elapsed, 4) if elapsed > 0 else None,
-                }
-            )
-            window_start = time.perf_counter()
+        progress.step_done(step, last, lr=scheduler.get_last_lr()[0], position=position)
         if hp.checkpoint_every and step % hp.checkpoint_every == 0 and step < hp.steps:
             save(step)
 
