@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kubealign_jobs import checkpoint as checkpoints
 from kubealign_jobs import data, loop, parallel, storage
 from kubealign_jobs import model as models
 from kubealign_jobs.config import ConfigError
@@ -261,6 +262,38 @@ def attach(pairs: Sequence[data.EncodedRanking], logps: torch.Tensor) -> list[Pa
     ]
 
 
+@dataclass(frozen=True)
+class Policy:
+    """A policy trained against cached reference log-probs, laid out for training."""
+
+    resume: checkpoints.Checkpoint | None
+    tokenizer: Any
+    trainable: parallel.Trainable
+    # The policy computes the reference itself when it is the reference (same input, weights
+    # not yet trained): its base under LoRA, itself when sharded (no second sharded copy).
+    own_reference: bool
+
+    @property
+    def reference_model(self) -> parallel.Trainable | None:
+        """What `reference_logps` scores with instead of loading a reference, or None."""
+        return self.trainable if self.own_reference else None
+
+
+def load_policy(
+    ctx: StageContext, hp: ReferenceHyperparameters, *, model_uri: str, reference_uri: str
+) -> Policy:
+    """The starting (or resumed) policy of dpo and kto, its tokenizer, and whether it is its own reference."""
+    resume = loop.find_resume_checkpoint(ctx)
+    model_dir = loop.starting_weights(ctx, resume, model_uri, hp, pairs=True)
+    tokenizer = models.load_tokenizer(model_dir)
+    lm = models.load_causal_lm(model_dir)
+    if hp.disable_dropout:
+        models.disable_dropout(lm)
+    trainable = parallel.prepare(ctx, hp, lm, wrap=models.CompletionLogps, pairs=True)
+    scores_itself = trainable.adapters is not None or (trainable.sharded and resume is None)
+    return Policy(resume, tokenizer, trainable, own_reference=reference_uri == model_uri and scores_itself)
+
+
 def evaluate_pairs(
     ctx: StageContext,
     model: nn.Module,
@@ -300,19 +333,9 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     if hp.loss_type == "simpo" and inputs.reference:
         raise ConfigError("inputs.reference: loss_type simpo uses no reference; remove it")
 
-    resume = loop.find_resume_checkpoint(ctx)
-    model_dir = loop.starting_weights(ctx, resume, model_uri, hp, pairs=True)
-    tokenizer = models.load_tokenizer(model_dir)
+    policy = load_policy(ctx, hp, model_uri=model_uri, reference_uri=reference_uri)
+    tokenizer = policy.tokenizer
     pad_token_id = int(tokenizer.pad_token_id)
-    policy = models.load_causal_lm(model_dir)
-    if hp.disable_dropout:
-        models.disable_dropout(policy)
-    trainable = parallel.prepare(ctx, hp, policy, wrap=models.CompletionLogps, pairs=True)
-    # The policy computes the reference itself when it is the reference (same input, weights
-    # not yet trained): its base under LoRA, itself when sharded (no second sharded copy).
-    own_reference = reference_uri == model_uri and (
-        trainable.adapters is not None or (trainable.sharded and resume is None)
-    )
 
     parse = partial(data.preference_example, chat_format=data.tokenizer_chat_format(tokenizer))
     splits = {"train": data.load(data_uri, ctx.scratch / "data", parse)}
@@ -332,7 +355,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
             encoded,
             reference_uri=reference_uri,
             pad_token_id=pad_token_id,
-            policy=trainable if own_reference else None,
+            policy=policy.reference_model,
         )
     train_pairs = attach(encoded["train"], ref["train"])
 
@@ -353,10 +376,10 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     result = loop.train(
         ctx,
         hp,
-        model=trainable,
+        model=policy.trainable,
         task=task,
         tokenizer=tokenizer,
-        resume=resume,
+        resume=policy.resume,
         evaluate=evaluate,
         extra_state={"beta": hp.beta, "loss_type": hp.loss_type},
     )
@@ -364,7 +387,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     publish_results(
         ctx,
         metrics,
-        trainable.writer(tokenizer),
+        policy.trainable.writer(tokenizer),
         steps=result.steps,
         reference=None if hp.loss_type == "simpo" else reference_uri,
     )

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kubealign_jobs import data, dpo, loop, parallel
+from kubealign_jobs import data, dpo, loop
 from kubealign_jobs import model as models
 from kubealign_jobs.losses import kto_loss
 from kubealign_jobs.runtime import StageContext, publish_results, run_stage
@@ -123,17 +123,9 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     data_uri = loop.require_input(inputs.data, "inputs.data")
     reference_uri = inputs.reference or model_uri
 
-    resume = loop.find_resume_checkpoint(ctx)
-    model_dir = loop.starting_weights(ctx, resume, model_uri, hp, pairs=True)
-    tokenizer = models.load_tokenizer(model_dir)
+    policy = dpo.load_policy(ctx, hp, model_uri=model_uri, reference_uri=reference_uri)
+    tokenizer = policy.tokenizer
     pad_token_id = int(tokenizer.pad_token_id)
-    policy = models.load_causal_lm(model_dir)
-    if hp.disable_dropout:
-        models.disable_dropout(policy)
-    trainable = parallel.prepare(ctx, hp, policy, wrap=models.CompletionLogps, pairs=True)
-    own_reference = reference_uri == model_uri and (
-        trainable.adapters is not None or (trainable.sharded and resume is None)
-    )
 
     parse = partial(labelled_example, chat_format=data.tokenizer_chat_format(tokenizer))
     rows = data.load(data_uri, ctx.scratch / "data", parse)
@@ -151,7 +143,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         {"train": encoded},
         reference_uri=reference_uri,
         pad_token_id=pad_token_id,
-        policy=trainable if own_reference else None,
+        policy=policy.reference_model,
     )
     examples = [
         KTOExample(pair, row.desirable)
@@ -165,7 +157,13 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         loss=partial(batch_loss, hp=hp),
     )
     result = loop.train(
-        ctx, hp, model=trainable, task=task, tokenizer=tokenizer, resume=resume, extra_state={"beta": hp.beta}
+        ctx,
+        hp,
+        model=policy.trainable,
+        task=task,
+        tokenizer=tokenizer,
+        resume=policy.resume,
+        extra_state={"beta": hp.beta},
     )
     desirable = sum(row.desirable for row in rows)
     metrics = {
@@ -175,7 +173,9 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         "undesirable": float(len(rows) - desirable),
         "beta": hp.beta,
     }
-    publish_results(ctx, metrics, trainable.writer(tokenizer), steps=result.steps, reference=reference_uri)
+    publish_results(
+        ctx, metrics, policy.trainable.writer(tokenizer), steps=result.steps, reference=reference_uri
+    )
     return metrics
 
 
