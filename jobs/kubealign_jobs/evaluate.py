@@ -150,20 +150,13 @@ def cell_metrics(per_answer: PerAnswer, baseline: list[float]) -> dict[str, floa
     return out
 
 
-def _per_answer(
-    ctx: StageContext,
-    hp: Hyperparameters,
-    samples: Samples,
-    judges: Judges,
-    kl: tuple[torch.Tensor, torch.Tensor],
-) -> tuple[PerAnswer, list[float]]:
-    """The cell's per-answer values (global order) and this rank's judge scores (for its answers)."""
-    scores = judges.score(samples)
-    exact, monte_carlo = kl
-    values = {"reward": scores["judge"], "kl": exact.tolist(), "kl_mc": monte_carlo.tolist()}
+def _per_answer(ctx: StageContext, scores: dict[str, list[float]], kl: PerAnswer) -> PerAnswer:
+    """A cell's per-answer values in global order: the judge's reward, the KL figures, and the
+    reward model's score when it is not the judge."""
+    values = {"reward": scores["judge"], **kl}
     if "reward_model" in scores:
         values["reward_model"] = scores["reward_model"]
-    return in_global_order(ctx, values), scores["judge"]
+    return in_global_order(ctx, values)
 
 
 def _sample(
@@ -180,10 +173,28 @@ def _sample(
     )
 
 
-def _kl(hp: Hyperparameters, policy: Any, reference: Any, samples: Samples, temperature: float) -> Any:
-    return completion_kl(
+def _sampled_cell(
+    ctx: StageContext,
+    hp: Hyperparameters,
+    *,
+    policy: Any,
+    reference: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    judges: Judges,
+    temperature: float,
+    seed: int,
+) -> tuple[PerAnswer, list[dict[str, Any]]]:
+    """``policy``'s answers at ``temperature``, judged, with their exact KL to ``reference``: the
+    per-answer values and this rank's first answers to show."""
+    torch.manual_seed(seed)
+    samples = _sample(hp, policy, tokenizer, prompts, temperature)
+    scores = judges.score(samples)
+    exact, monte_carlo = completion_kl(
         policy, reference, samples, temperature=temperature, top_p=hp.top_p, batch_size=hp.batch_size
     )
+    values = _per_answer(ctx, scores, {"kl": exact.tolist(), "kl_mc": monte_carlo.tolist()})
+    return values, shown_answers(hp, samples, scores["judge"])
 
 
 Answers = dict[str, list[dict[str, Any]]]  # temperature -> the first few (prompt, answer, score)
@@ -231,16 +242,21 @@ def evaluate_reference(
     best_answers: dict[str, PerAnswer] = {}
     for t_index, temperature in enumerate(hp.temperatures):
         key = temperature_key(temperature)
-        torch.manual_seed(derive_seed(ctx.config.seed, 0, t_index, ctx.rank))
-        samples = _sample(hp, reference, tokenizer, prompts, temperature)
-        values, mine = _per_answer(
-            ctx, hp, samples, judges, _kl(hp, reference, reference, samples, temperature)
+        values, unit.answers[key] = _sampled_cell(
+            ctx,
+            hp,
+            policy=reference,
+            reference=reference,
+            tokenizer=tokenizer,
+            prompts=prompts,
+            judges=judges,
+            temperature=temperature,
+            seed=derive_seed(ctx.config.seed, 0, t_index, ctx.rank),
         )
         # Against its own answers the reference ties every comparison, by definition.
         baselines[key] = values["reward"] if data_baseline is None else data_baseline
         unit.cells[key] = cell_metrics(values, baselines[key])
         unit.per_answer[key] = values
-        unit.answers[key] = shown_answers(hp, samples, mine)
         if hp.best_of_n:
             best_answers[key] = _best_of_n(
                 ctx,
@@ -290,10 +306,7 @@ def _best_of_n(
         completion_mask=samples.completion_mask[picks],
     )
     scores = judges.score(chosen)
-    values = {"reward": scores["judge"], "kl": [best_of_n_kl(n)] * len(picks)}
-    if "reward_model" in scores:
-        values["reward_model"] = scores["reward_model"]
-    return in_global_order(ctx, values)
+    return _per_answer(ctx, scores, {"kl": [best_of_n_kl(n)] * len(picks)})
 
 
 def evaluate_policy(
@@ -313,12 +326,19 @@ def evaluate_policy(
     result = Unit({}, {}, {})
     for t_index, temperature in enumerate(hp.temperatures):
         key = temperature_key(temperature)
-        torch.manual_seed(derive_seed(ctx.config.seed, unit, t_index, ctx.rank))
-        samples = _sample(hp, policy, tokenizer, prompts, temperature)
-        values, mine = _per_answer(ctx, hp, samples, judges, _kl(hp, policy, reference, samples, temperature))
+        values, result.answers[key] = _sampled_cell(
+            ctx,
+            hp,
+            policy=policy,
+            reference=reference,
+            tokenizer=tokenizer,
+            prompts=prompts,
+            judges=judges,
+            temperature=temperature,
+            seed=derive_seed(ctx.config.seed, unit, t_index, ctx.rank),
+        )
         result.cells[key] = cell_metrics(values, baselines[key])
         result.per_answer[key] = values
-        result.answers[key] = shown_answers(hp, samples, mine)
     return result
 
 
