@@ -1,4 +1,4 @@
-"""Helpers for the local-runner tests: tiny data, a tiny base model, manifests, the ``kubealign`` command.
+"""Helpers for the local tests: tiny data and base model, manifests, the CLI, examples' scripts.
 
 The stages are real (``python -m kubealign_jobs.sft`` training a 2-layer, hidden-32 Llama for a
 few steps); only their size is small, so each stage costs about as much as starting torch.
@@ -6,6 +6,7 @@ few steps); only their size is small, so each stage costs about as much as start
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
@@ -100,3 +102,25 @@ def make_workspace(root: Path) -> Workspace:
 def kubealign(*args: str | Path) -> list[str]:
     """The ``kubealign`` command line, run with this interpreter."""
     return [sys.executable, "-m", "kubealign.cli", *map(str, args)]
+
+
+def load_script(path: Path, name: str) -> ModuleType:
+    """An example's script (plot.py, report.py) imported as module ``name``, without running main."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses resolve string annotations through sys.modules.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_data_check(example: Path) -> subprocess.CompletedProcess[str]:
+    """``make_data.py --check`` of an example: do the committed files match their generator?"""
+    return subprocess.run(
+        [sys.executable, str(example / "make_data.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

@@ -3,11 +3,8 @@ problems, the manifest is valid and its inputs exist, and report.py's statistics
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -16,27 +13,17 @@ import pytest
 
 from kubealign import api
 from kubealign.local import load_manifest, localize, missing_inputs
+from tests.local.runner_toys import load_script, make_data_check
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "arithmetic"
 
 
 def load_report() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("arithmetic_report", EXAMPLE / "report.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLE / "report.py", "arithmetic_report")
 
 
 def test_committed_data_is_generated_and_held_out_problems_are_never_trained_on() -> None:
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLE / "make_data.py"), "--check"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = make_data_check(EXAMPLE)
     assert result.returncode == 0, result.stderr
     rows = {
         name: [json.loads(line) for line in (EXAMPLE / "data" / name).read_text().splitlines()]

@@ -4,9 +4,6 @@ examples/sentiment/README.md records a measured one.)"""
 
 from __future__ import annotations
 
-import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -15,28 +12,17 @@ import pytest
 
 from kubealign import api
 from kubealign.local import load_manifest, localize, missing_inputs
+from tests.local.runner_toys import load_script, make_data_check
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sentiment"
 
 
 def load_plot() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("sentiment_plot", EXAMPLE / "plot.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses resolve string annotations through sys.modules.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLE / "plot.py", "sentiment_plot")
 
 
 def test_committed_data_is_what_the_grammar_generates() -> None:
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLE / "make_data.py"), "--check"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = make_data_check(EXAMPLE)
     assert result.returncode == 0, result.stderr
     total = sum(path.stat().st_size for path in (EXAMPLE / "data").iterdir())
     assert total < 500_000, f"the example's data grew to {total} bytes"
