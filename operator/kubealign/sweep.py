@@ -188,14 +188,15 @@ def _rewire(
 def _value_errors(at: str, stage: Mapping[str, Any], key: str, values: Sequence[Any]) -> Iterator[str]:
     """Messages for the values of one sweep key, each naming ``sweep.<key>[<j>]``."""
     seen: dict[str, int] = {}
+    base = stage.get("hyperparameters") or {}
+    # What the stage's own hyperparameters already get wrong is reported there, not per value.
+    before = set() if key == SEED else set(stages.hyperparameter_errors(stage["type"], base))
     for index, value in enumerate(values):
         where = f"{at}.sweep.{key}[{index}]"
         if key == SEED:
             if type(value) is not int or value < 0:
                 yield f"{where}: must be {crdgen.expected(crdgen.SEED_PARAM)}"
         else:
-            base = stage.get("hyperparameters") or {}
-            before = set(stages.hyperparameter_errors(stage["type"], base))
             for message in stages.hyperparameter_errors(stage["type"], {**base, key: value}):
                 if message in before:
                     continue
