@@ -354,3 +354,34 @@ def test_a_component_dying_at_start_fails_fast_with_its_log(tmp_path: Path) -> N
     assert "etcd exited with code 1 during start-up" in message
     assert "address already in use" in message
     assert "port 2379 was taken by another process" in message
+
+
+@pytest.mark.parametrize(
+    ("profile", "component", "flags"),
+    [
+        (
+            "fast",
+            "kube-controller-manager",
+            ["--kube-api-qps=400", "--kube-api-burst=800", "--concurrent-job-syncs=50"],
+        ),
+        ("fast", "kube-scheduler", ["--kube-api-qps=400", "--kube-api-burst=800"]),
+        ("stock", "kube-controller-manager", []),
+        ("stock", "kube-scheduler", []),
+    ],
+)
+def test_profiles_set_client_rate_limits(profile: str, component: str, flags: list[str]) -> None:
+    assert localcluster.client_flags(profile, component) == flags
+
+
+def test_the_node_wait_grows_with_the_node_count() -> None:
+    assert localcluster.nodes_ready_timeout(4) >= 90
+    # 1,000 nodes took about 3.5 minutes on the stock profile: the wait must cover that.
+    assert localcluster.nodes_ready_timeout(1000) >= 300
+
+
+def test_a_state_file_without_a_profile_was_written_by_a_stock_cluster(tmp_path: Path) -> None:
+    state = ClusterState(state_dir=str(tmp_path), kubeconfig="k", server="s", nodes=1, gpus_per_node=1)
+    assert ClusterState.from_json(state.to_json()).profile == "fast"
+    old = state.to_json()
+    del old["profile"]
+    assert ClusterState.from_json(old).profile == "stock"

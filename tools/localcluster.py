@@ -9,8 +9,11 @@ Standard library only: it has to run before the project's virtualenv exists.
 
 Subcommands:
   build                      build the binaries, or find them cached
-  up [--nodes N] [--gpus-per-node G] [--state-dir DIR] [--apiserver-port P]
-                             start the control plane (idempotent); last stdout line = kubeconfig
+  up [--nodes N] [--gpus-per-node G] [--state-dir DIR] [--apiserver-port P] [--stock]
+                             start the control plane (idempotent); last stdout line = kubeconfig.
+                             The default profile is production-like: controller-manager and
+                             scheduler at 400 QPS (burst 800), 50 concurrent Job syncs; --stock
+                             keeps the upstream defaults (20/50 QPS, 5 Job syncs)
   down [--state-dir DIR]     stop what `up` started (by PID) and remove the state directory
   status [--state-dir DIR]   component, pid, alive, port, resident memory
   kubeconfig [--state-dir DIR]  print the kubeconfig path of a running cluster
@@ -531,6 +534,7 @@ class ClusterState:
     gpus_per_node: int
     components: tuple[Component, ...] = ()
     binaries: dict[str, str] = field(default_factory=dict)
+    profile: str = "fast"
 
     def with_component(self, component: Component) -> ClusterState:
         return ClusterState(
@@ -541,6 +545,7 @@ class ClusterState:
             gpus_per_node=self.gpus_per_node,
             components=(*self.components, component),
             binaries=self.binaries,
+            profile=self.profile,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -554,6 +559,7 @@ class ClusterState:
             "gpus_per_node": self.gpus_per_node,
             "components": [dataclasses.asdict(component) for component in self.components],
             "binaries": self.binaries,
+            "profile": self.profile,
         }
 
     @staticmethod
@@ -566,6 +572,7 @@ class ClusterState:
             gpus_per_node=int(data["gpus_per_node"]),
             components=tuple(Component(**item) for item in data["components"]),
             binaries={str(key): str(value) for key, value in data.get("binaries", {}).items()},
+            profile=str(data.get("profile", "stock")),
         )
 
 
@@ -873,7 +880,9 @@ conditions:
 """
 
 # A Ready node: the heartbeat conditions plus the status kwok fills in once.
-NODE_READY_TEMPLATE = NODE_HEARTBEAT_TEMPLATE + """\
+NODE_READY_TEMPLATE = (
+    NODE_HEARTBEAT_TEMPLATE
+    + """\
 addresses:
 - address: {{ NodeIP | Quote }}
   type: InternalIP
@@ -892,6 +901,7 @@ nodeInfo:
   systemUUID: ""
 phase: Running
 """
+)
 
 POD_RUNNING_TEMPLATE = """\
 {{ $now := Now }}
@@ -1189,16 +1199,38 @@ def node_ready(node: dict[str, Any]) -> bool:
     return ready and not tainted
 
 
-def up(*, state_dir: Path, nodes: int, gpus_per_node: int, apiserver_port: int | None) -> ClusterState:
+def client_flags(profile: str, component: str) -> list[str]:
+    """Client rate limits (and, for the controller manager, Job sync workers) of a profile.
+
+    The upstream defaults (controller manager 20 QPS and 5 concurrent Job syncs, scheduler 50 QPS)
+    make the job controller the bottleneck of any test with more than a few dozen Jobs; production
+    clusters raise them. "fast" is such a production-like setting.
+    """
+    if profile == "stock":
+        return []
+    flags = ["--kube-api-qps=400", "--kube-api-burst=800"]
+    if component == "kube-controller-manager":
+        flags.append("--concurrent-job-syncs=50")
+    return flags
+
+
+def nodes_ready_timeout(nodes: int) -> float:
+    """kwok makes nodes Ready at a bounded rate: 90 s covers a few dozen, 1,000 need minutes."""
+    return 90.0 + 0.3 * nodes
+
+
+def up(
+    *, state_dir: Path, nodes: int, gpus_per_node: int, apiserver_port: int | None, profile: str = "fast"
+) -> ClusterState:
     require_built()
     started = time.monotonic()
     with state_lock(state_dir):
         running = prepare_state_dir(state_dir)
         if running is not None:
-            if (running.nodes, running.gpus_per_node) != (nodes, gpus_per_node):
+            if (running.nodes, running.gpus_per_node, running.profile) != (nodes, gpus_per_node, profile):
                 log(
-                    f"note: the running cluster has {running.nodes} nodes x {running.gpus_per_node} GPUs; "
-                    "`tools/cluster down` first to change that"
+                    f"note: the running cluster has {running.nodes} nodes x {running.gpus_per_node} GPUs "
+                    f"({running.profile} profile); `tools/cluster down` first to change that"
                 )
             log(f"cluster already up ({state_dir})")
             return running
@@ -1208,7 +1240,11 @@ def up(*, state_dir: Path, nodes: int, gpus_per_node: int, apiserver_port: int |
         (state_dir / MARKER_FILE).write_text("created by tools/cluster up; removed by tools/cluster down\n")
         try:
             state = start_cluster(
-                state_dir, nodes=nodes, gpus_per_node=gpus_per_node, apiserver_port=apiserver_port
+                state_dir,
+                nodes=nodes,
+                gpus_per_node=gpus_per_node,
+                apiserver_port=apiserver_port,
+                profile=profile,
             )
         except BaseException:
             failed = load_state(state_dir)
@@ -1218,13 +1254,13 @@ def up(*, state_dir: Path, nodes: int, gpus_per_node: int, apiserver_port: int |
             raise
     log(
         f"cluster ready in {format_seconds(time.monotonic() - started)}: "
-        f"{nodes} nodes x {gpus_per_node} nvidia.com/gpu"
+        f"{nodes} nodes x {gpus_per_node} nvidia.com/gpu, {profile} profile"
     )
     return state
 
 
 def start_cluster(
-    state_dir: Path, *, nodes: int, gpus_per_node: int, apiserver_port: int | None
+    state_dir: Path, *, nodes: int, gpus_per_node: int, apiserver_port: int | None, profile: str = "fast"
 ) -> ClusterState:
     phase_start = time.monotonic()
 
@@ -1253,6 +1289,7 @@ def start_cluster(
             nodes=nodes,
             gpus_per_node=gpus_per_node,
             binaries=binaries,
+            profile=profile,
         )
     )
     save_state(launcher.state)
@@ -1310,6 +1347,7 @@ def start_cluster(
             f"--cluster-signing-cert-file={pki / 'ca.crt'}", f"--cluster-signing-key-file={pki / 'ca.key'}",
             # Remove the not-ready taint within a second or two of a node turning Ready.
             "--node-monitor-period=1s",
+            *client_flags(profile, "kube-controller-manager"),
         ],
         port=kcm_port,
     )  # fmt: skip
@@ -1320,6 +1358,7 @@ def start_cluster(
             "--bind-address=127.0.0.1", f"--secure-port={scheduler_port}",
             f"--cert-dir={state_dir / 'scheduler'}",
             "--leader-elect=false",
+            *client_flags(profile, "kube-scheduler"),
         ],
         port=scheduler_port,
     )  # fmt: skip
@@ -1368,7 +1407,9 @@ def start_cluster(
         items = reply.get("items", []) if status == 200 else []
         return len(items) >= nodes and all(node_ready(node) for node in items)
 
-    wait_for(f"{nodes} nodes Ready and untainted", all_nodes_ready, timeout=90, watch=watch)
+    wait_for(
+        f"{nodes} nodes Ready and untainted", all_nodes_ready, timeout=nodes_ready_timeout(nodes), watch=watch
+    )
     done("nodes Ready")
 
     def default_service_account() -> bool:
@@ -1468,6 +1509,14 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--apiserver-port", type=positive, default=None, help="fixed API server port (default: a free one)"
     )
+    start.add_argument(
+        "--stock",
+        dest="profile",
+        action="store_const",
+        const="stock",
+        default="fast",
+        help="upstream client rate limits and Job sync workers instead of the production-like profile",
+    )
     commands.add_parser("down", parents=[state_option], help="stop the control plane and remove its state")
     commands.add_parser(
         "status", parents=[state_option], help="what runs: component, pid, alive, port, memory"
@@ -1518,6 +1567,7 @@ def main(argv: list[str] | None = None) -> int:
                 nodes=args.nodes,
                 gpus_per_node=args.gpus_per_node,
                 apiserver_port=args.apiserver_port,
+                profile=args.profile,
             )
             print(state.kubeconfig, flush=True)
         elif args.command == "down":

@@ -6,6 +6,7 @@ carries byte-for-byte copies of:
 
     crds/*.yaml                        -> charts/kubealign/crds/            (the AlignmentRun CRD)
     operator/kubealign/rbac/rules.yaml -> charts/kubealign/files/rbac-rules.yaml (what the operator needs)
+    operator/kubealign/rbac/leader-election-rules.yaml -> charts/kubealign/files/leader-election-rules.yaml
     operator/kubealign/policy/hyperparameters.yaml -> charts/kubealign/files/hyperparameters-policy.yaml
                                        (the ValidatingAdmissionPolicy that checks hyperparameters)
 
@@ -36,6 +37,7 @@ def pairs() -> list[tuple[Path, Path]]:
     return [
         *((source, CHART / "crds" / source.name) for source in crds),
         (RBAC_SOURCE, CHART / "files" / "rbac-rules.yaml"),
+        (RBAC_SOURCE.with_name("leader-election-rules.yaml"), CHART / "files" / "leader-election-rules.yaml"),
         (POLICY_SOURCE, CHART / "files" / "hyperparameters-policy.yaml"),
     ]
 

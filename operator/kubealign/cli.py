@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -63,14 +64,55 @@ def _add_operator(subparsers: Any) -> None:
     parser.add_argument(
         "--liveness",
         metavar="URL",
-        help="kopf's health endpoint for liveness/readiness probes, e.g. http://0.0.0.0:8080/healthz",
+        help="kopf's health endpoint for the liveness probe, e.g. http://0.0.0.0:8080/healthz",
+    )
+    parser.add_argument(
+        "--health-address",
+        metavar="HOST:PORT",
+        help="serve /readyz and /leader here, e.g. 0.0.0.0:8081 (default: off)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=16,
+        help="runs reconciled in parallel; the API connection pool matches it (default: 16)",
+    )
+    parser.add_argument(
+        "--leader-elect",
+        action="store_true",
+        help="run as one of several replicas: only the holder of a coordination.k8s.io Lease reconciles",
+    )
+    parser.add_argument(
+        "--leader-election-namespace",
+        default=os.environ.get("POD_NAMESPACE"),
+        help="the Lease's namespace (default: $POD_NAMESPACE)",
+    )
+    parser.add_argument(
+        "--leader-election-name",
+        default="kubealign-operator",
+        help="the Lease's name (default: kubealign-operator)",
     )
     parser.set_defaults(handler=_run_operator)
 
 
 def _run_operator(args: argparse.Namespace) -> int:
-    from kubealign.handlers import serve
+    from kubealign.handlers import LeadershipLostError, default_identity, serve
+    from kubealign.leader import LeaseSettings
     from kubealign.metrics import OPERATOR_METRICS
+
+    if args.workers < 1:
+        raise SystemExit("kubealign operator: --workers must be at least 1")
+    election = None
+    if args.leader_elect:
+        if not args.leader_election_namespace:
+            raise SystemExit(
+                "kubealign operator: --leader-elect needs --leader-election-namespace or $POD_NAMESPACE"
+            )
+        election = LeaseSettings(
+            namespace=args.leader_election_namespace,
+            name=args.leader_election_name,
+            identity=default_identity(),
+        )
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -81,16 +123,24 @@ def _run_operator(args: argparse.Namespace) -> int:
         logging.getLogger("kopf").setLevel(logging.WARNING)
     if args.metrics_port is not None:
         OPERATOR_METRICS.serve(port=args.metrics_port)
-    asyncio.run(
-        serve(
-            namespaces=args.namespace,
-            clusterwide=args.all_namespaces,
-            kubeconfig=args.kubeconfig,
-            context=args.context,
-            resync_seconds=args.resync_seconds,
-            liveness_endpoint=args.liveness,
+    try:
+        asyncio.run(
+            serve(
+                namespaces=args.namespace,
+                clusterwide=args.all_namespaces,
+                kubeconfig=args.kubeconfig,
+                context=args.context,
+                resync_seconds=args.resync_seconds,
+                workers=args.workers,
+                leader_election=election,
+                liveness_endpoint=args.liveness,
+                health_address=args.health_address,
+            )
         )
-    )
+    except LeadershipLostError as exc:
+        # Exit, so the pod restarts as a fresh candidate with nothing in flight.
+        print(f"kubealign operator: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

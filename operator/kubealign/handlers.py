@@ -1,30 +1,42 @@
-"""The kopf side of the operator: thin handlers that only ask the Reconciler to look at a run.
+"""The operator process: kopf's two watch streams feed the Reconciler, which does the work.
 
-- an AlignmentRun is created, changed (spec, labels, annotations) or found at startup;
-- a Job the operator made changes state: active, suspended, succeeded, failed, deleted (mapped to
-  its run through the ``kubealign.io/run`` label; other Job updates cost nothing);
-- a timer per run, as a safety net for anything missed (a failed request, a lost watch event).
+- every AlignmentRun event (created, changed, found at startup, deleted) and every event of a Job
+  the operator made goes into the Reconciler's cache; the run it concerns is queued when something
+  the planner reads changed (a Job event that only counts ready pods costs nothing);
+- the Reconciler's worker pool reconciles queued runs, and its resync passes over the cache;
+- with leader election, every replica watches (a standby's cache is warm) and only the Lease holder
+  reconciles (kubealign.leader).
 
 Handlers are registered on a fresh registry per operator, not kopf's global one, so several
-operators (one per test namespace) can run in one process. kopf runs the synchronous handlers in
-its thread pool; the Reconciler serialises the work per run.
+operators (one per test namespace) can run in one process. They are event handlers only: kopf
+keeps no per-object bookkeeping for them and never writes to a run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import os
+import secrets
+import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Final
 
 import kopf
 
 from kubealign import api
-from kubealign.k8s import Kube, load_configuration
-from kubealign.reconcile import Reconciler
+from kubealign.k8s import Kube, KubeError, load_configuration
+from kubealign.leader import LeaderElector, LeaseSettings
+from kubealign.metrics import OPERATOR_METRICS, OperatorMetrics
+from kubealign.reconcile import DEFAULT_WORKERS, Reconciler
 from kubealign.render import LABEL_MANAGED_BY, MANAGED_BY
 
 DEFAULT_RESYNC_SECONDS: Final = 30.0
+
+logger = logging.getLogger(__name__)
 
 
 def connection_info(configuration: Any) -> kopf.ConnectionInfo:
@@ -47,21 +59,21 @@ def connection_info(configuration: Any) -> kopf.ConnectionInfo:
 
 def operator_settings() -> kopf.OperatorSettings:
     settings = kopf.OperatorSettings()
-    # One operator per scope; no peering objects, no CRD or namespace watching (less RBAC).
+    # Leader election is ours (kubealign.leader), not kopf's peering; no CRD or namespace watching.
     settings.peering.standalone = True
     settings.scanning.disabled = True
     # We post our own Events; kopf's would only repeat them.
     settings.posting.enabled = False
-    # kopf's bookkeeping goes to annotations under our group; status belongs to the operator.
+    # Only event handlers are registered: kopf keeps no progress or diff-base annotations and so
+    # never PATCHes a run. Should a change handler ever be added, its bookkeeping stays under our group.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=api.GROUP, key="last-handled-configuration"
     )
-    settings.execution.max_workers = 8
     return settings
 
 
-def build_registry(*, resync_seconds: float = DEFAULT_RESYNC_SECONDS) -> kopf.OperatorRegistry:
+def build_registry() -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=registry)
@@ -69,31 +81,77 @@ def build_registry(*, resync_seconds: float = DEFAULT_RESYNC_SECONDS) -> kopf.Op
         # Reloaded on every login so that rotated tokens and certificates are picked up.
         return connection_info(load_configuration(kubeconfig=memo.kubeconfig, context=memo.context))
 
-    @kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL, registry=registry)
-    @kopf.on.create(api.GROUP, api.VERSION, api.PLURAL, registry=registry)
-    @kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, registry=registry)
-    def run_changed(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
-        memo.reconciler.request(namespace or "default", name)
+    # Event handlers run on kopf's event loop and only touch memory (the cache and the work queue),
+    # so no event ever waits for a thread, and the reconciles happen in the Reconciler's own pool.
+    @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, registry=registry)
+    async def run_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+        memo.reconciler.run_event(event["object"], deleted=event.get("type") == "DELETED")
 
     @kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGED_BY}, registry=registry)
-    def job_changed(event: kopf.RawEvent, body: kopf.Body, memo: Any, **_: Any) -> None:
-        memo.reconciler.job_event(body, deleted=event.get("type") == "DELETED")
-
-    # Succeeded and Failed runs need no safety net: only a spec change (on.update) or an event of
-    # one of their Jobs can move them, and both are handled above.
-    @kopf.timer(
-        api.GROUP,
-        api.VERSION,
-        api.PLURAL,
-        interval=resync_seconds,
-        initial_delay=resync_seconds,
-        when=lambda status, **_: status.get("phase") not in (api.RunPhase.SUCCEEDED, api.RunPhase.FAILED),
-        registry=registry,
-    )
-    def resync(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
-        memo.reconciler.request(namespace or "default", name)
+    async def job_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+        memo.reconciler.job_event(event["object"], deleted=event.get("type") == "DELETED")
 
     return registry
+
+
+class LeadershipLostError(RuntimeError):
+    """This replica stopped leading while running; the process should exit and start over."""
+
+
+def default_identity() -> str:
+    """The pod name (or host) plus a random suffix: a restarted process is a new candidate."""
+    return f"{os.environ.get('HOSTNAME') or socket.gethostname()}_{secrets.token_hex(4)}"
+
+
+class Health:
+    """``/readyz`` and ``/leader`` on a small HTTP server, for probes, Services and people.
+
+    ``/readyz`` is 200 once the watches run, on the leader and on a standby alike: a standby is what
+    makes a failover fast, and a PodDisruptionBudget counts only ready pods, so a standby that
+    reported unready would make the leader's node impossible to drain. Which replica leads is in the
+    body (``{"leader": true, ...}``), on ``/leader`` (200 on the leader, 503 on a standby), in the
+    ``kubealign_operator_leader`` gauge and in the Lease's holderIdentity.
+    """
+
+    def __init__(
+        self, address: str, *, ready: Callable[[], bool], leader: Callable[[], bool], identity: str
+    ) -> None:
+        host, _, port = address.rpartition(":")
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                state = {"ready": ready(), "leader": leader(), "identity": identity}
+                ok = {"/readyz": state["ready"], "/leader": state["leader"]}.get(self.path.split("?")[0])
+                code = 404 if ok is None else 200 if ok else 503
+                payload = json.dumps(state).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return  # probes every few seconds are not news
+
+        self.server = ThreadingHTTPServer((host or "0.0.0.0", int(port)), Handler)
+        self.port = int(self.server.server_port)
+        self._thread = threading.Thread(target=self.server.serve_forever, name="health", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+async def _forward(stop_flag: asyncio.Event | threading.Event, target: asyncio.Event) -> None:
+    if isinstance(stop_flag, asyncio.Event):
+        await stop_flag.wait()
+    else:
+        while not stop_flag.is_set():
+            await asyncio.sleep(0.1)
+    target.set()
 
 
 async def serve(
@@ -103,27 +161,114 @@ async def serve(
     kubeconfig: str | None = None,
     context: str | None = None,
     resync_seconds: float = DEFAULT_RESYNC_SECONDS,
+    workers: int = DEFAULT_WORKERS,
+    leader_election: LeaseSettings | None = None,
     stop_flag: asyncio.Event | threading.Event | None = None,
     ready_flag: asyncio.Event | threading.Event | None = None,
     kube: Kube | None = None,
     liveness_endpoint: str | None = None,
+    health_address: str | None = None,
+    metrics: OperatorMetrics = OPERATOR_METRICS,
 ) -> None:
     """Run the operator until ``stop_flag`` is set (or SIGINT/SIGTERM in the main thread).
 
-    ``liveness_endpoint`` (e.g. ``http://0.0.0.0:8080/healthz``) is kopf's health endpoint for probes.
+    ``workers`` reconcile in parallel (the HTTP connection pool is sized to match). With
+    ``leader_election`` the watches start at once but reconciling waits for the Lease; losing it
+    stops the operator with LeadershipLostError. ``liveness_endpoint`` (e.g.
+    ``http://0.0.0.0:8080/healthz``) is kopf's health endpoint; ``health_address`` (e.g.
+    ``0.0.0.0:8081``) serves ``/readyz`` and ``/leader`` (see Health).
     """
     if clusterwide == bool(namespaces):
         raise ValueError("give either namespaces or clusterwide=True")
-    kube = kube or Kube.connect(kubeconfig=kubeconfig, context=context)
-    memo = kopf.Memo(reconciler=Reconciler(kube), kubeconfig=kubeconfig, context=context)
-    await kopf.operator(
-        registry=build_registry(resync_seconds=resync_seconds),
-        settings=operator_settings(),
-        standalone=True,
-        clusterwide=clusterwide,
-        namespaces=list(namespaces),
-        stop_flag=stop_flag,
-        ready_flag=ready_flag,
-        memo=memo,
-        liveness_endpoint=liveness_endpoint,
+    # One connection per worker, plus the leader election's and a spare for pod reads at shutdown.
+    kube = kube or Kube.connect(kubeconfig=kubeconfig, context=context, connections=workers + 2)
+    kube.observer = lambda verb, resource: metrics.count_request(verb=verb, resource=resource)
+    reconciler = Reconciler(kube, metrics=metrics)
+    memo = kopf.Memo(reconciler=reconciler, kubeconfig=kubeconfig, context=context)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    forwarding = asyncio.create_task(_forward(stop_flag, stop)) if stop_flag is not None else None
+    watching = threading.Event()
+    lost = threading.Event()
+    elector_stop = threading.Event()
+    identity = leader_election.identity if leader_election else default_identity()
+
+    def lead() -> None:
+        metrics.set_leader(True)
+        while not elector_stop.is_set():
+            try:
+                reconciler.prime([None] if clusterwide else list(namespaces))
+                break
+            except KubeError as exc:
+                logger.warning("could not list runs and Jobs to start from: %s; retrying", exc)
+                elector_stop.wait(2)
+        reconciler.start(workers=workers, resync_seconds=resync_seconds)
+
+    def step_down() -> None:
+        metrics.set_leader(False)
+        lost.set()
+        reconciler.queue.shutdown()
+        loop.call_soon_threadsafe(stop.set)
+
+    elector = (
+        LeaderElector(kube, leader_election, on_started=lead, on_stopped=step_down)
+        if leader_election is not None
+        else None
     )
+    health = (
+        Health(
+            health_address,
+            ready=lambda: watching.is_set() and not lost.is_set(),
+            leader=lambda: elector.is_leader if elector is not None else watching.is_set(),
+            identity=identity,
+        )
+        if health_address
+        else None
+    )
+    if health is not None:
+        health.start()
+    campaign = threading.Thread(
+        target=elector.run if elector is not None else lambda _stop: lead(),
+        args=(elector_stop,),
+        name="leader-election",
+        daemon=True,
+    )
+
+    async def started() -> None:
+        # kopf is up: its watches are listing. Campaign (or, alone, reconcile) from now on.
+        await kopf_ready.wait()
+        watching.set()
+        if ready_flag is not None:
+            ready_flag.set()
+        campaign.start()
+
+    kopf_ready = asyncio.Event()
+    starter = asyncio.create_task(started())
+    metrics.set_leader(False)
+    try:
+        await kopf.operator(
+            registry=build_registry(),
+            settings=operator_settings(),
+            standalone=True,
+            clusterwide=clusterwide,
+            namespaces=list(namespaces),
+            stop_flag=stop,
+            ready_flag=kopf_ready,
+            memo=memo,
+            liveness_endpoint=liveness_endpoint,
+        )
+    finally:
+        starter.cancel()
+        if forwarding is not None:
+            forwarding.cancel()
+        elector_stop.set()
+        reconciler.stop()
+        if campaign.is_alive():
+            campaign.join(5)
+        if elector is not None:
+            elector.release()
+        metrics.set_leader(False)
+        if health is not None:
+            health.stop()
+    if lost.is_set():
+        raise LeadershipLostError(f"{identity} stopped leading")

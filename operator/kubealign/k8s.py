@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 from urllib.parse import quote
@@ -38,6 +38,7 @@ _RESOURCES: Final[Mapping[str, tuple[str, str]]] = {
     "Job": ("/apis/batch/v1", "jobs"),
     "Event": ("/api/v1", "events"),
     "Pod": ("/api/v1", "pods"),
+    "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
     api.KIND: (f"/apis/{api.API_VERSION}", api.PLURAL),
 }
 
@@ -69,9 +70,10 @@ def load_configuration(*, kubeconfig: str | None = None, context: str | None = N
     return configuration
 
 
-def _path(kind: str, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+def _path(kind: str, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
+    """The REST path; ``namespace`` None means every namespace (a cluster-wide list)."""
     prefix, plural = _RESOURCES[kind]
-    path = f"{prefix}/namespaces/{quote(namespace)}/{plural}"
+    path = f"{prefix}/{plural}" if namespace is None else f"{prefix}/namespaces/{quote(namespace)}/{plural}"
     if name is not None:
         path += f"/{quote(name)}"
     if subresource is not None:
@@ -86,10 +88,19 @@ class Kube:
         self._client = client
         self._lock = threading.Lock()
         self.requests: Counter[str] = Counter()
+        # Called with (verb, resource) for every request, e.g. to count it in Prometheus metrics.
+        self.observer: Callable[[str, str], None] | None = None
 
     @classmethod
-    def connect(cls, *, kubeconfig: str | None = None, context: str | None = None) -> Kube:
-        return cls(kubernetes.client.ApiClient(load_configuration(kubeconfig=kubeconfig, context=context)))
+    def connect(
+        cls, *, kubeconfig: str | None = None, context: str | None = None, connections: int | None = None
+    ) -> Kube:
+        """``connections``: the HTTP connection pool's size; give it one per thread that sends requests,
+        or urllib3 opens and discards extra connections whenever more threads are busy than it keeps."""
+        configuration = load_configuration(kubeconfig=kubeconfig, context=context)
+        if connections is not None:
+            configuration.connection_pool_maxsize = connections
+        return cls(kubernetes.client.ApiClient(configuration))
 
     @property
     def configuration(self) -> Any:
@@ -103,7 +114,7 @@ class Kube:
         self,
         method: str,
         kind: str,
-        namespace: str,
+        namespace: str | None,
         name: str | None = None,
         *,
         subresource: str | None = None,
@@ -112,8 +123,11 @@ class Kube:
         content_type: str = "application/json",
     ) -> Any:
         path = _path(kind, namespace, name, subresource)
+        resource = f"{kind}{'/' + subresource if subresource else ''}"
         with self._lock:
-            self.requests[f"{method} {kind}{'/' + subresource if subresource else ''}"] += 1
+            self.requests[f"{method} {resource}"] += 1
+        if self.observer is not None:
+            self.observer(method, resource)
         headers = {"Accept": "application/json", "Content-Type": content_type}
         method, url, headers, body, post = self._client.param_serialize(
             method,
@@ -156,8 +170,9 @@ class Kube:
         return obj
 
     def list(
-        self, kind: str, namespace: str, *, selector: str = "", field_selector: str = ""
+        self, kind: str, namespace: str | None, *, selector: str = "", field_selector: str = ""
     ) -> list[dict[str, Any]]:
+        """The objects of one namespace, or of all (``namespace`` None)."""
         query = [
             (key, value)
             for key, value in (("labelSelector", selector), ("fieldSelector", field_selector))
@@ -192,9 +207,10 @@ class Kube:
         )
         return job
 
-    def replace_run_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
-        """Write the whole status in one request (JSON patch ``add`` replaces or creates it)."""
-        self._request(
+    def replace_run_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
+        """Write the whole status in one request (JSON patch ``add`` replaces or creates it); returns
+        the run as stored."""
+        run: dict[str, Any] = self._request(
             "PATCH",
             api.KIND,
             namespace,
@@ -203,6 +219,33 @@ class Kube:
             body=[{"op": "add", "path": "/status", "value": dict(status)}],
             content_type="application/json-patch+json",
         )
+        return run
+
+    # --- leases (leader election) -----------------------------------------------------------------
+
+    def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            lease: dict[str, Any] = self._request("GET", "Lease", namespace, name)
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return lease
+
+    def create_lease(self, lease: Mapping[str, Any]) -> dict[str, Any]:
+        """Create a Lease; unlike ``create``, a 409 is an error: someone else created it first."""
+        created: dict[str, Any] = self._request(
+            "POST", "Lease", str(lease["metadata"]["namespace"]), body=dict(lease)
+        )
+        return created
+
+    def replace_lease(self, lease: Mapping[str, Any]) -> dict[str, Any]:
+        """PUT a Lease; its metadata.resourceVersion makes this fail with 409 if it changed meanwhile."""
+        meta = lease["metadata"]
+        replaced: dict[str, Any] = self._request(
+            "PUT", "Lease", str(meta["namespace"]), str(meta["name"]), body=dict(lease)
+        )
+        return replaced
 
     def post_event(
         self,

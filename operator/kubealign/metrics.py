@@ -11,7 +11,12 @@ Exposed series (names follow Prometheus conventions: base units, ``_total`` for 
     kubealign_alignmentruns{phase}                        runs this operator knows, by status.phase
     kubealign_stage_duration_seconds{type,phase}          histogram: stage start -> terminal phase
     kubealign_stage_retries_total{type}                   attempts started beyond a stage's first
-    kubealign_reconcile_errors_total{reason}              handler failures (each kopf will retry)
+    kubealign_reconcile_errors_total{reason}              reconcile failures (the resync retries)
+    kubealign_handover_seconds                            histogram: a stage's Job finished -> the
+                                                          next attempt's Job created (as the operator saw it)
+    kubealign_operator_leader                             1 on the replica holding the leader Lease
+    kubealign_operator_queue_depth                        runs waiting for a reconcile
+    kubealign_operator_api_requests_total{verb,resource}  the operator's own API requests (watches aside)
 
 Served with :meth:`OperatorMetrics.serve` (``kubealign operator --metrics-port 9090``).
 """
@@ -23,7 +28,7 @@ from collections.abc import Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -50,6 +55,8 @@ STAGE_DURATION_BUCKETS = (
     72 * 3600.0,
     float("inf"),
 )
+# A hand-over is milliseconds when the operator keeps up and seconds when it does not.
+HANDOVER_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf"))
 
 
 class _RunPhaseCollector(Collector):
@@ -130,6 +137,41 @@ class OperatorMetrics:
             labelnames=["reason"],
             registry=self.registry,
         )
+
+        self.handover = Histogram(
+            "kubealign_handover_seconds",
+            "Seconds from the watch event of a stage Job finishing to the creation of its run's next Job.",
+            buckets=HANDOVER_BUCKETS,
+            registry=self.registry,
+        )
+        self.leader = Gauge(
+            "kubealign_operator_leader",
+            "1 while this replica holds the leader Lease (or runs without leader election), else 0.",
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "kubealign_operator_queue_depth",
+            "AlignmentRuns waiting for a reconcile.",
+            registry=self.registry,
+        )
+        self.api_requests = Counter(
+            "kubealign_operator_api_requests_total",
+            "API requests the operator sent (its watch streams aside), by HTTP verb and resource.",
+            labelnames=["verb", "resource"],
+            registry=self.registry,
+        )
+
+    def observe_handover(self, seconds: float) -> None:
+        self.handover.observe(seconds)
+
+    def set_leader(self, leading: bool) -> None:
+        self.leader.set(1.0 if leading else 0.0)
+
+    def set_queue_depth(self, depth: int) -> None:
+        self.queue_depth.set(float(depth))
+
+    def count_request(self, *, verb: str, resource: str) -> None:
+        self.api_requests.labels(verb=verb, resource=resource).inc()
 
     def set_run_phase(self, *, namespace: str, name: str, phase: str) -> None:
         self._runs.set((namespace, name), phase)

@@ -1,27 +1,37 @@
-"""One reconcile of one AlignmentRun: read -> plan -> act -> one status write -> events.
+"""One reconcile of one AlignmentRun: read the cache -> plan -> act -> one status write -> events.
 
-Handlers call ``Reconciler.request(namespace, name)`` for every event that may concern a run (the
-run changed, one of its Jobs changed, the resync timer fired). Requests for the same run are
-coalesced: while a reconcile runs, further requests only mark the run dirty, and one more reconcile
-follows. That keeps reconciles of a run strictly sequential (no two threads create the same stage)
-and turns a burst of Job events into one or two passes.
+The handlers feed every watch event into the Reconciler: the object goes into the cache
+(kubealign.cache), and the run it concerns into the work queue (kubealign.workqueue), urgently when
+one of its Jobs changed state. A bounded pool of worker threads takes runs from the queue; one run
+is never reconciled by two workers at once, and a burst of events for it becomes one or two passes.
+
+A reconcile costs no read when the cache can answer (it always can for the run and its Jobs); it
+reads a finished Job's pods once, for the metrics or failure the status lacks. Its writes are only
+what the plan needs: children of new attempts, suspend patches, one status write, its Events. The
+resync is a pass over the cache, so a run that needs nothing costs nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from kubealign import api, fit, plan, render
+from kubealign.cache import Cache, Key, key_of, resource_version
 from kubealign.defaults import InstallDefaults
 from kubealign.k8s import Kube, KubeError
 from kubealign.k8s import now as utc_now
 from kubealign.metrics import OPERATOR_METRICS, OperatorMetrics
+from kubealign.workqueue import WorkQueue
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_WORKERS = 16
+TERMINAL_RUN_PHASES = (api.RunPhase.SUCCEEDED, api.RunPhase.FAILED)
 
 
 @dataclass(frozen=True)
@@ -47,28 +57,54 @@ def _placeholder(manifest: Mapping[str, Any]) -> api.AlignmentRun:
 
 
 class Reconciler:
-    """Drives runs towards their spec through a ``Kube``; safe to call from many threads."""
+    """Drives runs towards their spec through a ``Kube``; fed from any thread, works in its own."""
 
     def __init__(
         self,
         kube: Kube,
         *,
+        cache: Cache | None = None,
         clock: Callable[[], str] = utc_now,
         metrics: OperatorMetrics = OPERATOR_METRICS,
         defaults: InstallDefaults | None = None,
     ) -> None:
         self.kube = kube
+        self.cache = cache if cache is not None else Cache()
+        self.queue: WorkQueue[Key] = WorkQueue()
         self._clock = clock
         self.metrics = metrics
         # The chart's defaultTrainerImage and s3.* values, for runs whose spec leaves them out.
         self.defaults = defaults if defaults is not None else InstallDefaults.from_env()
         self.gpu_memory = fit.parse_memory(self.defaults.gpu_memory)
         self._guard = threading.Lock()
-        # (namespace, name) -> whether another pass was requested while one is running.
-        self._running: dict[tuple[str, str], bool] = {}
         # Job name -> (uid, state) last seen, so that Job events which change nothing the planner
         # looks at (pods starting, ready counts) do not cost a reconcile.
         self._job_states: dict[tuple[str, str], tuple[str, plan.JobState]] = {}
+        # Run -> the resourceVersion of the status this operator wrote last: its watch echo needs no pass.
+        self._written: dict[Key, str] = {}
+        # Run -> when (monotonic) a Job of it was seen finishing: the start of a hand-over.
+        self._finished_at: dict[Key, float] = {}
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+
+    # --- feeding: called by the watch handlers ---------------------------------------------------
+
+    def run_event(self, body: Mapping[str, Any], *, deleted: bool = False) -> None:
+        """A watch event of an AlignmentRun."""
+        key = key_of(body)
+        if deleted:
+            self.cache.delete_run(*key)
+            with self._guard:
+                self._written.pop(key, None)
+                self._finished_at.pop(key, None)
+            self.metrics.forget_run(namespace=key[0], name=key[1])
+            return
+        if not self.cache.put_run(body):
+            return
+        with self._guard:
+            echo = self._written.get(key) == resource_version(body)
+        if not echo:
+            self.request(*key)
 
     def job_event(self, job: Mapping[str, Any], *, deleted: bool = False) -> None:
         """A watch event of one of our Jobs: reconcile its run if the Job's state changed."""
@@ -78,13 +114,19 @@ class Reconciler:
         namespace = meta.get("namespace")
         if seen is None or not run or not namespace:
             return
+        if deleted:
+            self.cache.delete_job(job)
+        elif not self.cache.put_job(job):
+            return
         key = (namespace, seen.name)
         with self._guard:
             if deleted:
                 self._job_states.pop(key, None)
             elif not self._note(key, str(meta.get("uid", "")), seen.state):
                 return
-        self.request(namespace, run)
+            if seen.state == plan.JobState.SUCCEEDED and not deleted:
+                self._finished_at[(namespace, run)] = time.monotonic()
+        self.request(namespace, run, urgent=True)
 
     def _note(self, key: tuple[str, str], uid: str, state: plan.JobState) -> bool:
         """Record a Job's state (under the guard); True if it differs from the last one seen."""
@@ -99,24 +141,77 @@ class Reconciler:
                 if seen is not None:
                     self._note((namespace, name), str(job["metadata"].get("uid", "")), seen.state)
 
-    def request(self, namespace: str, name: str) -> None:
-        """Reconcile the run now, or right after the reconcile of it already in progress."""
-        key = (namespace, name)
-        with self._guard:
-            if key in self._running:
-                self._running[key] = True
-                return
-            self._running[key] = False
-        try:
-            while True:
-                self._reconcile_reporting(namespace, name)
-                with self._guard:
-                    if not self._running[key]:
-                        return
-                    self._running[key] = False
-        finally:
-            with self._guard:
-                self._running.pop(key, None)
+    def request(self, namespace: str, name: str, *, urgent: bool = False) -> None:
+        """Queue the run for a reconcile (once, however often it is asked for before one starts)."""
+        self.queue.add((namespace, name), urgent=urgent)
+
+    def refresh(self, namespace: str, name: str) -> None:
+        """Read the run and its Jobs from the API into the cache (a GET and a LIST), for callers that
+        have no watch feeding it: tests, a one-off reconcile."""
+        body = self.kube.get_run(namespace, name)
+        if body is None:
+            self.cache.delete_run(namespace, name)
+            return
+        self.cache.put_run(body)
+        for job in self.kube.list("Job", namespace, selector=render.run_selector(name)):
+            self.cache.put_job(job)
+
+    def prime(self, namespaces: Sequence[str | None]) -> None:
+        """Fill the cache with one LIST of runs and one of Jobs per namespace (None: all namespaces).
+
+        The watches list everything too when they start, but nothing says when they are done; a
+        new leader primes first, so that its first reconciles never mistake a Job the watch has not
+        delivered yet for one that does not exist. Two requests per namespace, once per leadership.
+        """
+        selector = f"{render.LABEL_MANAGED_BY}={render.MANAGED_BY}"
+        for namespace in namespaces:
+            for body in self.kube.list(api.KIND, namespace):
+                self.cache.put_run(body)
+            for job in self.kube.list("Job", namespace, selector=selector):
+                self.job_event(job)
+
+    # --- working: a bounded pool of threads --------------------------------------------------------
+
+    def start(self, *, workers: int = DEFAULT_WORKERS, resync_seconds: float | None = None) -> None:
+        """Start reconciling: ``workers`` threads, and a resync of every unfinished run (from the
+        cache) each ``resync_seconds``. Every run already in the cache is queued first."""
+        for body in self.cache.runs():
+            self.request(*key_of(body))
+        for index in range(workers):
+            thread = threading.Thread(target=self._work, name=f"reconcile-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        if resync_seconds:
+            thread = threading.Thread(target=self._resync, args=(resync_seconds,), name="resync", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the workers after the reconciles in progress."""
+        self._stop.set()
+        self.queue.shutdown()
+        for thread in self._threads:
+            thread.join(timeout)
+        self._threads.clear()
+
+    def _work(self) -> None:
+        while (key := self.queue.get()) is not None:
+            try:
+                self._reconcile_reporting(*key)
+            except Exception:  # a bug in one run's reconcile must not take a worker away from the others
+                logger.exception("reconcile of %s/%s crashed", *key)
+                self.metrics.count_reconcile_error(reason="Exception")
+            finally:
+                self.queue.done(key)
+            self.metrics.set_queue_depth(self.queue.depth())
+
+    def _resync(self, seconds: float) -> None:
+        # The safety net for anything missed (a request that failed, a create refused for now): a
+        # pass over the cache, which costs API requests only for runs whose plan has something to do.
+        while not self._stop.wait(seconds):
+            for body in self.cache.runs():
+                if (body.get("status") or {}).get("phase") not in TERMINAL_RUN_PHASES:
+                    self.request(*key_of(body))
 
     def _reconcile_reporting(self, namespace: str, name: str) -> None:
         try:
@@ -133,12 +228,12 @@ class Reconciler:
             )
 
     def reconcile(self, namespace: str, name: str) -> Outcome | None:
-        """One full pass; None when the run no longer exists."""
-        manifest = self.kube.get_run(namespace, name)
-        if manifest is None:
+        """One full pass over the cached run; None when the run is not (or no longer) there."""
+        cached = self.cache.run(namespace, name)
+        if cached is None:
             self.metrics.forget_run(namespace=namespace, name=name)
             return None
-        manifest = self.defaults.apply(manifest)
+        manifest = self.defaults.apply(cached)
         # The status is ours and already known to be well-formed; checking the spec is enough. Pods
         # need an image, which neither the run, its stages nor this install may have provided.
         errors = api.validate(
@@ -150,11 +245,7 @@ class Reconciler:
         except (KeyError, TypeError, ValueError):
             run = _placeholder(manifest)
 
-        raw = {
-            job["metadata"]["name"]: job
-            for job in self.kube.list("Job", namespace, selector=render.run_selector(name))
-        }
-        self._note_all(namespace, raw)
+        raw = self.cache.jobs(namespace, name)
         listed = [plan.observe_job(job) for job in raw.values()]
         # A Job left over from an earlier run of the same name is not ours; the garbage collector takes it.
         owned = [job for job in listed if job is not None and job.owner_uid == run.uid]
@@ -177,8 +268,14 @@ class Reconciler:
         )
         body = status.to_dict()
         patched = body != manifest.get("status")
+        if status.phase in TERMINAL_RUN_PHASES:
+            with self._guard:
+                self._finished_at.pop((namespace, name), None)
         if patched:
-            self.kube.replace_run_status(namespace, name, body)
+            stored = self.kube.replace_run_status(namespace, name, body)
+            with self._guard:
+                self._written[(namespace, name)] = resource_version(stored)
+            self.cache.put_run(stored)
         # After the write: a transition that failed to persist is observed when it finally does.
         self.metrics.record_status_change(
             namespace=namespace, name=name, before=manifest.get("status"), after=body
@@ -221,12 +318,20 @@ class Reconciler:
                     created: dict[str, Any] = {}
                     for child in render.build_children(run, stage, action.attempt):
                         created = self.kube.create(child)
+                    self.cache.put_job(created)
                     self._note_all(run.namespace, {created["metadata"]["name"]: created})
+                    self._handed_over((run.namespace, run.name))
                     seen = plan.observe_job(created)
+                    if seen is not None and seen.state in (plan.JobState.SUCCEEDED, plan.JobState.FAILED):
+                        # It existed already (the cache had not seen it yet) and has finished: its
+                        # outcome is in its pods, which a later pass would not read again.
+                        pods = self.kube.list("Pod", run.namespace, selector=render.run_selector(run.name))
+                        seen = plan.observe_job(created, pods)
                     if seen is not None and seen.owner_uid == run.uid:
                         current[seen.name] = seen
                 else:
                     patched = self.kube.set_job_suspended(run.namespace, action.job, suspend=action.suspend)
+                    self.cache.put_job(patched)
                     self._note_all(run.namespace, {action.job: patched})
                     seen = plan.observe_job(patched)
                     if seen is not None:
@@ -237,3 +342,10 @@ class Reconciler:
                 else:
                     logger.warning("could not set suspend=%s on job %s: %s", action.suspend, action.job, exc)
         return list(current.values()), blocked
+
+    def _handed_over(self, key: Key) -> None:
+        """A stage's Job was created: if a Job of the run finished before, that was a hand-over."""
+        with self._guard:
+            finished = self._finished_at.pop(key, None)
+        if finished is not None:
+            self.metrics.observe_handover(time.monotonic() - finished)

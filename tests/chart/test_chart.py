@@ -22,6 +22,7 @@ from kubealign import crdgen, defaults, fit
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "kubealign"
 RULES = ROOT / "operator" / "kubealign" / "rbac" / "rules.yaml"
+LEASE_RULES = RULES.with_name("leader-election-rules.yaml")
 # Offline commands (template, lint) check Chart.yaml's kubeVersion against this; say the version the
 # local control plane runs rather than the helm build's fallback default.
 KUBE_VERSION = f"--kube-version={localcluster.BINARY_BY_NAME['kube-apiserver'].version()}"
@@ -130,12 +131,20 @@ def test_the_chart_installs_the_generated_admission_policy(helm: str) -> None:
     )
 
 
-def test_deployment_is_single_hardened_and_probed(helm: str) -> None:
+def test_deployment_is_highly_available_hardened_and_probed(helm: str) -> None:
     docs = render(helm)
     deployment = only(docs, "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
+    # Two replicas, one leading: a rolling update starts the new pod before the old one stops.
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    anti = spec["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert anti[0]["podAffinityTerm"]["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
     pod = spec["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == 65532
@@ -146,16 +155,49 @@ def test_deployment_is_single_hardened_and_probed(helm: str) -> None:
     assert security["allowPrivilegeEscalation"] is False
     assert security["capabilities"] == {"drop": ["ALL"]}
     assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert {"--health-address=0.0.0.0:8081", "--workers=16", "--leader-elect"} <= set(container["args"])
+    assert "--leader-election-name=kubealign" in container["args"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "ready"}
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    assert ports == {"health": 8080, "metrics": 9090}
+    assert ports == {"health": 8080, "ready": 8081, "metrics": 9090}
+    # The Lease is in the operator's own namespace, which the pod learns from the downward API.
+    assert container["env"][0] == {
+        "name": "POD_NAMESPACE",
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+    }
     labels = deployment["metadata"]["labels"]
     assert labels["helm.sh/chart"] == "kubealign-0.1.0"
     assert labels["app.kubernetes.io/managed-by"] == "Helm"
     assert labels["app.kubernetes.io/version"] == "0.1.0"
     selector = spec["selector"]["matchLabels"]
     assert selector.items() <= spec["template"]["metadata"]["labels"].items()
+
+
+def test_a_disruption_budget_keeps_one_replica_and_never_blocks_a_drain(helm: str) -> None:
+    docs = render(helm)
+    budget = only(docs, "PodDisruptionBudget")
+    selector = only(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert budget["spec"] == {
+        "minAvailable": 1,
+        "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        "selector": {"matchLabels": selector},
+    }
+    single = render(helm, "replicaCount=1", "leaderElection.enabled=false")
+    assert by_kind(single, "PodDisruptionBudget") == []
+    deployment = only(single, "Deployment")["spec"]
+    assert (deployment["replicas"], deployment["strategy"]) == (1, {"type": "Recreate"})
+    assert "affinity" not in deployment["template"]["spec"]
+    args = operator_container(single)["args"]
+    assert not any(arg.startswith("--leader-elect") for arg in args)
+    assert by_kind(single, "Role") == []
+
+
+def test_two_replicas_without_leader_election_are_refused(helm: str) -> None:
+    command = [helm, "template", "kubealign", str(CHART), KUBE_VERSION, "--set=leaderElection.enabled=false"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode != 0
+    assert "replicaCount > 1 needs leaderElection.enabled" in result.stderr
 
 
 def test_metrics_service_selects_the_operator(helm: str) -> None:
@@ -174,7 +216,7 @@ def test_metrics_can_be_turned_off(helm: str) -> None:
     assert by_kind(docs, "Service") == []
     container = operator_container(docs)
     assert not any(arg.startswith("--metrics-port") for arg in container["args"])
-    assert [port["name"] for port in container["ports"]] == ["health"]
+    assert [port["name"] for port in container["ports"]] == ["health", "ready"]
 
 
 def test_values_reach_the_operator(helm: str) -> None:
@@ -194,7 +236,7 @@ def test_values_reach_the_operator(helm: str) -> None:
     assert "--liveness=http://0.0.0.0:8181/healthz" in container["args"]
     assert container["image"].endswith(":dev")
     # The names the operator reads (kubealign.defaults); unset values set nothing.
-    env = {item["name"]: item["value"] for item in container["env"]}
+    env = {item["name"]: item["value"] for item in container["env"] if "value" in item}
     assert env == {
         defaults.ENV_IMAGE: "ghcr.io/team/trainer:1.2",
         defaults.ENV_ENDPOINT: "http://minio.storage:9000",
@@ -207,13 +249,15 @@ def test_values_reach_the_operator(helm: str) -> None:
     assert fit.parse_memory(installed.gpu_memory) == 40 * 2**30
     plain = operator_container(render(helm))
     assert "--verbose" not in plain["args"]
-    assert plain["env"] == [{"name": defaults.ENV_GPU_MEMORY, "value": "80Gi"}]  # the chart's default
-    assert "env" not in operator_container(render(helm, "gpuMemory="))
+    assert plain["env"][1:] == [{"name": defaults.ENV_GPU_MEMORY, "value": "80Gi"}]  # the chart's default
+    assert [item["name"] for item in operator_container(render(helm, "gpuMemory="))["env"]] == [
+        "POD_NAMESPACE"
+    ]
 
 
 def test_default_trainer_image_alone_sets_only_its_variable(helm: str) -> None:
     container = operator_container(render(helm, "defaultTrainerImage=trainer:2"))
-    assert container["env"] == [
+    assert container["env"][1:] == [
         {"name": defaults.ENV_GPU_MEMORY, "value": "80Gi"},
         {"name": defaults.ENV_IMAGE, "value": "trainer:2"},
     ]
@@ -237,6 +281,19 @@ def operator_rules() -> list[dict[str, Any]]:
     return rules
 
 
+def assert_leader_election_role(docs: list[dict[str, Any]], account: str, namespace: str) -> None:
+    """Only the Lease, only in the operator's namespace: the one Role and RoleBinding there."""
+    (role,) = [doc for doc in by_kind(docs, "Role") if doc["metadata"]["namespace"] == namespace]
+    assert role["metadata"]["name"] == "kubealign-leader-election"
+    assert role["rules"] == yaml.safe_load(LEASE_RULES.read_text())
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]}
+    ]
+    (binding,) = [doc for doc in by_kind(docs, "RoleBinding") if doc["metadata"]["namespace"] == namespace]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": namespace}]
+
+
 def test_cluster_wide_mode_binds_one_cluster_role(helm: str) -> None:
     docs = render(helm)
     role = only(docs, "ClusterRole")
@@ -250,7 +307,7 @@ def test_cluster_wide_mode_binds_one_cluster_role(helm: str) -> None:
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "kubealign", "namespace": "kubealign-system"}
     ]
-    assert by_kind(docs, "Role") == [] and by_kind(docs, "RoleBinding") == []
+    assert_leader_election_role(docs, "kubealign", "kubealign-system")
     assert only(docs, "ServiceAccount")["metadata"]["name"] == "kubealign"
     args = operator_container(docs)["args"]
     assert "--all-namespaces" in args
@@ -260,10 +317,12 @@ def test_cluster_wide_mode_binds_one_cluster_role(helm: str) -> None:
 def test_namespaced_mode_grants_nothing_cluster_wide(helm: str) -> None:
     docs = render(helm, "watchNamespaces={team-a,team-b}", "serviceAccount.name=trainer-operator")
     assert by_kind(docs, "ClusterRole") == [] and by_kind(docs, "ClusterRoleBinding") == []
+    assert_leader_election_role(docs, "trainer-operator", "kubealign-system")
     roles = {role["metadata"]["namespace"]: role for role in by_kind(docs, "Role")}
+    roles.pop("kubealign-system")
     assert sorted(roles) == ["team-a", "team-b"]
     assert all(role["rules"] == operator_rules() for role in roles.values())
-    bindings = by_kind(docs, "RoleBinding")
+    bindings = [b for b in by_kind(docs, "RoleBinding") if b["metadata"]["namespace"] != "kubealign-system"]
     assert sorted(binding["metadata"]["namespace"] for binding in bindings) == ["team-a", "team-b"]
     for binding in bindings:
         assert binding["roleRef"]["kind"] == "Role"
@@ -352,7 +411,8 @@ def test_helm_install_grants_the_operator_exactly_its_rules(helm: str, cluster: 
         user = f"system:serviceaccount:{namespace}:kubealign"
         allowed = [
             ("watch", "alignmentruns.kubealign.io"),
-            ("patch", "alignmentruns.kubealign.io"),
+            ("create", "leases.coordination.k8s.io"),
+            ("update", "leases.coordination.k8s.io"),
             ("create", "jobs.batch"),
             ("patch", "jobs.batch"),
             ("create", "configmaps"),
@@ -367,6 +427,9 @@ def test_helm_install_grants_the_operator_exactly_its_rules(helm: str, cluster: 
             ("get", "secrets"),
             ("delete", "jobs.batch"),
             ("delete", "alignmentruns.kubealign.io"),
+            # kopf keeps no bookkeeping on runs: the operator never writes a run but its status.
+            ("patch", "alignmentruns.kubealign.io"),
+            ("delete", "leases.coordination.k8s.io"),
             ("create", "pods"),
             ("create", "roles.rbac.authorization.k8s.io"),
         ]
@@ -375,5 +438,6 @@ def test_helm_install_grants_the_operator_exactly_its_rules(helm: str, cluster: 
         # Namespaced mode: nothing outside the watched namespace.
         assert not _can(cluster, user, "list", "alignmentruns.kubealign.io", "default")
         assert not _can(cluster, user, "create", "jobs.batch", "kube-system")
+        assert not _can(cluster, user, "update", "leases.coordination.k8s.io", "kube-system")
     finally:
         run_helm(helm, "uninstall", "kubealign", f"--namespace={namespace}", "--wait", cluster=cluster)

@@ -189,7 +189,8 @@ def operator_thread(
 class OperatorProcess:
     """``kubealign operator`` as a subprocess, so that a test can SIGKILL it mid-run."""
 
-    def __init__(self, cluster: Cluster, namespace: str, log: Path) -> None:
+    def __init__(self, cluster: Cluster, namespace: str, log: Path, *args: str) -> None:
+        """``args``: more ``kubealign operator`` options, e.g. ``--leader-elect``."""
         self._log = log.open("ab")
         self.process = subprocess.Popen(
             [
@@ -203,6 +204,7 @@ class OperatorProcess:
                 cluster.kubeconfig,
                 "--context",
                 cluster.context,
+                *args,
             ],
             stdin=subprocess.DEVNULL,
             stdout=self._log,

@@ -496,7 +496,9 @@ def test_a_run_without_any_image_waits_for_the_install_default(
     del body["spec"]["image"]
     submit(cluster, namespace, body)
 
-    outcome = Reconciler(reader.kube, defaults=InstallDefaults()).reconcile(namespace, "imageless")
+    reconciler = Reconciler(reader.kube, defaults=InstallDefaults())
+    reconciler.refresh(namespace, "imageless")
+    outcome = reconciler.reconcile(namespace, "imageless")
     assert outcome is not None and outcome.actions == ()
     status = reader.status("imageless")
     valid = {c["type"]: c for c in status["conditions"]}["Valid"]
@@ -505,7 +507,9 @@ def test_a_run_without_any_image_waits_for_the_install_default(
     assert reader.jobs("imageless") == {}
 
     install = InstallDefaults(image="registry.example/trainer:install")
-    Reconciler(reader.kube, defaults=install).reconcile(namespace, "imageless")
+    reconciler = Reconciler(reader.kube, defaults=install)
+    reconciler.refresh(namespace, "imageless")
+    reconciler.reconcile(namespace, "imageless")
     (job,) = reader.jobs("imageless").values()
     assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/trainer:install"
     assert {c["type"]: c["status"] for c in reader.status("imageless")["conditions"]}["Valid"] == "True"

@@ -1,6 +1,7 @@
-"""kubealign.reconcile's scheduling logic: requests for one run coalesce, Job events that change no
-state are dropped. The reconcile itself is replaced by a recorder; it is covered against the real
-API server in tests/cluster/test_operator_runs.py."""
+"""kubealign.reconcile's feeding and scheduling: watch events go into the cache, a run is queued only
+when something the planner reads changed, the echo of the operator's own status write costs
+nothing, and runs whose Jobs moved jump the queue. The reconcile itself is covered against the
+real API server in tests/cluster/test_operator_runs.py."""
 
 from __future__ import annotations
 
@@ -13,62 +14,58 @@ from tests.operator.run_builders import job
 
 
 class Recorder(Reconciler):
-    """Records reconciles; the first one of each run blocks until released."""
+    """Records reconciles instead of doing them; "slow" runs block until released."""
 
     def __init__(self) -> None:
         super().__init__(Kube(None))
         self.calls: list[tuple[str, str]] = []
-        self.entered = threading.Event()
         self.release = threading.Event()
+        self.entered = threading.Event()
         self._lock = threading.Lock()
 
     def reconcile(self, namespace: str, name: str) -> Outcome | None:
         with self._lock:
             self.calls.append((namespace, name))
-            first = self.calls.count((namespace, name)) == 1
-        if first and name == "slow":
+        if name == "slow":
             self.entered.set()
             assert self.release.wait(10)
         return None
 
 
-def test_requests_during_a_reconcile_coalesce_into_one_more_pass() -> None:
-    recorder = Recorder()
-    worker = threading.Thread(target=recorder.request, args=("ns", "slow"))
-    worker.start()
-    assert recorder.entered.wait(10)
-    # Five more requests while the first pass runs: each returns at once.
-    for _ in range(5):
-        recorder.request("ns", "slow")
-    # Another run is not held up by the slow one.
-    recorder.request("ns", "other")
-    assert recorder.calls == [("ns", "slow"), ("ns", "other")]
-    recorder.release.set()
-    worker.join(10)
-    assert recorder.calls == [("ns", "slow"), ("ns", "other"), ("ns", "slow")]
-    # Once idle, a request runs again.
-    recorder.request("ns", "slow")
-    assert recorder.calls.count(("ns", "slow")) == 3
+def queued(reconciler: Reconciler) -> list[tuple[str, str]]:
+    keys = []
+    while (key := reconciler.queue.get(timeout=0)) is not None:
+        keys.append(key)
+        reconciler.queue.done(key)
+    return keys
 
 
-def with_uid(body: dict[str, Any], uid: str) -> dict[str, Any]:
+def with_uid(body: dict[str, Any], uid: str, version: str = "1") -> dict[str, Any]:
     body["metadata"]["uid"] = uid
+    body["metadata"]["resourceVersion"] = version
     return body
 
 
-def test_job_events_reconcile_only_when_the_job_state_changes() -> None:
+def run_body(name: str, version: str) -> dict[str, Any]:
+    return {"metadata": {"namespace": "team-a", "name": name, "resourceVersion": version}, "spec": {}}
+
+
+def test_job_events_queue_their_run_only_when_the_job_state_changes() -> None:
     recorder = Recorder()
     events = [
-        (with_uid(job("demo", "sft"), "u1"), False),  # first sight: reconcile
-        (with_uid(job("demo", "sft"), "u1"), False),  # a pod became ready: nothing the planner reads
-        (with_uid(job("demo", "sft", state="succeeded"), "u1"), False),  # Complete: reconcile
-        (with_uid(job("demo", "sft", state="succeeded"), "u1"), False),
-        (with_uid(job("demo", "sft", state="succeeded"), "u1"), True),  # deleted: reconcile
-        (with_uid(job("demo", "sft"), "u2"), False),  # re-created under the same name: reconcile
+        (with_uid(job("demo", "sft"), "u1", "1"), False),  # first sight: reconcile
+        (with_uid(job("demo", "sft"), "u1", "2"), False),  # a pod became ready: nothing the planner reads
+        (with_uid(job("demo", "sft", state="succeeded"), "u1", "3"), False),  # Complete: reconcile
+        (with_uid(job("demo", "sft", state="succeeded"), "u1", "4"), False),
+        (with_uid(job("demo", "sft", state="succeeded"), "u1", "5"), True),  # deleted: reconcile
+        (with_uid(job("demo", "sft"), "u2", "6"), False),  # re-created under the same name: reconcile
     ]
+    counts = []
     for body, deleted in events:
         recorder.job_event(body, deleted=deleted)
-    assert recorder.calls == [("team-a", "demo")] * 4
+        counts.append(len(queued(recorder)))
+    assert counts == [1, 0, 1, 0, 1, 1]
+    assert next(iter(recorder.cache.jobs("team-a", "demo").values()))["metadata"]["uid"] == "u2"
 
 
 def test_job_events_without_our_labels_are_ignored() -> None:
@@ -76,4 +73,59 @@ def test_job_events_without_our_labels_are_ignored() -> None:
     foreign = job("demo", "sft")
     del foreign["metadata"]["labels"]["kubealign.io/run"]
     recorder.job_event(foreign)
-    assert recorder.calls == []
+    assert queued(recorder) == []
+    assert recorder.cache.sizes() == (0, 0)
+
+
+def test_the_echo_of_our_own_status_write_and_stale_versions_cost_no_reconcile() -> None:
+    recorder = Recorder()
+    recorder.run_event(run_body("demo", "10"))
+    assert queued(recorder) == [("team-a", "demo")]
+    # What a reconcile does after its status PATCH: the stored run goes into the cache.
+    stored = run_body("demo", "12")
+    recorder.cache.put_run(stored)
+    recorder._written[("team-a", "demo")] = "12"
+    recorder.run_event(run_body("demo", "11"))  # an older version delivered late
+    recorder.run_event(run_body("demo", "12"))  # the watch echo of our write
+    assert queued(recorder) == []
+    assert recorder.cache.run("team-a", "demo") == stored
+    recorder.run_event(run_body("demo", "13"))  # someone else changed it
+    assert queued(recorder) == [("team-a", "demo")]
+    recorder.run_event(run_body("demo", "13"), deleted=True)
+    assert recorder.cache.run("team-a", "demo") is None
+
+
+def test_runs_whose_jobs_moved_are_reconciled_before_new_runs() -> None:
+    recorder = Recorder()
+    for index in range(5):
+        recorder.run_event(run_body(f"new-{index}", "1"))
+    recorder.job_event(with_uid(job("going", "sft", state="succeeded"), "u1"))
+    assert queued(recorder)[0] == ("team-a", "going")
+
+
+def test_workers_reconcile_in_parallel_and_one_run_never_twice_at_once() -> None:
+    recorder = Recorder()
+    recorder.start(workers=2)
+    try:
+        recorder.request("ns", "slow")
+        assert recorder.entered.wait(10)
+        # Requests for the slow run while it is being reconciled: one more pass, after it.
+        for _ in range(5):
+            recorder.request("ns", "slow")
+        # Another run is not held up by the slow one: the second worker takes it.
+        recorder.request("ns", "other")
+        deadline = threading.Event()
+        for _ in range(100):
+            if ("ns", "other") in recorder.calls:
+                break
+            deadline.wait(0.05)
+        assert recorder.calls == [("ns", "slow"), ("ns", "other")]
+        recorder.release.set()
+        for _ in range(100):
+            if recorder.calls.count(("ns", "slow")) == 2:
+                break
+            deadline.wait(0.05)
+        assert recorder.calls.count(("ns", "slow")) == 2
+    finally:
+        recorder.release.set()
+        recorder.stop()

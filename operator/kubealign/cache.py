@@ -1,0 +1,118 @@
+"""What the operator knows of its runs and Jobs, fed by watch streams and by its own writes.
+
+kopf streams every AlignmentRun and every Job the operator made (one watch each); the handlers put
+each object here, and a reconcile reads the run and its Jobs from here instead of a GET and a LIST
+per pass. The operator's own writes (a created Job, a patched status) go in as soon as the API
+server answers, so the next reconcile sees them before their watch event arrives.
+
+Ordering: a watch delivers one object's versions in order, but the operator's write can land here
+before the watch delivers an older version of the same object. An older version never replaces a
+newer one. resourceVersions are opaque strings in the API's contract; every server today (etcd
+revisions) makes them decimal integers that grow with each write, and when either side is not one,
+the later arrival wins, which is what a watch-only cache does anyway.
+
+The cache never invents state: a reconcile that acts on a stale view is still safe, because every
+name the operator creates is deterministic (a second create of the same attempt answers 409 and
+returns the object that exists).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from kubealign import render
+
+Key = tuple[str, str]  # (namespace, name)
+
+
+def resource_version(body: Mapping[str, Any]) -> str:
+    return str((body.get("metadata") or {}).get("resourceVersion") or "")
+
+
+def is_older(candidate: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+    """True when ``candidate`` is plainly an older version of the object than ``current``."""
+    new, old = resource_version(candidate), resource_version(current)
+    return new.isdigit() and old.isdigit() and int(new) < int(old)
+
+
+def key_of(body: Mapping[str, Any]) -> Key:
+    meta = body.get("metadata") or {}
+    return str(meta.get("namespace") or "default"), str(meta.get("name") or "")
+
+
+class Cache:
+    """Runs by (namespace, name); Jobs by their run's (namespace, name), then by Job name. Thread-safe.
+
+    Bodies are stored as given and handed out as they are: callers treat them as read-only (the
+    reconciler copies before it changes anything, see InstallDefaults.apply).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[Key, Mapping[str, Any]] = {}
+        self._jobs: dict[Key, dict[str, Mapping[str, Any]]] = {}
+
+    def put_run(self, body: Mapping[str, Any]) -> bool:
+        """Store a run; False (and nothing stored) when it is older than the one held."""
+        key = key_of(body)
+        with self._lock:
+            held = self._runs.get(key)
+            if held is not None and is_older(body, held):
+                return False
+            self._runs[key] = body
+            return True
+
+    def delete_run(self, namespace: str, name: str) -> None:
+        with self._lock:
+            self._runs.pop((namespace, name), None)
+
+    def run(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+        with self._lock:
+            return self._runs.get((namespace, name))
+
+    def runs(self) -> list[Mapping[str, Any]]:
+        with self._lock:
+            return list(self._runs.values())
+
+    @staticmethod
+    def _run_of_job(body: Mapping[str, Any]) -> Key | None:
+        meta = body.get("metadata") or {}
+        run = (meta.get("labels") or {}).get(render.LABEL_RUN)
+        return (str(meta.get("namespace") or "default"), str(run)) if run else None
+
+    def put_job(self, body: Mapping[str, Any]) -> bool:
+        """Store a Job of one of the operator's runs; False when it is older than the one held or
+        carries no run label (nothing stored)."""
+        run = self._run_of_job(body)
+        if run is None:
+            return False
+        name = str(body["metadata"]["name"])
+        with self._lock:
+            jobs = self._jobs.setdefault(run, {})
+            held = jobs.get(name)
+            if held is not None and is_older(body, held):
+                return False
+            jobs[name] = body
+            return True
+
+    def delete_job(self, body: Mapping[str, Any]) -> None:
+        run = self._run_of_job(body)
+        if run is None:
+            return
+        with self._lock:
+            jobs = self._jobs.get(run, {})
+            jobs.pop(str(body["metadata"]["name"]), None)
+            if not jobs:
+                self._jobs.pop(run, None)
+
+    def jobs(self, namespace: str, run: str) -> dict[str, Mapping[str, Any]]:
+        """The run's Jobs by name (a copy of the index; the bodies themselves are shared)."""
+        with self._lock:
+            return dict(self._jobs.get((namespace, run), {}))
+
+    def sizes(self) -> tuple[int, int]:
+        """(runs, Jobs) held, for metrics and logs."""
+        with self._lock:
+            return len(self._runs), sum(len(jobs) for jobs in self._jobs.values())

@@ -1,0 +1,182 @@
+"""Two operator replicas with leader election, against the real control plane.
+
+Both replicas are real ``kubealign operator --leader-elect`` processes; the leader is found through
+each one's ``/leader`` endpoint, killed with SIGKILL (no chance to release the Lease), and the
+standby must take over within the lease (10 s) plus a retry period, with no duplicate Job and
+every run Succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+import localcluster
+from kubealign.k8s import Kube
+from kubealign.leader import LeaderElector, LeaseSettings
+from tests.cluster.operator_harness import OperatorProcess, Reader, install_crd, submit, wait_until
+from tests.operator.run_builders import manifest, src, stage, uri
+
+if TYPE_CHECKING:
+    from tests.conftest import Cluster
+
+pytestmark = pytest.mark.cluster
+
+KWOK_RUN_SECONDS = "kubealign.io/kwok-run-seconds"
+LEASE = "kubealign-operator"
+
+
+@pytest.fixture(scope="module")
+def crd(cluster: Cluster) -> None:
+    install_crd(cluster)
+
+
+@pytest.fixture
+def reader(cluster: Cluster, namespace: str) -> Reader:
+    return Reader(Kube.connect(kubeconfig=cluster.kubeconfig, context=cluster.context), namespace)
+
+
+def probe(port: int) -> dict[str, Any] | None:
+    """The replica's /leader answer (its body says leader or not), or None while it is not serving."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/leader", timeout=2) as response:
+            return dict(json.load(response))
+    except urllib.error.HTTPError as error:
+        return dict(json.load(error))
+    except OSError:
+        return None
+
+
+def chain(name: str, stages: int, seconds: float) -> dict[str, Any]:
+    return manifest(
+        [
+            stage(
+                f"s{n}",
+                "sft",
+                inputs={
+                    "model": uri("s3://m00/base") if n == 0 else src(f"s{n - 1}"),
+                    "data": uri("s3://d00/sft"),
+                },
+                podAnnotations={KWOK_RUN_SECONDS: str(seconds)},
+            )
+            for n in range(stages)
+        ],
+        name=name,
+    )
+
+
+def test_both_replicas_elect_one_leader_and_the_standby_takes_over_a_sigkill(
+    cluster: Cluster, namespace: str, crd: None, reader: Reader, tmp_path: Path
+) -> None:
+    ports = localcluster.pick_free_ports(2)
+    replicas = [
+        OperatorProcess(
+            cluster,
+            namespace,
+            tmp_path / f"operator-{index}.log",
+            "--leader-elect",
+            f"--leader-election-namespace={namespace}",
+            f"--leader-election-name={LEASE}",
+            f"--health-address=127.0.0.1:{port}",
+        )
+        for index, port in enumerate(ports)
+    ]
+    try:
+        # Started at once: exactly one leads, and the other stays a ready standby.
+        states = wait_until(
+            "both replicas to serve, one leading",
+            lambda: (
+                (s := [probe(port) for port in ports])
+                and all(s)
+                and sum(bool(item and item["leader"]) for item in s) == 1
+                and s
+            ),
+            timeout=60,
+        )
+        leader = next(index for index, state in enumerate(states) if state["leader"])
+        standby = 1 - leader
+        assert states[standby]["ready"] is True
+        lease = reader.kube.get_lease(namespace, LEASE)
+        assert lease is not None and lease["spec"]["holderIdentity"] == states[leader]["identity"]
+        for _ in range(6):  # the standby never becomes a second leader while the leader renews
+            time.sleep(0.5)
+            assert probe(ports[standby]) == {**states[standby], "leader": False}
+
+        names = [f"ha-{index}" for index in range(3)]
+        for name in names:
+            submit(cluster, namespace, chain(name, 4, 1.5))
+        wait_until(
+            "every run to start its second stage",
+            lambda: all(reader.stage(n, "s1").get("phase") for n in names),
+            timeout=90,
+        )
+
+        replicas[leader].kill()
+        killed = time.monotonic()
+        wait_until(
+            "the standby to lead",
+            lambda: (p := probe(ports[standby])) and p["leader"],
+            timeout=30,
+            interval=0.2,
+        )
+        failover = time.monotonic() - killed
+        # A 10 s lease, renewed every 2 s: at most about 12 s, never the time a new pod needs.
+        assert failover < 15, f"failover took {failover:.1f}s"
+
+        for name in names:
+            status = reader.wait_phase(name, "Succeeded", timeout=120)
+            assert [entry["attempts"] for entry in status["stages"]] == [1, 1, 1, 1]
+            # No duplicate: one Job per stage, the first attempt of each.
+            assert sorted(reader.jobs(name)) == [f"{name}-s{n}-1" for n in range(4)]
+        lease, now_leading = reader.kube.get_lease(namespace, LEASE), probe(ports[standby])
+        assert lease is not None and now_leading is not None
+        assert lease["spec"]["holderIdentity"] == now_leading["identity"]
+        assert lease["spec"]["leaseTransitions"] >= 1
+    finally:
+        for replica in replicas:
+            if replica.process.poll() is None:
+                replica.kill()
+
+
+def test_a_leader_that_stops_cleanly_hands_over_at_once(
+    cluster: Cluster, namespace: str, reader: Reader
+) -> None:
+    events: list[str] = []
+
+    def elector(identity: str) -> LeaderElector:
+        settings = LeaseSettings(namespace=namespace, name="handover", identity=identity)
+        return LeaderElector(
+            reader.kube,
+            settings,
+            on_started=lambda: events.append(f"{identity} leads"),
+            on_stopped=lambda: events.append(f"{identity} lost"),
+        )
+
+    first, second = elector("first"), elector("second")
+    stops = [threading.Event(), threading.Event()]
+    threads = [
+        threading.Thread(target=e.run, args=(stop,)) for e, stop in zip((first, second), stops, strict=True)
+    ]
+    threads[0].start()
+    wait_until("first to lead", lambda: first.is_leader, timeout=30)
+    threads[1].start()
+    time.sleep(3)
+    assert not second.is_leader
+    stops[0].set()  # a clean stop releases the Lease
+    released = time.monotonic()
+    threads[0].join(10)
+    wait_until("second to lead", lambda: second.is_leader, timeout=10, interval=0.1)
+    # No lease to wait out: the standby's next retry (2 s) takes it.
+    assert time.monotonic() - released < 5
+    stops[1].set()
+    threads[1].join(10)
+    assert events == ["first leads", "second leads"]
+    lease = reader.kube.get_lease(namespace, "handover")
+    assert lease is not None and lease["spec"]["holderIdentity"] == ""
