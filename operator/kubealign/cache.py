@@ -1,9 +1,10 @@
-"""What the operator knows of its runs and Jobs, fed by watch streams and by its own writes.
+"""What the operator knows of its runs, Jobs and pods, fed by watch streams and by its own writes.
 
-kopf streams every AlignmentRun and every Job the operator made (one watch each); the handlers put
-each object here, and a reconcile reads the run and its Jobs from here instead of a GET and a LIST
-per pass. The operator's own writes (a created Job, a patched status) go in as soon as the API
-server answers, so the next reconcile sees them before their watch event arrives.
+kopf streams every AlignmentRun, and every Job and pod the operator made (one watch each); the
+handlers put each object here (of a pod, only what the planner reads), and a reconcile reads the
+run, its Jobs and their pods from here instead of a GET and two LISTs per pass. The operator's own
+writes (a created Job, a patched status) go in as soon as the API server answers, so the next
+reconcile sees them before their watch event arrives.
 
 Ordering: a watch delivers one object's versions in order, but the operator's write can land here
 before the watch delivers an older version of the same object. An older version never replaces a
@@ -53,6 +54,7 @@ class Cache:
         self._lock = threading.Lock()
         self._runs: dict[Key, Mapping[str, Any]] = {}
         self._jobs: dict[Key, dict[str, Mapping[str, Any]]] = {}
+        self._pods: dict[Key, dict[str, Mapping[str, Any]]] = {}
 
     def put_run(self, body: Mapping[str, Any]) -> bool:
         """Store a run; False (and nothing stored) when it is older than the one held."""
@@ -77,7 +79,7 @@ class Cache:
             return list(self._runs.values())
 
     @staticmethod
-    def _run_of_job(body: Mapping[str, Any]) -> Key | None:
+    def _run_of(body: Mapping[str, Any]) -> Key | None:
         meta = body.get("metadata") or {}
         run = (meta.get("labels") or {}).get(render.LABEL_RUN)
         return (str(meta.get("namespace") or "default"), str(run)) if run else None
@@ -85,7 +87,7 @@ class Cache:
     def put_job(self, body: Mapping[str, Any]) -> bool:
         """Store a Job of one of the operator's runs; False when it is older than the one held or
         carries no run label (nothing stored)."""
-        run = self._run_of_job(body)
+        run = self._run_of(body)
         if run is None:
             return False
         name = str(body["metadata"]["name"])
@@ -98,7 +100,7 @@ class Cache:
             return True
 
     def delete_job(self, body: Mapping[str, Any]) -> None:
-        run = self._run_of_job(body)
+        run = self._run_of(body)
         if run is None:
             return
         with self._lock:
@@ -112,7 +114,53 @@ class Cache:
         with self._lock:
             return dict(self._jobs.get((namespace, run), {}))
 
-    def sizes(self) -> tuple[int, int]:
-        """(runs, Jobs) held, for metrics and logs."""
+    def put_pod(self, body: Mapping[str, Any]) -> bool:
+        """Store what the planner reads of a trainer pod (labels, annotations, phase, container
+        states: a finished Job's metrics and failure are in its pods' termination messages)."""
+        run = self._run_of(body)
+        if run is None:
+            return False
+        meta = body.get("metadata") or {}
+        status = body.get("status") or {}
+        kept = {
+            "metadata": {
+                key: meta[key]
+                for key in ("name", "namespace", "labels", "annotations", "resourceVersion")
+                if key in meta
+            },
+            "status": {
+                key: status[key]
+                for key in ("phase", "reason", "message", "containerStatuses")
+                if key in status
+            },
+        }
         with self._lock:
-            return len(self._runs), sum(len(jobs) for jobs in self._jobs.values())
+            pods = self._pods.setdefault(run, {})
+            held = pods.get(str(meta.get("name")))
+            if held is not None and is_older(kept, held):
+                return False
+            pods[str(meta.get("name"))] = kept
+            return True
+
+    def delete_pod(self, body: Mapping[str, Any]) -> None:
+        run = self._run_of(body)
+        if run is None:
+            return
+        with self._lock:
+            pods = self._pods.get(run, {})
+            pods.pop(str((body.get("metadata") or {}).get("name")), None)
+            if not pods:
+                self._pods.pop(run, None)
+
+    def pods(self, namespace: str, run: str) -> list[Mapping[str, Any]]:
+        with self._lock:
+            return list(self._pods.get((namespace, run), {}).values())
+
+    def sizes(self) -> tuple[int, int, int]:
+        """(runs, Jobs, pods) held, for metrics and logs."""
+        with self._lock:
+            return (
+                len(self._runs),
+                sum(len(jobs) for jobs in self._jobs.values()),
+                sum(len(pods) for pods in self._pods.values()),
+            )

@@ -91,6 +91,10 @@ def build_registry() -> kopf.OperatorRegistry:
     async def job_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
         memo.reconciler.job_event(event["object"], deleted=event.get("type") == "DELETED")
 
+    @kopf.on.event("", "v1", "pods", labels={LABEL_MANAGED_BY: MANAGED_BY}, registry=registry)
+    async def pod_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+        memo.reconciler.pod_event(event["object"], deleted=event.get("type") == "DELETED")
+
     return registry
 
 

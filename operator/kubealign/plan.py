@@ -580,3 +580,16 @@ def transitions(previous: RunStatus | None, current: RunStatus) -> tuple[Note, .
         if current.phase in run_notes:
             notes.append(run_notes[current.phase])
     return tuple(notes)
+
+
+def coalesce(notes: Sequence[Note]) -> tuple[Note, ...]:
+    """The Events to post for one reconcile's notes: every Warning on its own (each is something to
+    act on), and the Normal ones together as one Event with the first one's reason and every message.
+
+    A hand-over (a stage succeeded, the next started) is then one Event, not two: Events are API
+    writes, and at hundreds of concurrent runs they were the largest share of the operator's requests.
+    """
+    warnings = [note for note in notes if note.type != "Normal"]
+    normal = [note for note in notes if note.type == "Normal"]
+    merged = [Note("Normal", normal[0].reason, "; ".join(note.message for note in normal))] if normal else []
+    return (*warnings, *merged)

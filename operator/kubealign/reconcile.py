@@ -56,6 +56,17 @@ def _placeholder(manifest: Mapping[str, Any]) -> api.AlignmentRun:
     )
 
 
+def _pods_tell(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether ``pods`` hold how the finished ``job`` ended: a pod of it in the Job's final phase."""
+    seen = plan.observe_job(job)
+    phase = "Succeeded" if seen is not None and seen.state == plan.JobState.SUCCEEDED else "Failed"
+    return any(
+        (pod.get("metadata", {}).get("labels") or {}).get(render.JOB_NAME_LABEL) == job["metadata"]["name"]
+        and pod.get("status", {}).get("phase") == phase
+        for pod in pods
+    )
+
+
 class Reconciler:
     """Drives runs towards their spec through a ``Kube``; fed from any thread, works in its own."""
 
@@ -127,6 +138,14 @@ class Reconciler:
             if seen.state == plan.JobState.SUCCEEDED and not deleted:
                 self._finished_at[(namespace, run)] = time.monotonic()
         self.request(namespace, run, urgent=True)
+
+    def pod_event(self, pod: Mapping[str, Any], *, deleted: bool = False) -> None:
+        """A watch event of a trainer pod: into the cache only. A pod's end reaches the planner
+        through its Job's event (the Job finishes after its pods do)."""
+        if deleted:
+            self.cache.delete_pod(pod)
+        else:
+            self.cache.put_pod(pod)
 
     def _note(self, key: tuple[str, str], uid: str, state: plan.JobState) -> bool:
         """Record a Job's state (under the guard); True if it differs from the last one seen."""
@@ -280,7 +299,7 @@ class Reconciler:
         self.metrics.record_status_change(
             namespace=namespace, name=name, before=manifest.get("status"), after=body
         )
-        for note in notes:
+        for note in plan.coalesce(notes):
             self.kube.post_event(manifest, type=note.type, reason=note.reason, message=note.message)
         for note in notes:
             logger.info("%s/%s %s: %s", namespace, name, note.reason, note.message)
@@ -294,11 +313,19 @@ class Reconciler:
         raw: Mapping[str, Mapping[str, Any]],
         previous: api.RunStatus,
     ) -> list[plan.ObservedJob]:
-        """Re-observe, with their pods, finished Jobs whose metrics or failure the status lacks."""
+        """Re-observe, with their pods, finished Jobs whose metrics or failure the status lacks.
+
+        The pods come from the cache; when it has not yet seen how a Job's pods ended (the pod and
+        Job watches are separate streams), one LIST of the run's pods answers instead.
+        """
         wanted = set(plan.jobs_needing_pods(jobs, previous))
         if not wanted:
             return list(jobs)
-        pods = self.kube.list("Pod", namespace, selector=render.run_selector(name))
+        pods: Sequence[Mapping[str, Any]] = self.cache.pods(namespace, name)
+        if not all(_pods_tell(raw[job.name], pods) for job in jobs if job.name in wanted):
+            pods = self.kube.list("Pod", namespace, selector=render.run_selector(name))
+            for pod in pods:
+                self.cache.put_pod(pod)
         result: list[plan.ObservedJob] = []
         for job in jobs:
             seen = plan.observe_job(raw[job.name], pods) if job.name in wanted else None

@@ -123,6 +123,10 @@ class Reader:
     def reasons(self, name: str) -> list[str]:
         return [event["reason"] for event in self.events(name)]
 
+    def messages(self, name: str) -> list[str]:
+        """Every note's message: a Normal Event carries all of one reconcile's, joined by "; "."""
+        return [part for event in self.events(name) for part in event["message"].split("; ")]
+
     def wait_phase(self, name: str, phase: str, *, timeout: float = 90) -> dict[str, Any]:
         def reached() -> dict[str, Any] | None:
             status = self.status(name)

@@ -245,7 +245,13 @@ def chart_operator(kube_api: Any, namespace: str) -> ChartOperator:
     return ChartOperator(
         # The Deployment listens on every interface of its pod; here, loopback is enough.
         args=[arg.replace("0.0.0.0", "127.0.0.1") for arg in container.args],
-        env={item.name: item.value for item in container.env or []},
+        # What the kubelet would set: plain values, and the downward API's namespace (POD_NAMESPACE).
+        env={
+            item.name: item.value
+            if item.value is not None
+            else {"metadata.namespace": namespace}[item.value_from.field_ref.field_path]
+            for item in container.env or []
+        },
         health_port=ports["health"],
         metrics_port=ports["metrics"],
     )
@@ -432,6 +438,7 @@ def test_alignment_run_end_to_end(
         f"--set=s3.region={s3_server.region}",
         "--set=s3.credentialsSecret=s3",
         f"--set=health.port={_free_port()}",
+        f"--set=health.readyPort={_free_port()}",
         f"--set=metrics.port={_free_port()}",
     )
     chart = chart_operator(kube_api, operator_namespace)

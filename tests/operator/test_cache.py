@@ -54,7 +54,7 @@ def test_jobs_are_indexed_by_their_run_label() -> None:
         body["metadata"]["resourceVersion"] = version
         assert cache.put_job(body)
     assert sorted(cache.jobs("team-a", "demo")) == sorted([sft["metadata"]["name"], dpo["metadata"]["name"]])
-    assert cache.sizes() == (0, 3)
+    assert cache.sizes() == (0, 3, 0)
     stale = job("demo", "sft")
     stale["metadata"]["resourceVersion"] = "4"
     assert not cache.put_job(stale)
@@ -65,3 +65,28 @@ def test_jobs_are_indexed_by_their_run_label() -> None:
     unlabelled = job("demo", "sft")
     del unlabelled["metadata"]["labels"]["kubealign.io/run"]
     assert not cache.put_job(unlabelled)
+
+
+def test_pods_keep_only_what_the_planner_reads() -> None:
+    cache = Cache()
+    pod: dict[str, Any] = {
+        "metadata": {
+            "namespace": "team-a",
+            "name": "demo-sft-1-abcde",
+            "resourceVersion": "8",
+            "labels": {"kubealign.io/run": "demo", "batch.kubernetes.io/job-name": "demo-sft-1"},
+            "annotations": {"batch.kubernetes.io/job-completion-index": "0"},
+            "managedFields": [{"manager": "kubelet"}],
+        },
+        "spec": {"containers": [{"name": "trainer", "image": "trainer:1"}]},
+        "status": {"phase": "Succeeded", "containerStatuses": [{"name": "trainer", "state": {}}]},
+    }
+    assert cache.put_pod(pod)
+    (kept,) = cache.pods("team-a", "demo")
+    assert "spec" not in kept and "managedFields" not in kept["metadata"]
+    assert kept["metadata"]["annotations"] == pod["metadata"]["annotations"]
+    assert kept["status"] == pod["status"]
+    older = {**pod, "metadata": {**pod["metadata"], "resourceVersion": "7"}, "status": {"phase": "Running"}}
+    assert not cache.put_pod(older)
+    cache.delete_pod(pod)
+    assert cache.pods("team-a", "demo") == []

@@ -406,3 +406,36 @@ def test_events_for_suspend_and_resume() -> None:
     assert reasons(plan.transitions(running, suspended)) == ["StageSuspended", "RunSuspended"]
     resumed = plan.summarize(run(), observed(job("demo", "pretrain")), suspended, [], NOW)
     assert reasons(plan.transitions(suspended, resumed)) == ["StageResumed", "RunResumed"]
+
+
+@pytest.mark.parametrize(
+    ("notes", "events"),
+    [
+        ([], []),
+        ([("Normal", "StageStarted", "a")], [("Normal", "StageStarted", "a")]),
+        # A hand-over: one Event, the first note's reason, both messages.
+        (
+            [("Normal", "StageSucceeded", "s0 done"), ("Normal", "StageStarted", "s1 started")],
+            [("Normal", "StageSucceeded", "s0 done; s1 started")],
+        ),
+        # Warnings stay one Event each, before the merged Normal one.
+        (
+            [
+                ("Normal", "StageSucceeded", "s0 done"),
+                ("Warning", "StageAttemptFailed", "s1 failed"),
+                ("Warning", "StageWillNotFit", "s2 too big"),
+                ("Normal", "StageStarted", "s3 started"),
+            ],
+            [
+                ("Warning", "StageAttemptFailed", "s1 failed"),
+                ("Warning", "StageWillNotFit", "s2 too big"),
+                ("Normal", "StageSucceeded", "s0 done; s3 started"),
+            ],
+        ),
+    ],
+)
+def test_coalesce_posts_one_normal_event_per_reconcile(
+    notes: list[tuple[str, str, str]], events: list[tuple[str, str, str]]
+) -> None:
+    merged = plan.coalesce([plan.Note(*note) for note in notes])
+    assert [(note.type, note.reason, note.message) for note in merged] == events

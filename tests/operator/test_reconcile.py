@@ -74,7 +74,7 @@ def test_job_events_without_our_labels_are_ignored() -> None:
     del foreign["metadata"]["labels"]["kubealign.io/run"]
     recorder.job_event(foreign)
     assert queued(recorder) == []
-    assert recorder.cache.sizes() == (0, 0)
+    assert recorder.cache.sizes() == (0, 0, 0)
 
 
 def test_the_echo_of_our_own_status_write_and_stale_versions_cost_no_reconcile() -> None:
