@@ -2,6 +2,7 @@
 
     kubealign operator --namespace team-a [--namespace team-b ...]   # or --all-namespaces
     kubealign operator -A --metrics-port 9090                        # Prometheus at :9090/metrics
+    kubealign operator -A --leader-elect --health-address 0.0.0.0:8081   # one of several replicas
     kubealign crd | kubectl apply -f -                               # the CRD and its admission policy
     kubealign validate run.yaml [...]                                # check manifests offline
     kubealign stages [TYPE]                                          # stage types and hyperparameters
