@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from kubealign import api
-from tests.cluster.operator_harness import install_crd, submit
+from tests.cluster.operator_harness import submit
 from tests.operator.run_builders import invalid_cases, manifest
 
 if TYPE_CHECKING:
@@ -18,11 +18,6 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.cluster
 
 CASES = invalid_cases()
-
-
-@pytest.fixture(scope="module")
-def crd(cluster: Cluster) -> None:
-    install_crd(cluster)
 
 
 def test_crd_is_served_with_short_names_and_columns(cluster: Cluster, crd: None, namespace: str) -> None:

@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 import localcluster
-from kubealign.k8s import Kube
 from kubealign.leader import LeaderElector, LeaseSettings
-from tests.cluster.operator_harness import OperatorProcess, Reader, install_crd, submit, wait_until
+from tests.cluster.operator_harness import OperatorProcess, Reader, submit, wait_until
 from tests.operator.run_builders import manifest, src, stage, uri
 
 if TYPE_CHECKING:
@@ -31,16 +30,6 @@ pytestmark = pytest.mark.cluster
 
 KWOK_RUN_SECONDS = "kubealign.io/kwok-run-seconds"
 LEASE = "kubealign-operator"
-
-
-@pytest.fixture(scope="module")
-def crd(cluster: Cluster) -> None:
-    install_crd(cluster)
-
-
-@pytest.fixture
-def reader(cluster: Cluster, namespace: str) -> Reader:
-    return Reader(Kube.connect(kubeconfig=cluster.kubeconfig, context=cluster.context), namespace)
 
 
 def probe(port: int) -> dict[str, Any] | None:

@@ -20,13 +20,11 @@ import yaml
 
 from kubealign import render
 from kubealign.defaults import InstallDefaults
-from kubealign.k8s import Kube
 from kubealign.reconcile import Reconciler
 from tests.cluster.operator_harness import (
     REPO_ROOT,
     OperatorProcess,
     Reader,
-    install_crd,
     operator_thread,
     submit,
     wait_until,
@@ -42,16 +40,6 @@ KWOK_RUN_SECONDS = "kubealign.io/kwok-run-seconds"
 KWOK_FAIL = "kubealign.io/kwok-fail"
 KWOK_EXIT_CODE = "kubealign.io/kwok-exit-code"
 KWOK_MESSAGE = "kubealign.io/kwok-termination-message"
-
-
-@pytest.fixture(scope="module")
-def crd(cluster: Cluster) -> None:
-    install_crd(cluster)
-
-
-@pytest.fixture
-def reader(cluster: Cluster, namespace: str) -> Reader:
-    return Reader(Kube.connect(kubeconfig=cluster.kubeconfig, context=cluster.context), namespace)
 
 
 @pytest.fixture
