@@ -84,30 +84,41 @@ class Cache:
         run = (meta.get("labels") or {}).get(render.LABEL_RUN)
         return (str(meta.get("namespace") or "default"), str(run)) if run else None
 
-    def put_job(self, body: Mapping[str, Any]) -> bool:
-        """Store a Job of one of the operator's runs; False when it is older than the one held or
-        carries no run label (nothing stored)."""
+    def _put(
+        self,
+        index: dict[Key, dict[str, Mapping[str, Any]]],
+        body: Mapping[str, Any],
+        stored: Mapping[str, Any],
+    ) -> bool:
+        """Store ``stored`` (``body`` or what is kept of it) under its run and name, unless older."""
         run = self._run_of(body)
         if run is None:
             return False
-        name = str(body["metadata"]["name"])
+        name = str((body.get("metadata") or {}).get("name"))
         with self._lock:
-            jobs = self._jobs.setdefault(run, {})
-            held = jobs.get(name)
-            if held is not None and is_older(body, held):
+            held = index.setdefault(run, {}).get(name)
+            if held is not None and is_older(stored, held):
                 return False
-            jobs[name] = body
+            index[run][name] = stored
             return True
 
-    def delete_job(self, body: Mapping[str, Any]) -> None:
+    def _delete(self, index: dict[Key, dict[str, Mapping[str, Any]]], body: Mapping[str, Any]) -> None:
         run = self._run_of(body)
         if run is None:
             return
         with self._lock:
-            jobs = self._jobs.get(run, {})
-            jobs.pop(str(body["metadata"]["name"]), None)
-            if not jobs:
-                self._jobs.pop(run, None)
+            objects = index.get(run, {})
+            objects.pop(str((body.get("metadata") or {}).get("name")), None)
+            if not objects:
+                index.pop(run, None)
+
+    def put_job(self, body: Mapping[str, Any]) -> bool:
+        """Store a Job of one of the operator's runs; False when it is older than the one held or
+        carries no run label (nothing stored)."""
+        return self._put(self._jobs, body, body)
+
+    def delete_job(self, body: Mapping[str, Any]) -> None:
+        self._delete(self._jobs, body)
 
     def jobs(self, namespace: str, run: str) -> dict[str, Mapping[str, Any]]:
         """The run's Jobs by name (a copy of the index; the bodies themselves are shared)."""
@@ -117,9 +128,6 @@ class Cache:
     def put_pod(self, body: Mapping[str, Any]) -> bool:
         """Store what the planner reads of a trainer pod (labels, annotations, phase, container
         states: a finished Job's metrics and failure are in its pods' termination messages)."""
-        run = self._run_of(body)
-        if run is None:
-            return False
         meta = body.get("metadata") or {}
         status = body.get("status") or {}
         kept = {
@@ -134,23 +142,10 @@ class Cache:
                 if key in status
             },
         }
-        with self._lock:
-            pods = self._pods.setdefault(run, {})
-            held = pods.get(str(meta.get("name")))
-            if held is not None and is_older(kept, held):
-                return False
-            pods[str(meta.get("name"))] = kept
-            return True
+        return self._put(self._pods, body, kept)
 
     def delete_pod(self, body: Mapping[str, Any]) -> None:
-        run = self._run_of(body)
-        if run is None:
-            return
-        with self._lock:
-            pods = self._pods.get(run, {})
-            pods.pop(str((body.get("metadata") or {}).get("name")), None)
-            if not pods:
-                self._pods.pop(run, None)
+        self._delete(self._pods, body)
 
     def pods(self, namespace: str, run: str) -> list[Mapping[str, Any]]:
         with self._lock:
