@@ -64,12 +64,8 @@ def operator_settings() -> kopf.OperatorSettings:
     settings.scanning.disabled = True
     # We post our own Events; kopf's would only repeat them.
     settings.posting.enabled = False
-    # Only event handlers are registered: kopf keeps no progress or diff-base annotations and so
-    # never PATCHes a run. Should a change handler ever be added, its bookkeeping stays under our group.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=api.GROUP, key="last-handled-configuration"
-    )
+    # Only event handlers are registered (build_registry): kopf keeps no progress or diff-base
+    # annotations for them, so it never PATCHes a run and needs no storage settings.
     return settings
 
 
