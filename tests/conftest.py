@@ -77,6 +77,9 @@ class Cluster:
     kubeconfig: str
     context: str
     kubectl_path: str
+    # tools/cluster's state directory when the tests started the cluster themselves (None for an
+    # opted-in external one): tests that restart a component need it.
+    state_dir: str | None = None
 
     def kubectl(
         self, *args: str, check: bool = True, input: str | None = None, timeout: float = 120
@@ -177,7 +180,12 @@ def cluster() -> Iterator[Cluster]:
         kubeconfig = up.stdout.strip().splitlines()[-1]
         kubectl = _cached_kubectl()
         assert kubectl is not None, "tools/cluster up succeeded without a cached kubectl"
-        yield Cluster(kubeconfig=kubeconfig, context=localcluster.CONTEXT_NAME, kubectl_path=kubectl)
+        yield Cluster(
+            kubeconfig=kubeconfig,
+            context=localcluster.CONTEXT_NAME,
+            kubectl_path=kubectl,
+            state_dir=str(state_dir),
+        )
     finally:
         down = _cluster_tool("down", "--state-dir", str(state_dir), timeout=120)
         if down.returncode != 0:

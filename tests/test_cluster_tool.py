@@ -3,12 +3,16 @@ control plane: version parsing, port picking, stale state detection and clean-up
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -160,6 +164,59 @@ def write_state(state_dir: Path, state: ClusterState) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / localcluster.MARKER_FILE).write_text("")
     localcluster.save_state(state)
+
+
+def test_restart_stops_a_component_and_starts_it_again_with_the_same_flags(tmp_path: Path) -> None:
+    sleep = shutil.which("sleep")
+    assert sleep is not None
+    state_dir = tmp_path / "state"
+    (state_dir / "logs").mkdir(parents=True)
+    first = subprocess.Popen([sleep, "300"], start_new_session=True)
+    untouched = subprocess.Popen([sleep, "300"], start_new_session=True)
+    log = state_dir / "logs" / "kwok.log"
+    kwok = Component(name="kwok", pid=first.pid, exe=sleep, port=None, log=str(log), args=(sleep, "300"))
+    other = Component(name="etcd", pid=untouched.pid, exe=sleep, port=None, log=str(log), args=(sleep, "300"))
+    write_state(state_dir, state_with(state_dir, (other, kwok)))
+    restarted_pid = 0
+    try:
+        result = run_tool("restart", "kwok", "--down-seconds", "0.5", "--state-dir", str(state_dir))
+        assert result.returncode == 0, result.stderr
+        assert first.wait(timeout=15) == -15  # SIGTERM
+        reloaded = localcluster.load_state(state_dir)
+        assert reloaded is not None
+        restarted = reloaded.component("kwok")
+        restarted_pid = restarted.pid
+        assert restarted_pid != first.pid and restarted.alive()
+        assert restarted.args == kwok.args and reloaded.components[0] == other  # order and the rest kept
+        assert untouched.poll() is None
+
+        missing = run_tool("restart", "kube-scheduler", "--state-dir", str(state_dir))
+        assert missing.returncode == 1
+        assert "no component 'kube-scheduler'" in missing.stderr and "etcd, kwok" in missing.stderr
+    finally:
+        for process in (first, untouched):
+            process.kill()
+            process.wait()
+        if restarted_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(restarted_pid, signal.SIGKILL)
+
+
+def test_restart_refuses_a_state_recorded_without_flags(tmp_path: Path) -> None:
+    sleep = shutil.which("sleep")
+    assert sleep is not None
+    state_dir = tmp_path / "state"
+    survivor = subprocess.Popen([sleep, "300"], start_new_session=True)
+    try:
+        component = Component(name="kwok", pid=survivor.pid, exe=sleep, port=None, log="kwok.log")
+        write_state(state_dir, state_with(state_dir, (component,)))
+        result = run_tool("restart", "kwok", "--state-dir", str(state_dir))
+        assert result.returncode == 1
+        assert "did not record how" in result.stderr
+        assert survivor.poll() is None  # nothing was stopped
+    finally:
+        survivor.kill()
+        survivor.wait()
 
 
 def test_down_cleans_up_a_stale_state_dir_and_stops_survivors(tmp_path: Path) -> None:
@@ -321,6 +378,8 @@ def test_a_binary_built_with_other_flags_is_rebuilt_once(
             binary.stamp_path().write_text(f"{binary.build_key()}\n")
     localcluster.kwok_stage_crd_path().parent.mkdir(parents=True)
     localcluster.kwok_stage_crd_path().write_text("kind: CustomResourceDefinition\n")
+    localcluster.kueue_manifests_dir().mkdir(parents=True)
+    (localcluster.kueue_manifests_dir() / "webhook.yaml").write_text("kind: MutatingWebhookConfiguration\n")
 
     # Built before build keys existed, or with other flags: stale for `build`, still usable by `up`.
     assert localcluster.stale_binaries() == [helm]
@@ -385,3 +444,47 @@ def test_a_state_file_without_a_profile_was_written_by_a_stock_cluster(tmp_path:
     old = state.to_json()
     del old["profile"]
     assert ClusterState.from_json(old).profile == "stock"
+
+
+def test_kueue_webhooks_call_a_url_and_keep_only_what_this_kueue_serves() -> None:
+    def webhook(name: str, path: str) -> dict[str, Any]:
+        service = {"name": "webhook-service", "namespace": "system", "path": path}
+        return {"name": name, "clientConfig": {"service": service}, "failurePolicy": "Fail"}
+
+    listed = {
+        "kind": "List",
+        "items": [
+            {
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "MutatingWebhookConfiguration",
+                "metadata": {"name": "mutating-webhook-configuration"},
+                "webhooks": [
+                    webhook("mjob.kb.io", "/mutate-batch-v1-job"),
+                    webhook("mpod.kb.io", "/mutate--v1-pod"),  # the pod integration is off: dropped
+                    webhook("mworkload.kb.io", "/mutate-kueue-x-k8s-io-v1beta2-workload"),
+                ],
+            }
+        ],
+    }
+    (configuration,) = localcluster.kueue_webhooks(listed, url="https://127.0.0.1:9443", ca_bundle="Q0E=")
+    assert configuration["metadata"] == {"name": "kueue-mutating-webhook-configuration"}
+    assert [item["name"] for item in configuration["webhooks"]] == ["mjob.kb.io", "mworkload.kb.io"]
+    assert configuration["webhooks"][0]["clientConfig"] == {
+        "url": "https://127.0.0.1:9443/mutate-batch-v1-job",
+        "caBundle": "Q0E=",
+    }
+    assert configuration["webhooks"][0]["failurePolicy"] == "Fail"
+
+
+def test_the_kueue_cluster_queue_quota_is_every_fake_node_together() -> None:
+    state = ClusterState(
+        state_dir="/nowhere", kubeconfig="/nowhere/kubeconfig", server="https://127.0.0.1:1",
+        nodes=3, gpus_per_node=8,
+    )  # fmt: skip
+    queues = {body["kind"]: body for _, body in localcluster.kueue_queues(state)}
+    (group,) = queues["ClusterQueue"]["spec"]["resourceGroups"]
+    quota = {item["name"]: item["nominalQuota"] for item in group["flavors"][0]["resources"]}
+    assert quota == {"cpu": "96", "memory": "768Gi", "nvidia.com/gpu": "24"}
+    assert group["coveredResources"] == list(quota)
+    assert queues["LocalQueue"]["spec"] == {"clusterQueue": localcluster.KUEUE_CLUSTER_QUEUE}
+    assert queues["LocalQueue"]["metadata"]["namespace"] == "default"

@@ -1,7 +1,7 @@
 """A real local Kubernetes control plane for kubealign's tests, run by `tools/cluster`.
 
-It builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok and helm
-from source with plain `go build` (wrapper modules in tools/go/, binaries cached outside the repo
+It builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, helm and
+Kueue from source with plain `go build` (wrapper modules in tools/go/, binaries cached outside the repo
 by version and build flags), then starts them on free 127.0.0.1 ports with TLS, client-certificate
 auth, RBAC and service-account signing keys, and lets kwok play the kubelet for N fake GPU nodes.
 
@@ -9,13 +9,20 @@ Standard library only: it has to run before the project's virtualenv exists.
 
 Subcommands:
   build                      build the binaries, or find them cached
-  up [--nodes N] [--gpus-per-node G] [--state-dir DIR] [--apiserver-port P] [--stock]
+  up [--nodes N] [--gpus-per-node G] [--state-dir DIR] [--apiserver-port P] [--stock] [--kueue]
                              start the control plane (idempotent); last stdout line = kubeconfig.
                              The default profile is production-like: controller-manager and
                              scheduler at 400 QPS (burst 800), 50 concurrent Job syncs; --stock
-                             keeps the upstream defaults (20/50 QPS, 5 Job syncs)
+                             keeps the upstream defaults (20/50 QPS, 5 Job syncs). --kueue also
+                             starts Kueue (webhooks on 127.0.0.1, waitForPodsReady on) with a
+                             ResourceFlavor, ClusterQueue kubealign-gpus (quota: the fake nodes'
+                             cpu, memory and nvidia.com/gpu) and LocalQueue default in default
   down [--state-dir DIR]     stop what `up` started (by PID) and remove the state directory
   status [--state-dir DIR]   component, pid, alive, port, resident memory
+  restart NAME [--down-seconds S] [--state-dir DIR]
+                             stop one component (SIGTERM), keep it down S seconds (default 0), start
+                             it again with the same flags and wait until it serves: an API server
+                             restart or outage for clients to ride out
   kubeconfig [--state-dir DIR]  print the kubeconfig path of a running cluster
   which NAME                 print the cached path of a binary (kubectl, helm, ...)
   kubectl ARGS...            run the cached kubectl against the cluster
@@ -176,6 +183,9 @@ class Binary:
             return kubernetes_ldflags(self.version())
         if self.module_dir == "helm":
             return helm_ldflags(self.version(), client_go=self.requirement("k8s.io/client-go"))
+        if self.module_dir == "kueue":
+            stamps = {"GitVersion": self.version(), "BuildDate": K8S_BUILD_DATE}
+            return "-s -w " + " ".join(f"-X sigs.k8s.io/kueue/pkg/version.{k}={v}" for k, v in stamps.items())
         return "-s -w"
 
     def build_flags(self) -> list[str]:
@@ -211,6 +221,7 @@ BINARIES = (
     Binary("etcd", "etcd", "go.etcd.io/etcd/server/v3", "."),
     Binary("kwok", "kwok", "sigs.k8s.io/kwok", "sigs.k8s.io/kwok/cmd/kwok"),
     Binary("helm", "helm", "helm.sh/helm/v3", "helm.sh/helm/v3/cmd/helm"),
+    Binary("kueue", "kueue", "sigs.k8s.io/kueue", "sigs.k8s.io/kueue/cmd/kueue"),
 )
 BINARY_BY_NAME = {binary.name: binary for binary in BINARIES}
 KWOK_STAGE_CRD = "kwok.x-k8s.io_stages.yaml"
@@ -377,23 +388,48 @@ def kwok_stage_crd_path() -> Path:
     return BINARY_BY_NAME["kwok"].path().parent / "crd" / KWOK_STAGE_CRD
 
 
-def fetch_kwok_stage_crd(go: str) -> None:
-    """Keep kwok's Stage CRD beside the kwok binary, so `up` never needs Go or the module cache."""
-    kwok = BINARY_BY_NAME["kwok"]
+def kueue_manifests_dir() -> Path:
+    """Kueue's CRDs (crd/) and webhook configurations (webhook.yaml), kept beside its binary."""
+    return BINARY_BY_NAME["kueue"].path().parent / "manifests"
+
+
+def module_source(go: str, binary: Binary) -> Path:
+    """The module cache directory of the upstream module a binary is built from."""
     result = subprocess.run(
-        [go, "mod", "download", "-json", f"{kwok.upstream}@{kwok.version()}"],
-        cwd=GO_MODULES_DIR / kwok.module_dir,
+        [go, "mod", "download", "-json", f"{binary.upstream}@{binary.version()}"],
+        cwd=GO_MODULES_DIR / binary.module_dir,
         capture_output=True,
         text=True,
         env=go_env(),
         check=False,
     )
     if result.returncode != 0:
-        raise ClusterError(f"`go mod download {kwok.upstream}` failed:\n{result.stdout}{result.stderr}")
-    source = Path(json.loads(result.stdout)["Dir"]) / "kustomize" / "crd" / "bases" / KWOK_STAGE_CRD
-    target = kwok_stage_crd_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
+        raise ClusterError(f"`go mod download {binary.upstream}` failed:\n{result.stdout}{result.stderr}")
+    return Path(json.loads(result.stdout)["Dir"])
+
+
+def fetch_manifests(go: str) -> None:
+    """Keep the manifests `up` applies (kwok's Stage CRD, Kueue's CRDs and webhooks) beside the
+    binaries, so that `up` never needs Go or the module cache."""
+    if not kwok_stage_crd_path().is_file():
+        source = module_source(go, BINARY_BY_NAME["kwok"]) / "kustomize" / "crd" / "bases" / KWOK_STAGE_CRD
+        kwok_stage_crd_path().parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, kwok_stage_crd_path())
+    target = kueue_manifests_dir()
+    if not (target / "webhook.yaml").is_file():
+        components = module_source(go, BINARY_BY_NAME["kueue"]) / "config" / "components"
+        partial = target.with_name(f".manifests.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        (partial / "crd").mkdir(parents=True)
+        for crd in sorted((components / "crd" / "bases").glob("*.yaml")):
+            shutil.copyfile(crd, partial / "crd" / crd.name)
+        shutil.copyfile(components / "webhook" / "manifests.yaml", partial / "webhook.yaml")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(partial, target)
+
+
+def manifests_fetched() -> bool:
+    return kwok_stage_crd_path().is_file() and (kueue_manifests_dir() / "webhook.yaml").is_file()
 
 
 def missing_binaries() -> list[Binary]:
@@ -413,7 +449,7 @@ def build() -> None:
             log(f"{binary.name} {binary.version()}: cached at {binary.path()}")
         elif binary.path().is_file():
             log(f"{binary.name} {binary.version()}: cached, but not built with today's flags; rebuilding")
-    if not stale and kwok_stage_crd_path().is_file():
+    if not stale and manifests_fetched():
         log("all binaries cached; nothing to build")
         return
     go = check_go()
@@ -425,16 +461,16 @@ def build() -> None:
     started = time.monotonic()
     for index, binary in enumerate(stale, start=1):
         build_binary(go, binary, index, len(stale))
-    if not kwok_stage_crd_path().is_file():
-        fetch_kwok_stage_crd(go)
+    fetch_manifests(go)
     log(f"build finished in {format_seconds(time.monotonic() - started)}")
 
 
-def require_built() -> None:
-    """`up` needs every binary but helm, and kwok's Stage CRD."""
-    missing = [binary for binary in missing_binaries() if binary.name != "helm"]
-    if missing or not kwok_stage_crd_path().is_file():
-        names = ", ".join(binary.name for binary in missing) or KWOK_STAGE_CRD
+def require_built(*, kueue: bool = False) -> None:
+    """`up` needs every binary but helm (and kueue, unless asked for), and the manifests it applies."""
+    optional = {"helm"} if kueue else {"helm", "kueue"}
+    missing = [binary for binary in missing_binaries() if binary.name not in optional]
+    if missing or not manifests_fetched():
+        names = ", ".join(binary.name for binary in missing) or "the kwok and Kueue manifests"
         raise ClusterError(
             f"not built yet: {names} (cache: {cache_dir()}). Run `tools/cluster build` first; "
             "a cold build takes tens of minutes on 2 cores."
@@ -518,9 +554,16 @@ class Component:
     exe: str
     port: int | None
     log: str
+    # How it was started, so that `restart` can start it again exactly so (same ports and files).
+    args: tuple[str, ...] = ()
+    env: dict[str, str] | None = None
 
     def alive(self) -> bool:
         return process_alive(self.pid, self.exe)
+
+    @staticmethod
+    def from_json(item: dict[str, Any]) -> Component:
+        return Component(**{**item, "args": tuple(item.get("args") or ())})
 
 
 @dataclass(frozen=True)
@@ -537,16 +580,21 @@ class ClusterState:
     profile: str = "fast"
 
     def with_component(self, component: Component) -> ClusterState:
-        return ClusterState(
-            state_dir=self.state_dir,
-            kubeconfig=self.kubeconfig,
-            server=self.server,
-            nodes=self.nodes,
-            gpus_per_node=self.gpus_per_node,
-            components=(*self.components, component),
-            binaries=self.binaries,
-            profile=self.profile,
+        return dataclasses.replace(self, components=(*self.components, component))
+
+    def replacing(self, component: Component) -> ClusterState:
+        """The state with the component of the same name swapped for ``component`` (in place)."""
+        return dataclasses.replace(
+            self,
+            components=tuple(component if c.name == component.name else c for c in self.components),
         )
+
+    def component(self, name: str) -> Component:
+        for component in self.components:
+            if component.name == name:
+                return component
+        names = ", ".join(c.name for c in self.components)
+        raise ClusterError(f"no component {name!r} in this cluster (it has {names})")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -570,7 +618,7 @@ class ClusterState:
             server=str(data["server"]),
             nodes=int(data["nodes"]),
             gpus_per_node=int(data["gpus_per_node"]),
-            components=tuple(Component(**item) for item in data["components"]),
+            components=tuple(Component.from_json(item) for item in data["components"]),
             binaries={str(key): str(value) for key, value in data.get("binaries", {}).items()},
             profile=str(data.get("profile", "stock")),
         )
@@ -1139,22 +1187,30 @@ class Launcher:
         if port is not None and port_in_use(port):
             raise ClusterError(f"port {port} on 127.0.0.1 (for {name}) is already in use by another process")
         log_path = self.logs / f"{name}.log"
-        with log_path.open("ab") as log_file:
-            process = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                cwd=self.state.state_dir,
-                env=env if env is not None else component_env(),
-                # A new session: Ctrl-C in the terminal that ran `up` must not stop the cluster.
-                start_new_session=True,
-            )
-        component = Component(name=name, pid=process.pid, exe=exe, port=port, log=str(log_path))
+        component, process = spawn(
+            Component(name=name, pid=0, exe=exe, port=port, log=str(log_path), args=tuple(args), env=env),
+            cwd=self.state.state_dir,
+        )
         self.state = self.state.with_component(component)
         save_state(self.state)
         self.processes.append((component, process))
         return component, process
+
+
+def spawn(component: Component, *, cwd: str) -> tuple[Component, subprocess.Popen[bytes]]:
+    """Start ``component.args`` detached, appending to its log; the component with its new pid."""
+    with Path(component.log).open("ab") as log_file:
+        process = subprocess.Popen(
+            component.args,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=component.env if component.env is not None else component_env(),
+            # A new session: Ctrl-C in the terminal that ran `up` must not stop the cluster.
+            start_new_session=True,
+        )
+    return dataclasses.replace(component, pid=process.pid), process
 
 
 def component_env() -> dict[str, str]:
@@ -1220,13 +1276,24 @@ def nodes_ready_timeout(nodes: int) -> float:
 
 
 def up(
-    *, state_dir: Path, nodes: int, gpus_per_node: int, apiserver_port: int | None, profile: str = "fast"
+    *,
+    state_dir: Path,
+    nodes: int,
+    gpus_per_node: int,
+    apiserver_port: int | None,
+    profile: str = "fast",
+    kueue: bool = False,
 ) -> ClusterState:
-    require_built()
+    require_built(kueue=kueue)
     started = time.monotonic()
     with state_lock(state_dir):
         running = prepare_state_dir(state_dir)
         if running is not None:
+            has_kueue = any(component.name == "kueue" for component in running.components)
+            if kueue and not has_kueue:
+                raise ClusterError(
+                    f"the cluster in {state_dir} runs without Kueue; `tools/cluster down` and `up --kueue`"
+                )
             if (running.nodes, running.gpus_per_node, running.profile) != (nodes, gpus_per_node, profile):
                 log(
                     f"note: the running cluster has {running.nodes} nodes x {running.gpus_per_node} GPUs "
@@ -1246,6 +1313,8 @@ def up(
                 apiserver_port=apiserver_port,
                 profile=profile,
             )
+            if kueue:
+                state = start_kueue(state)
         except BaseException:
             failed = load_state(state_dir)
             if failed is not None:
@@ -1255,6 +1324,11 @@ def up(
     log(
         f"cluster ready in {format_seconds(time.monotonic() - started)}: "
         f"{nodes} nodes x {gpus_per_node} nvidia.com/gpu, {profile} profile"
+        + (
+            f", Kueue {BINARY_BY_NAME['kueue'].version()} (ClusterQueue {KUEUE_CLUSTER_QUEUE})"
+            if kueue
+            else ""
+        )
     )
     return state
 
@@ -1434,6 +1508,229 @@ def start_cluster(
     return launcher.state
 
 
+# ---------------------------------------------------------------------------------------------
+# Kueue: quotas and all-or-nothing admission for the operator's Jobs
+
+KUEUE_NAMESPACE = "kueue-system"
+KUEUE_FLAVOR = "default-flavor"
+KUEUE_CLUSTER_QUEUE = "kubealign-gpus"
+KUEUE_LOCAL_QUEUE = "default"
+# How long a Job admitted by Kueue may take for all its pods to be ready before Kueue evicts it and
+# gives the quota to others (waitForPodsReady): all-or-nothing admission of multi-node stages.
+KUEUE_PODS_READY_TIMEOUT = "5m"
+
+
+def kueue_config(*, health_port: int, webhook_port: int, cert_dir: Path, profile: str) -> dict[str, Any]:
+    """Kueue's Configuration (config.kueue.x-k8s.io/v1beta2) for a controller on this machine."""
+    qps = {"qps": 400, "burst": 800} if profile != "stock" else {"qps": 50, "burst": 100}
+    return {
+        "apiVersion": "config.kueue.x-k8s.io/v1beta2",
+        "kind": "Configuration",
+        "namespace": KUEUE_NAMESPACE,
+        "health": {"healthProbeBindAddress": f"127.0.0.1:{health_port}"},
+        "metrics": {"bindAddress": "0"},
+        # Served on 127.0.0.1 with our CA's certificate; the webhook configurations name it by URL.
+        "webhook": {"host": "127.0.0.1", "port": webhook_port, "certDir": str(cert_dir)},
+        "leaderElection": {"leaderElect": False},
+        "internalCertManagement": {"enable": False},
+        "manageJobsWithoutQueueName": False,
+        "waitForPodsReady": {"timeout": KUEUE_PODS_READY_TIMEOUT, "blockAdmission": True},
+        "clientConnection": qps,
+        "integrations": {"frameworks": ["batch/job"]},
+        # The visibility API server needs an APIService and its own certificates; nothing here reads it.
+        "featureGates": {"VisibilityOnDemand": False},
+    }
+
+
+def kueue_webhooks(listed: dict[str, Any], *, url: str, ca_bundle: str) -> list[dict[str, Any]]:
+    """Kueue's webhook configurations rewritten to call ``url`` + path (no Service here), keeping only
+    the webhooks of what this Kueue serves: its own resources and batch Jobs. A webhook for a
+    disabled integration (pods, Deployments, ...) would answer 404 and, failing closed, block them."""
+    served = ("-kueue-x-k8s-io-", "-batch-v1-job")
+    configurations = []
+    for item in listed.get("items", [listed]):
+        webhooks = []
+        for webhook in item.get("webhooks", []):
+            path = webhook["clientConfig"]["service"]["path"]
+            if any(marker in path for marker in served):
+                webhooks.append({**webhook, "clientConfig": {"url": url + path, "caBundle": ca_bundle}})
+        configurations.append(
+            {
+                "apiVersion": item["apiVersion"],
+                "kind": item["kind"],
+                "metadata": {"name": f"kueue-{item['metadata']['name']}"},
+                "webhooks": webhooks,
+            }
+        )
+    return configurations
+
+
+def kueue_queues(state: ClusterState) -> list[tuple[str, dict[str, Any]]]:
+    """A ResourceFlavor, the ClusterQueue ``kubealign-gpus`` whose quota is the fake nodes' total
+    (so a stage is admitted exactly when it fits the cluster), and the LocalQueue ``default``."""
+    node = fake_node(0, gpus=state.gpus_per_node)["status"]["capacity"]
+    quota = {
+        "cpu": str(int(node["cpu"]) * state.nodes),
+        "memory": f"{int(node['memory'].removesuffix('Gi')) * state.nodes}Gi",
+        "nvidia.com/gpu": str(state.gpus_per_node * state.nodes),
+    }
+    base = "/apis/kueue.x-k8s.io/v1beta2"
+    return [
+        (
+            f"{base}/resourceflavors",
+            {
+                "apiVersion": "kueue.x-k8s.io/v1beta2",
+                "kind": "ResourceFlavor",
+                "metadata": {"name": KUEUE_FLAVOR},
+            },
+        ),
+        (
+            f"{base}/clusterqueues",
+            {
+                "apiVersion": "kueue.x-k8s.io/v1beta2",
+                "kind": "ClusterQueue",
+                "metadata": {"name": KUEUE_CLUSTER_QUEUE},
+                "spec": {
+                    "namespaceSelector": {},
+                    "queueingStrategy": "BestEffortFIFO",
+                    "resourceGroups": [
+                        {
+                            "coveredResources": list(quota),
+                            "flavors": [
+                                {
+                                    "name": KUEUE_FLAVOR,
+                                    "resources": [{"name": k, "nominalQuota": v} for k, v in quota.items()],
+                                }
+                            ],
+                        }
+                    ],
+                    # A higher-priority run may evict a lower-priority one to get the GPUs.
+                    "preemption": {"withinClusterQueue": "LowerPriority"},
+                },
+            },
+        ),
+        (
+            "/apis/kueue.x-k8s.io/v1beta2/namespaces/default/localqueues",
+            {
+                "apiVersion": "kueue.x-k8s.io/v1beta2",
+                "kind": "LocalQueue",
+                "metadata": {"name": KUEUE_LOCAL_QUEUE, "namespace": "default"},
+                "spec": {"clusterQueue": KUEUE_CLUSTER_QUEUE},
+            },
+        ),
+    ]
+
+
+def start_kueue(state: ClusterState) -> ClusterState:
+    """Start Kueue's controller manager against the running control plane; see kueue_config."""
+    phase_start = time.monotonic()
+    state_dir = Path(state.state_dir)
+    pki = state_dir / "pki"
+    manifests = kueue_manifests_dir()
+    api = ApiClient(state.server, pki)
+    kubectl = kubectl_command(state_dir)
+
+    applied = subprocess.run(
+        [*kubectl, "apply", "--server-side", f"--filename={manifests / 'crd'}"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if applied.returncode != 0:
+        raise ClusterError(f"applying Kueue's CRDs failed:\n{applied.stdout}{applied.stderr}")
+
+    def established() -> bool:
+        _, reply = api.request("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions")
+        crds = [item for item in reply.get("items", []) if item["spec"]["group"] == "kueue.x-k8s.io"]
+        return bool(crds) and all(
+            any(
+                c["type"] == "Established" and c["status"] == "True"
+                for c in item.get("status", {}).get("conditions", [])
+            )
+            for item in crds
+        )
+
+    wait_for("Kueue's CRDs established", established, timeout=60)
+    api.create(
+        "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": KUEUE_NAMESPACE}}
+    )
+
+    cert_dir = state_dir / "kueue" / "certs"
+    cert_dir.mkdir(parents=True)
+    issue_certificate(
+        pki,
+        "kueue-webhook",
+        "/CN=kueue-webhook",
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+        "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost",
+    )
+    shutil.copyfile(pki / "kueue-webhook.crt", cert_dir / "tls.crt")
+    shutil.copyfile(pki / "kueue-webhook.key", cert_dir / "tls.key")
+    health_port, webhook_port, visibility_port = pick_free_ports(3)
+    config = state_dir / "kueue" / "config.yaml"
+    # JSON is YAML: the standard library writes it.
+    config.write_text(
+        json.dumps(
+            kueue_config(
+                health_port=health_port, webhook_port=webhook_port, cert_dir=cert_dir, profile=state.profile
+            ),
+            indent=2,
+        )
+    )
+    (state_dir / "kueue.kubeconfig").write_text(kubeconfig_text(server=state.server, pki=pki, user="admin"))
+    launcher = Launcher(state)
+    kueue = launcher.start(
+        "kueue",
+        [
+            state.binaries.get("kueue", str(BINARY_BY_NAME["kueue"].path())),
+            f"--config={config}", f"--kubeconfig={state_dir / 'kueue.kubeconfig'}",
+            f"--visibility-server-port={visibility_port}",
+        ],
+        port=webhook_port,
+        env={**component_env(), "KUBECONFIG": str(state_dir / "kueue.kubeconfig")},
+    )  # fmt: skip
+    wait_for(
+        "Kueue /readyz",
+        lambda: http_ok(f"http://127.0.0.1:{health_port}/readyz"),
+        timeout=90,
+        watch=[kueue],
+    )
+
+    listed = subprocess.run(
+        [*kubectl, "create", "--dry-run=client", "--output=json", f"--filename={manifests / 'webhook.yaml'}"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if listed.returncode != 0:
+        raise ClusterError(f"reading Kueue's webhook manifests failed:\n{listed.stderr}")
+    ca_bundle = base64.b64encode((pki / "ca.crt").read_bytes()).decode()
+    for configuration in kueue_webhooks(
+        json.loads(listed.stdout), url=f"https://127.0.0.1:{webhook_port}", ca_bundle=ca_bundle
+    ):
+        plural = (
+            "mutatingwebhookconfigurations"
+            if configuration["kind"].startswith("Mutating")
+            else "validatingwebhookconfigurations"
+        )
+        api.create(f"/apis/admissionregistration.k8s.io/v1/{plural}", configuration)
+
+    # The webhooks validate the queues; creating them also proves the API server reaches Kueue.
+    def creator(path: str, body: dict[str, Any]) -> Callable[[], bool]:
+        return lambda: api.request("POST", path, body)[0] in (200, 201, 409)
+
+    for path, body in kueue_queues(launcher.state):
+        what = f"{body['kind']} {body['metadata']['name']} created"
+        wait_for(what, creator(path, body), timeout=60, watch=[kueue])
+
+    def cluster_queue_active() -> bool:
+        status, reply = api.request(
+            "GET", f"/apis/kueue.x-k8s.io/v1beta2/clusterqueues/{KUEUE_CLUSTER_QUEUE}"
+        )
+        conditions = (reply.get("status") or {}).get("conditions") or [] if status == 200 else []
+        return any(c["type"] == "Active" and c["status"] == "True" for c in conditions)
+
+    wait_for(f"ClusterQueue {KUEUE_CLUSTER_QUEUE} active", cluster_queue_active, timeout=60, watch=[kueue])
+    log(f"  Kueue ready ({format_seconds(time.monotonic() - phase_start)})")
+    return launcher.state
+
+
 def down(*, state_dir: Path) -> None:
     with state_lock(state_dir):
         state = load_state(state_dir)
@@ -1448,6 +1745,47 @@ def down(*, state_dir: Path) -> None:
         stop_components(state.components)
         remove_state_dir(state_dir)
         log(f"stopped {', '.join(c.name for c in alive) or 'nothing (all had exited)'}; removed {state_dir}")
+
+
+def ready_check(state: ClusterState, component: Component) -> Callable[[], bool]:
+    """How to tell that a (re)started component serves again; components without an endpoint only
+    have to stay up (wait_for watches the process)."""
+    if component.name == "kube-apiserver":
+        return ApiClient(state.server, Path(state.state_dir) / "pki").ready
+    if component.name == "etcd":
+        return lambda: http_ok(f"http://127.0.0.1:{component.port}/health")
+    if component.port is not None:
+        return lambda: http_ok(f"https://127.0.0.1:{component.port}/healthz", insecure=True)
+    return lambda: True
+
+
+def restart(*, state_dir: Path, name: str, down_seconds: float = 0.0) -> ClusterState:
+    """Stop one component (SIGTERM, as a node's shutdown would), keep it down for ``down_seconds``
+    (an outage clients have to ride out), then start it again with the same flags and wait until it
+    serves. Everything else keeps running throughout."""
+    with state_lock(state_dir):
+        state = load_state(state_dir)
+        if state is None:
+            raise ClusterError(f"no cluster in {state_dir}; run `tools/cluster up` first")
+        component = state.component(name)
+        if not component.args:
+            raise ClusterError(
+                f"{state_dir} was started by an older tools/cluster that did not record how; "
+                "run `tools/cluster down` and `up` again"
+            )
+        stop_components([component])
+        log(f"stopped {name} (pid {component.pid}); down for {format_seconds(down_seconds)}")
+        time.sleep(down_seconds)
+        restarted, process = spawn(component, cwd=state.state_dir)
+        state = state.replacing(restarted)
+        save_state(state)
+        started = time.monotonic()
+        wait_for(
+            f"{name} to serve again", ready_check(state, restarted), timeout=90, watch=[(restarted, process)]
+        )
+        serving = format_seconds(time.monotonic() - started)
+        log(f"{name} restarted (pid {restarted.pid}), serving after {serving}")
+        return state
 
 
 def status(*, state_dir: Path, out: TextIO) -> int:
@@ -1517,9 +1855,25 @@ def parser() -> argparse.ArgumentParser:
         default="fast",
         help="upstream client rate limits and Job sync workers instead of the production-like profile",
     )
+    start.add_argument(
+        "--kueue",
+        action="store_true",
+        help=f"also start Kueue, with ClusterQueue {KUEUE_CLUSTER_QUEUE} (quota: every fake GPU) "
+        f"and LocalQueue {KUEUE_LOCAL_QUEUE} in the default namespace",
+    )
     commands.add_parser("down", parents=[state_option], help="stop the control plane and remove its state")
     commands.add_parser(
         "status", parents=[state_option], help="what runs: component, pid, alive, port, memory"
+    )
+    again = commands.add_parser(
+        "restart", parents=[state_option], help="stop one component, optionally keep it down, start it again"
+    )
+    again.add_argument("name", help="component name as `status` lists it (kube-apiserver, etcd, ...)")
+    again.add_argument(
+        "--down-seconds",
+        type=float,
+        default=0.0,
+        help="how long it stays down between stop and start (default 0): an outage to ride out",
     )
     commands.add_parser(
         "kubeconfig", parents=[state_option], help="print the kubeconfig path of a running cluster"
@@ -1568,12 +1922,15 @@ def main(argv: list[str] | None = None) -> int:
                 gpus_per_node=args.gpus_per_node,
                 apiserver_port=args.apiserver_port,
                 profile=args.profile,
+                kueue=args.kueue,
             )
             print(state.kubeconfig, flush=True)
         elif args.command == "down":
             down(state_dir=state_dir)
         elif args.command == "status":
             return status(state_dir=state_dir, out=sys.stdout)
+        elif args.command == "restart":
+            restart(state_dir=state_dir, name=args.name, down_seconds=args.down_seconds)
         elif args.command == "kubeconfig":
             recorded = load_state(state_dir)
             if recorded is None:

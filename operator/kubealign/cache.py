@@ -55,6 +55,8 @@ class Cache:
         self._runs: dict[Key, Mapping[str, Any]] = {}
         self._jobs: dict[Key, dict[str, Mapping[str, Any]]] = {}
         self._pods: dict[Key, dict[str, Mapping[str, Any]]] = {}
+        # Kueue Workloads by (namespace, name of the Job that owns them): their conditions only.
+        self._workloads: dict[Key, Mapping[str, Any]] = {}
 
     def put_run(self, body: Mapping[str, Any]) -> bool:
         """Store a run; False (and nothing stored) when it is older than the one held."""
@@ -69,6 +71,19 @@ class Cache:
     def delete_run(self, namespace: str, name: str) -> None:
         with self._lock:
             self._runs.pop((namespace, name), None)
+
+    def retain(self, namespace: str | None, runs: set[Key], jobs: set[Key]) -> None:
+        """Drop the runs and Jobs of ``namespace`` (None: every namespace) that a fresh LIST did not
+        return: deleted while no watch was delivering (an API outage), so no DELETED event came."""
+        with self._lock:
+            for key in [key for key in self._runs if namespace in (None, key[0]) and key not in runs]:
+                del self._runs[key]
+            for run in [run for run in self._jobs if namespace in (None, run[0])]:
+                held = self._jobs[run]
+                for name in [name for name in held if (run[0], name) not in jobs]:
+                    del held[name]
+                if not held:
+                    del self._jobs[run]
 
     def run(self, namespace: str, name: str) -> Mapping[str, Any] | None:
         with self._lock:
@@ -150,6 +165,49 @@ class Cache:
     def pods(self, namespace: str, run: str) -> list[Mapping[str, Any]]:
         with self._lock:
             return list(self._pods.get((namespace, run), {}).values())
+
+    @staticmethod
+    def workload_job(body: Mapping[str, Any]) -> Key | None:
+        """The (namespace, name) of the Job a Kueue Workload belongs to (its controller owner)."""
+        meta = body.get("metadata") or {}
+        for owner in meta.get("ownerReferences") or ():
+            if owner.get("kind") == "Job" and owner.get("controller"):
+                return str(meta.get("namespace") or "default"), str(owner.get("name"))
+        return None
+
+    def put_workload(self, body: Mapping[str, Any]) -> bool:
+        """Store what the planner reads of a Workload (its conditions), keyed by its Job."""
+        job = self.workload_job(body)
+        if job is None:
+            return False
+        kept = {
+            "metadata": {"resourceVersion": resource_version(body)},
+            "status": {"conditions": list((body.get("status") or {}).get("conditions") or ())},
+        }
+        with self._lock:
+            held = self._workloads.get(job)
+            if held is not None and is_older(kept, held):
+                return False
+            self._workloads[job] = kept
+            return True
+
+    def delete_workload(self, body: Mapping[str, Any]) -> None:
+        job = self.workload_job(body)
+        if job is not None:
+            with self._lock:
+                self._workloads.pop(job, None)
+
+    def workload(self, namespace: str, job: str) -> Mapping[str, Any] | None:
+        with self._lock:
+            return self._workloads.get((namespace, job))
+
+    def run_of_job(self, namespace: str, job: str) -> str | None:
+        """The run a cached Job belongs to (a Workload names only its Job)."""
+        with self._lock:
+            for (run_namespace, run), jobs in self._jobs.items():
+                if run_namespace == namespace and job in jobs:
+                    return run
+        return None
 
     def sizes(self) -> tuple[int, int, int]:
         """(runs, Jobs, pods) held, for metrics and logs."""

@@ -93,6 +93,11 @@ def _add_operator(subparsers: Any) -> None:
         default="kubealign-operator",
         help="the Lease's name (default: kubealign-operator)",
     )
+    parser.add_argument(
+        "--kueue",
+        action="store_true",
+        help="the cluster runs Kueue: watch its Workloads so queued stages show why they wait",
+    )
     parser.set_defaults(handler=_run_operator)
 
 
@@ -136,6 +141,7 @@ def _run_operator(args: argparse.Namespace) -> int:
                 leader_election=election,
                 liveness_endpoint=args.liveness,
                 health_address=args.health_address,
+                kueue=args.kueue,
             )
         )
     except LeadershipLostError as exc:

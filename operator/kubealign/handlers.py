@@ -28,13 +28,14 @@ from typing import Any, Final
 import kopf
 
 from kubealign import api
-from kubealign.k8s import Kube, KubeError, load_configuration
+from kubealign.k8s import Kube, load_configuration
 from kubealign.leader import LeaderElector, LeaseSettings
 from kubealign.metrics import OPERATOR_METRICS, OperatorMetrics
 from kubealign.reconcile import DEFAULT_WORKERS, Reconciler
 from kubealign.render import LABEL_MANAGED_BY, MANAGED_BY
 
 DEFAULT_RESYNC_SECONDS: Final = 30.0
+WATCH_RETRY_BACKOFFS: Final = (0.5, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0)
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +65,17 @@ def operator_settings() -> kopf.OperatorSettings:
     settings.scanning.disabled = True
     # We post our own Events; kopf's would only repeat them.
     settings.posting.enabled = False
+    # A failed watch request is retried at least every 2 s, so that an API server back from an
+    # outage is watched again within seconds (kopf's default Fibonacci backoff reaches 21 s; the
+    # cost is one request per watch per 2 s while the server is away).
+    settings.networking.error_backoffs = WATCH_RETRY_BACKOFFS
     # Only event handlers are registered (build_registry): kopf keeps no progress or diff-base
     # annotations for them, so it never PATCHes a run and needs no storage settings.
     return settings
 
 
-def build_registry() -> kopf.OperatorRegistry:
+def build_registry(*, kueue: bool = False) -> kopf.OperatorRegistry:
+    """``kueue``: also watch Kueue's Workloads (the cluster must have Kueue's CRDs)."""
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=registry)
@@ -91,11 +97,18 @@ def build_registry() -> kopf.OperatorRegistry:
     async def pod_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
         memo.reconciler.pod_event(event["object"], deleted=event.get("type") == "DELETED")
 
+    if kueue:
+
+        @kopf.on.event("kueue.x-k8s.io", "v1beta2", "workloads", registry=registry)
+        async def workload_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+            memo.reconciler.workload_event(event["object"], deleted=event.get("type") == "DELETED")
+
     return registry
 
 
 class LeadershipLostError(RuntimeError):
-    """This replica stopped leading while running; the process should exit and start over."""
+    """This replica lost the Lease and could not stop its reconciles in time; the process should exit
+    and start over."""
 
 
 def default_identity() -> str:
@@ -169,14 +182,17 @@ async def serve(
     liveness_endpoint: str | None = None,
     health_address: str | None = None,
     metrics: OperatorMetrics = OPERATOR_METRICS,
+    kueue: bool = False,
 ) -> None:
     """Run the operator until ``stop_flag`` is set (or SIGINT/SIGTERM in the main thread).
 
     ``workers`` reconcile in parallel (the HTTP connection pool is sized to match). With
     ``leader_election`` the watches start at once but reconciling waits for the Lease; losing it
-    stops the operator with LeadershipLostError. ``liveness_endpoint`` (e.g.
-    ``http://0.0.0.0:8080/healthz``) is kopf's health endpoint; ``health_address`` (e.g.
-    ``0.0.0.0:8081``) serves ``/readyz`` and ``/leader`` (see Health).
+    (an API outage longer than the renew deadline) stops the reconciles and the replica campaigns
+    again, or, if they do not stop in time, stops the operator with LeadershipLostError.
+    ``liveness_endpoint`` (e.g. ``http://0.0.0.0:8080/healthz``) is kopf's health endpoint;
+    ``health_address`` (e.g. ``0.0.0.0:8081``) serves ``/readyz`` and ``/leader`` (see Health).
+    ``kueue`` watches Kueue's Workloads, so that a queued stage shows why Kueue holds it.
     """
     if clusterwide == bool(namespaces):
         raise ValueError("give either namespaces or clusterwide=True")
@@ -195,19 +211,24 @@ async def serve(
 
     def lead() -> None:
         metrics.set_leader(True)
-        while not elector_stop.is_set():
-            try:
-                reconciler.prime([None] if clusterwide else list(namespaces))
-                break
-            except KubeError as exc:
-                logger.warning("could not list runs and Jobs to start from: %s; retrying", exc)
-                elector_stop.wait(2)
-        reconciler.start(workers=workers, resync_seconds=resync_seconds)
+        reconciler.start(
+            workers=workers,
+            resync_seconds=resync_seconds,
+            prime=[None] if clusterwide else list(namespaces),
+        )
 
     def step_down() -> None:
+        # Stop acting before another replica can take the Lease. Reconciles fail fast while the API
+        # is unreachable, so they normally end well within the budget; one that does not (a request
+        # hanging on a partitioned network) could race the next leader, so then the process exits.
         metrics.set_leader(False)
+        budget = elector.stop_budget_seconds() if elector is not None else 0.0
+        if reconciler.stop(timeout=budget):
+            logger.warning("stopped reconciling; campaigning for the lease again")
+            return
+        logger.error("reconciles still running %.1fs after losing the lease; exiting", budget)
         lost.set()
-        reconciler.queue.shutdown()
+        elector_stop.set()
         loop.call_soon_threadsafe(stop.set)
 
     elector = (
@@ -247,7 +268,7 @@ async def serve(
     metrics.set_leader(False)
     try:
         await kopf.operator(
-            registry=build_registry(),
+            registry=build_registry(kueue=kueue),
             settings=operator_settings(),
             standalone=True,
             clusterwide=clusterwide,

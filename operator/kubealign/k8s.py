@@ -23,6 +23,7 @@ from typing import Any, Final
 from urllib.parse import quote
 
 import kubernetes
+import urllib3
 
 from kubealign import api
 
@@ -144,8 +145,10 @@ class Kube:
             data = response.read()
         except kubernetes.client.ApiException as exc:
             raise KubeError(exc.status or 0, str(exc.reason), str(exc.body or exc)) from exc
-        except OSError as exc:
-            raise KubeError(0, type(exc).__name__, str(exc)) from exc
+        except (OSError, urllib3.exceptions.HTTPError) as exc:
+            # The server was not reached (refused, reset, timed out, TLS): status 0, like client-go.
+            cause = getattr(exc, "reason", None) or exc
+            raise KubeError(0, "Unreachable", f"{type(cause).__name__}: {cause}") from exc
         if not 200 <= response.status < 300:
             message = data.decode(errors="replace") if data else ""
             with contextlib.suppress(json.JSONDecodeError, AttributeError):

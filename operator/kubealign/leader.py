@@ -5,8 +5,9 @@ of the Lease reconciles. The rules are those of client-go's leaderelection packa
 kube-controller-manager and the scheduler use:
 
 - The holder renews ``spec.renewTime`` every ``retry_seconds``. If it cannot renew for
-  ``renew_deadline_seconds`` it stops leading (and the operator process exits, so nothing it still
-  had in flight can race the next leader for long).
+  ``renew_deadline_seconds`` it stops leading: the operator stops its reconciles within
+  ``stop_budget_seconds`` (before anyone else can take the Lease) or exits, and then campaigns
+  again like any standby.
 - A candidate takes the Lease when the holder is empty, or when the Lease record has not changed
   for ``lease_seconds`` *as measured on the candidate's own monotonic clock* since it first saw
   that record. Clocks of different machines are never compared, so clock skew cannot make two
@@ -57,10 +58,12 @@ class LeaseSettings:
 
 
 class LeaderElector:
-    """Campaigns for the Lease in ``run()`` (a thread's body) until ``stop`` is set or leadership is lost.
+    """Campaigns for the Lease in ``run()`` (a thread's body) until ``stop`` is set.
 
-    ``on_started`` is called once when this replica becomes leader; ``on_stopped`` once when it
-    stops leading for any reason other than ``stop`` being set (lost renewals, the Lease taken).
+    ``on_started`` is called each time this replica becomes leader; ``on_stopped`` each time it
+    stops leading for any reason other than ``stop`` being set (lost renewals, the Lease taken),
+    after which it campaigns again: an API outage longer than the renew deadline costs leadership,
+    not the process.
     """
 
     def __init__(
@@ -88,23 +91,35 @@ class LeaderElector:
 
     def run(self, stop: threading.Event) -> None:
         retry = self.settings.retry_seconds
-        while not stop.is_set() and not self._try_acquire_or_renew():
-            stop.wait(retry)
-        if stop.is_set():
-            return
-        logger.info("became leader (lease %s/%s)", self.settings.namespace, self.settings.name)
-        self._leading.set()
-        self._on_started()
-        renewed = self._clock()
-        while not stop.wait(retry):
-            if self._try_acquire_or_renew():
-                renewed = self._clock()
-            elif self._clock() - renewed >= self.settings.renew_deadline_seconds or not self._holds():
-                self._leading.clear()
-                logger.error("lost leadership: the lease was not renewed in time or was taken over")
-                self._on_stopped()
+        while not stop.is_set():
+            while not stop.is_set() and not self._try_acquire_or_renew():
+                stop.wait(retry)
+            if stop.is_set():
                 return
-        self.release()
+            logger.info("became leader (lease %s/%s)", self.settings.namespace, self.settings.name)
+            self._leading.set()
+            self._on_started()
+            renewed = self._clock()
+            while not stop.wait(retry):
+                if self._try_acquire_or_renew():
+                    renewed = self._clock()
+                elif self._clock() - renewed >= self.settings.renew_deadline_seconds or not self._holds():
+                    break
+            else:
+                self.release()
+                return
+            self._leading.clear()
+            logger.error("lost leadership: the lease was not renewed in time or was taken over")
+            # on_stopped has until the lease expires for others to stop what it had in flight; it
+            # sets ``stop`` if it could not, and otherwise this replica campaigns again.
+            self._on_stopped()
+
+    def stop_budget_seconds(self) -> float:
+        """How long after losing leadership this replica may take to stop acting: another replica
+        can take the Lease ``lease_seconds`` after our last renewal, and we give up leading
+        ``renew_deadline_seconds`` after it; one retry period is kept as a margin."""
+        settings = self.settings
+        return max(0.0, settings.lease_seconds - settings.renew_deadline_seconds - settings.retry_seconds)
 
     def _holds(self) -> bool:
         """Whether the last Lease seen names us (it may name another once someone took it over)."""
@@ -155,6 +170,11 @@ class LeaderElector:
         except KubeError as exc:
             # 409: another replica wrote first; anything else: the API is unreachable. Both retry.
             logger.debug("leader election attempt failed: %s", exc)
+            return False
+        except Exception:
+            # Anything else is a bug, but it must not end this thread while it holds the Lease:
+            # count it as a failed attempt, so that leading stops at the renew deadline.
+            logger.exception("leader election attempt crashed")
             return False
 
     def release(self) -> None:

@@ -70,6 +70,31 @@ class ObservedJob:
     reason: str = ""
     queued: bool = False
     owner_uid: str | None = None
+    # Why Kueue has not admitted a queued Job (yet, or again), from its Workload; "" when it says nothing.
+    admission: str = ""
+
+
+def admission_message(workload: Mapping[str, Any] | None) -> str:
+    """Kueue's own word on a Workload that is not running: evicted (preempted, pods not ready in
+    time) or waiting for quota ("couldn't assign flavors to pod set main: insufficient unused quota
+    for nvidia.com/gpu ..."). "" when it is admitted or says nothing yet."""
+    conditions = {
+        str(item.get("type")): item for item in ((workload or {}).get("status") or {}).get("conditions") or ()
+    }
+
+    def said(kind: str, status: str) -> Mapping[str, Any] | None:
+        condition = conditions.get(kind)
+        return condition if condition is not None and condition.get("status") == status else None
+
+    if (evicted := said("Evicted", "True")) is not None:
+        detail = str(evicted.get("message") or "").strip()
+        return _truncate(f"evicted by Kueue ({evicted.get('reason') or 'Evicted'}): {detail}".rstrip(": "))
+    if said("Admitted", "True") is not None:
+        return ""
+    for kind in ("QuotaReserved", "Admitted"):
+        if (waiting := said(kind, "False")) is not None and waiting.get("message"):
+            return _truncate(f"waiting for Kueue: {str(waiting['message']).strip()}")
+    return ""
 
 
 def _condition(job: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
@@ -354,7 +379,8 @@ def _stage_status(
         return replace(status, phase=StagePhase.RETRYING, message=last_failure)
     if last.state is JobState.SUSPENDED:
         phase = StagePhase.SUSPENDED if run.spec.suspend else StagePhase.QUEUED
-        return replace(status, phase=phase, message=last_failure)
+        message = "; ".join(part for part in (last.admission, last_failure) if part)
+        return replace(status, phase=phase, message=message)
     return replace(status, phase=StagePhase.RUNNING, message=last_failure)
 
 

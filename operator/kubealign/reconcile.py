@@ -31,6 +31,8 @@ from kubealign.workqueue import WorkQueue
 logger = logging.getLogger(__name__)
 
 DEFAULT_WORKERS = 16
+RETRY_BASE_SECONDS = 0.5
+RETRY_MAX_SECONDS = 16.0
 TERMINAL_RUN_PHASES = (api.RunPhase.SUCCEEDED, api.RunPhase.FAILED)
 
 
@@ -97,6 +99,11 @@ class Reconciler:
         self._finished_at: dict[Key, float] = {}
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
+        # Held while threads are started or handed to stop(), so the two never interleave.
+        self._starting = threading.Lock()
+        # Run -> consecutive failed reconciles, and the timer that queues it again (see _retry_later).
+        self._failures: dict[Key, int] = {}
+        self._retries: dict[Key, threading.Timer] = {}
 
     # --- feeding: called by the watch handlers ---------------------------------------------------
 
@@ -108,6 +115,7 @@ class Reconciler:
             with self._guard:
                 self._written.pop(key, None)
                 self._finished_at.pop(key, None)
+                self._failures.pop(key, None)
             self.metrics.forget_run(namespace=key[0], name=key[1])
             return
         if not self.cache.put_run(body):
@@ -147,6 +155,23 @@ class Reconciler:
         else:
             self.cache.put_pod(pod)
 
+    def workload_event(self, workload: Mapping[str, Any], *, deleted: bool = False) -> None:
+        """A watch event of a Kueue Workload: reconcile its run when Kueue's word on it changed (a
+        queued stage's message shows why it waits, or that it was evicted)."""
+        job = self.cache.workload_job(workload)
+        if job is None:
+            return
+        before = plan.admission_message(self.cache.workload(*job))
+        if deleted:
+            self.cache.delete_workload(workload)
+        elif not self.cache.put_workload(workload):
+            return
+        if plan.admission_message(self.cache.workload(*job)) == before:
+            return
+        run = self.cache.run_of_job(*job)
+        if run is not None:
+            self.request(job[0], run)
+
     def _note(self, key: tuple[str, str], uid: str, state: plan.JobState) -> bool:
         """Record a Job's state (under the guard); True if it differs from the last one seen."""
         changed = self._job_states.get(key) != (uid, state)
@@ -184,16 +209,63 @@ class Reconciler:
         """
         selector = f"{render.LABEL_MANAGED_BY}={render.MANAGED_BY}"
         for namespace in namespaces:
-            for body in self.kube.list(api.KIND, namespace):
+            runs = self.kube.list(api.KIND, namespace)
+            jobs = self.kube.list("Job", namespace, selector=selector)
+            self.cache.retain(namespace, {key_of(body) for body in runs}, {key_of(job) for job in jobs})
+            for body in runs:
                 self.cache.put_run(body)
-            for job in self.kube.list("Job", namespace, selector=selector):
+            for job in jobs:
                 self.job_event(job)
 
     # --- working: a bounded pool of threads --------------------------------------------------------
 
-    def start(self, *, workers: int = DEFAULT_WORKERS, resync_seconds: float | None = None) -> None:
+    def start(
+        self,
+        *,
+        workers: int = DEFAULT_WORKERS,
+        resync_seconds: float | None = None,
+        prime: Sequence[str | None] | None = None,
+    ) -> None:
         """Start reconciling: ``workers`` threads, and a resync of every unfinished run (from the
-        cache) each ``resync_seconds``. Every run already in the cache is queued first."""
+        cache) each ``resync_seconds``. Every run already in the cache is queued first.
+
+        With ``prime`` (namespaces, None for all) a thread of its own primes the cache first,
+        retrying while the API is unreachable, and then starts the workers: the caller (the leader
+        election, which must keep renewing) never waits for the API. After ``stop`` it starts again
+        (a replica that lost leadership and won it back) with a fresh queue: what was queued before
+        is covered by queueing every cached run."""
+        with self._starting:
+            if self._threads:
+                raise RuntimeError("the reconciler is already running")
+            self._stop.clear()
+            self.queue = WorkQueue()
+            if prime is None:
+                self._spawn(workers, resync_seconds)
+                return
+            thread = threading.Thread(
+                target=self._prime_then_spawn, args=(list(prime), workers, resync_seconds), name="prime"
+            )
+            thread.daemon = True
+            thread.start()
+            self._threads.append(thread)
+
+    def _prime_then_spawn(
+        self, namespaces: list[str | None], workers: int, resync_seconds: float | None
+    ) -> None:
+        while not self._stop.is_set():
+            try:
+                self.prime(namespaces)
+                break
+            except KubeError as exc:
+                logger.warning("could not list runs and Jobs to start from: %s; retrying", exc)
+                self._stop.wait(RETRY_MAX_SECONDS / 8)
+        with self._starting:
+            self._spawn(workers, resync_seconds)
+
+    def _spawn(self, workers: int, resync_seconds: float | None) -> None:
+        """Start the threads (under ``_starting``), unless ``stop`` came first."""
+        if self._stop.is_set():
+            return
         for body in self.cache.runs():
             self.request(*key_of(body))
         for index in range(workers):
@@ -205,13 +277,21 @@ class Reconciler:
             thread.start()
             self._threads.append(thread)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the workers after the reconciles in progress."""
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop the workers after the reconciles in progress; False if some still ran after
+        ``timeout`` seconds (all of them together)."""
         self._stop.set()
         self.queue.shutdown()
-        for thread in self._threads:
-            thread.join(timeout)
-        self._threads.clear()
+        with self._starting:
+            threads, self._threads = self._threads, []
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        stopped = not any(thread.is_alive() for thread in threads)
+        for timer in self._retries.values():
+            timer.cancel()
+        self._retries.clear()
+        return stopped
 
     def _work(self) -> None:
         while (key := self.queue.get()) is not None:
@@ -233,18 +313,46 @@ class Reconciler:
                     self.request(*key_of(body))
 
     def _reconcile_reporting(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
         try:
             self.reconcile(namespace, name)
         except KubeError as exc:
-            # The resync timer retries; the Event makes the problem visible on the run.
             logger.warning("reconcile of %s/%s failed: %s", namespace, name, exc)
             self.metrics.count_reconcile_error(reason=exc.reason or "KubeError")
-            self.kube.post_event(
-                {"metadata": {"namespace": namespace, "name": name}},
-                type="Warning",
-                reason="ReconcileError",
-                message=str(exc),
-            )
+            self._retry_later(key)
+            try:
+                # Makes the problem visible on the run, when the API takes Events at all.
+                self.kube.post_event(
+                    {"metadata": {"namespace": namespace, "name": name}},
+                    type="Warning",
+                    reason="ReconcileError",
+                    message=str(exc),
+                )
+            except KubeError as event_error:
+                logger.debug("could not post the ReconcileError event: %s", event_error)
+        else:
+            with self._guard:
+                self._failures.pop(key, None)
+
+    def _retry_later(self, key: Key) -> None:
+        """Queue a failed run again after an exponential backoff (client-go's per-item rate limiter:
+        0.5 s doubling to 16 s), so an API hiccup costs seconds, not a resync period, and an outage
+        costs a few requests per run, not a tight loop."""
+        with self._guard:
+            failures = self._failures.get(key, 0) + 1
+            self._failures[key] = failures
+            if key in self._retries or self._stop.is_set():
+                return
+            delay = min(RETRY_BASE_SECONDS * 2 ** (failures - 1), RETRY_MAX_SECONDS)
+            timer = threading.Timer(delay, self._retry_now, args=(key,))
+            timer.daemon = True
+            self._retries[key] = timer
+        timer.start()
+
+    def _retry_now(self, key: Key) -> None:
+        with self._guard:
+            self._retries.pop(key, None)
+        self.request(*key)
 
     def reconcile(self, namespace: str, name: str) -> Outcome | None:
         """One full pass over the cached run; None when the run is not (or no longer) there."""
@@ -267,7 +375,13 @@ class Reconciler:
         raw = self.cache.jobs(namespace, name)
         listed = [plan.observe_job(job) for job in raw.values()]
         # A Job left over from an earlier run of the same name is not ours; the garbage collector takes it.
-        owned = [job for job in listed if job is not None and job.owner_uid == run.uid]
+        owned = [
+            replace(job, admission=plan.admission_message(self.cache.workload(namespace, job.name)))
+            if job.queued and job.state == plan.JobState.SUSPENDED
+            else job
+            for job in listed
+            if job is not None and job.owner_uid == run.uid
+        ]
         observed = self._with_outcomes(namespace, name, owned, raw, previous)
 
         actions = () if errors else plan.decide(run, observed)

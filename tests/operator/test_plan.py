@@ -439,3 +439,50 @@ def test_coalesce_posts_one_normal_event_per_reconcile(
 ) -> None:
     merged = plan.coalesce([plan.Note(*note) for note in notes])
     assert [(note.type, note.reason, note.message) for note in merged] == events
+
+
+def workload(*conditions: tuple[str, str, str, str]) -> dict[str, Any]:
+    return {
+        "status": {
+            "conditions": [
+                {"type": kind, "status": status, "reason": reason, "message": message}
+                for kind, status, reason, message in conditions
+            ]
+        }
+    }
+
+
+QUOTA = (
+    "couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu in flavor "
+    "default-flavor, 8 more needed"
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (None, ""),
+        (workload(), ""),
+        (workload(("QuotaReserved", "False", "Pending", QUOTA)), f"waiting for Kueue: {QUOTA}"),
+        (
+            workload(
+                ("QuotaReserved", "True", "QuotaReserved", "ok"), ("Admitted", "True", "Admitted", "ok")
+            ),
+            "",
+        ),
+        (
+            workload(
+                ("Admitted", "True", "Admitted", "ok"),
+                ("Evicted", "True", "Preempted", "Preempted to accommodate a workload with higher priority"),
+            ),
+            "evicted by Kueue (Preempted): Preempted to accommodate a workload with higher priority",
+        ),
+        (
+            workload(("Evicted", "True", "PodsReadyTimeout", "Exceeded the PodsReady timeout")),
+            "evicted by Kueue (PodsReadyTimeout): Exceeded the PodsReady timeout",
+        ),
+        (workload(("Evicted", "False", "Preempted", "old news"), ("Admitted", "True", "Admitted", "ok")), ""),
+    ],
+)
+def test_admission_message_says_what_kueue_said(body: dict[str, Any] | None, expected: str) -> None:
+    assert plan.admission_message(body) == expected

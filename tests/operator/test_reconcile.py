@@ -6,9 +6,10 @@ real API server in tests/cluster/test_operator_runs.py."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
-from kubealign.k8s import Kube
+from kubealign.k8s import Kube, KubeError
 from kubealign.reconcile import Outcome, Reconciler
 from tests.operator.run_builders import job
 
@@ -129,3 +130,103 @@ def test_workers_reconcile_in_parallel_and_one_run_never_twice_at_once() -> None
     finally:
         recorder.release.set()
         recorder.stop()
+
+
+def wait_for(what: str, check: Any, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_a_stopped_reconciler_starts_again_with_every_cached_run_queued() -> None:
+    recorder = Recorder()
+    recorder.run_event(run_body("demo", "1"))
+    recorder.start(workers=1)
+    wait_for("first pass", lambda: recorder.calls == [("team-a", "demo")])
+    assert recorder.stop(timeout=5)
+    recorder.request("team-a", "lost")  # while stopped: dropped, nothing works on it
+    recorder.start(workers=1)
+    try:
+        wait_for("pass after restart", lambda: recorder.calls == [("team-a", "demo")] * 2)
+    finally:
+        assert recorder.stop(timeout=5)
+
+
+def test_stop_reports_a_reconcile_that_outlives_its_budget() -> None:
+    recorder = Recorder()
+    recorder.start(workers=1)
+    try:
+        recorder.request("ns", "slow")
+        assert recorder.entered.wait(10)
+        assert not recorder.stop(timeout=0.2)
+    finally:
+        recorder.release.set()
+
+
+class Unreachable(Kube):
+    """Every request fails as it does while the API server is down."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.events = 0
+
+    def post_event(self, run: Any, **_: Any) -> None:
+        self.events += 1
+        raise KubeError(0, "Unreachable", "connection refused")
+
+
+class Failing(Reconciler):
+    """Fails its first ``failures`` reconciles with a KubeError, then succeeds."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__(Unreachable())
+        self.failures = failures
+        self.times: list[float] = []
+
+    def reconcile(self, namespace: str, name: str) -> Outcome | None:
+        self.times.append(time.monotonic())
+        if len(self.times) <= self.failures:
+            raise KubeError(0, "Unreachable", "connection refused")
+        return None
+
+
+def test_a_failed_reconcile_is_retried_with_a_growing_backoff_and_no_crash() -> None:
+    failing = Failing(failures=3)
+    failing.start(workers=1)
+    try:
+        failing.request("ns", "demo")
+        wait_for("the pass after three failures", lambda: len(failing.times) == 4)
+        gaps = [later - earlier for earlier, later in zip(failing.times, failing.times[1:], strict=False)]
+        # 0.5 s, 1 s, 2 s: exponential, not a resync period, not a tight loop.
+        assert [round(gap * 2) / 2 for gap in gaps] == [0.5, 1.0, 2.0]
+        assert isinstance(failing.kube, Unreachable) and failing.kube.events == 3  # failed Events: no crash
+        time.sleep(1.5)
+        assert len(failing.times) == 4  # success ends the retries
+    finally:
+        assert failing.stop(timeout=5)
+
+
+class Listing(Kube):
+    def __init__(self, runs: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> None:
+        super().__init__(None)
+        self.listed = {"AlignmentRun": runs, "Job": jobs}
+
+    def list(self, kind: str, namespace: str | None, **_: Any) -> list[dict[str, Any]]:
+        return self.listed[kind]
+
+
+def test_priming_drops_runs_and_jobs_deleted_while_no_watch_delivered() -> None:
+    kept, gone = run_body("kept", "5"), run_body("gone", "3")
+    kept_job, gone_job = with_uid(job("kept", "sft"), "u1"), with_uid(job("kept", "rm"), "u2")
+    other_namespace = {"metadata": {"namespace": "team-b", "name": "elsewhere", "resourceVersion": "1"}}
+    reconciler = Reconciler(Listing(runs=[kept], jobs=[kept_job]))
+    for body in (kept, gone, other_namespace):
+        reconciler.cache.put_run(body)
+    for body in (kept_job, gone_job):
+        reconciler.cache.put_job(body)
+    reconciler.prime(["team-a"])
+    assert reconciler.cache.run("team-a", "kept") is not None
+    assert reconciler.cache.run("team-a", "gone") is None
+    assert reconciler.cache.run("team-b", "elsewhere") is not None  # another namespace's LIST decides
+    assert list(reconciler.cache.jobs("team-a", "kept")) == [kept_job["metadata"]["name"]]
