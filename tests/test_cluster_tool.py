@@ -488,3 +488,10 @@ def test_the_kueue_cluster_queue_quota_is_every_fake_node_together() -> None:
     assert group["coveredResources"] == list(quota)
     assert queues["LocalQueue"]["spec"] == {"clusterQueue": localcluster.KUEUE_CLUSTER_QUEUE}
     assert queues["LocalQueue"]["metadata"]["namespace"] == "default"
+
+
+def test_json_documents_splits_kubectls_output_for_a_multi_document_file() -> None:
+    assert localcluster.json_documents('{"a": 1}\n{"b": [2]}\n') == [{"a": 1}, {"b": [2]}]
+    assert localcluster.json_documents("  \n") == []
+    with pytest.raises(json.JSONDecodeError):
+        localcluster.json_documents('{"a": 1} {"b"')

@@ -1542,6 +1542,20 @@ def kueue_config(*, health_port: int, webhook_port: int, cert_dir: Path, profile
     }
 
 
+def json_documents(text: str) -> list[dict[str, Any]]:
+    """The JSON objects of kubectl's output for a multi-document file (one after the other)."""
+    decoder = json.JSONDecoder()
+    documents: list[dict[str, Any]] = []
+    position = 0
+    while True:
+        while position < len(text) and text[position].isspace():
+            position += 1
+        if position == len(text):
+            return documents
+        document, position = decoder.raw_decode(text, position)
+        documents.append(document)
+
+
 def kueue_webhooks(listed: dict[str, Any], *, url: str, ca_bundle: str) -> list[dict[str, Any]]:
     """Kueue's webhook configurations rewritten to call ``url`` + path (no Service here), keeping only
     the webhooks of what this Kueue serves: its own resources and batch Jobs. A webhook for a
@@ -1621,6 +1635,29 @@ def kueue_queues(state: ClusterState) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
+# Kueue v0.17 without its internal certificate management loads a serving certificate for its
+# metrics endpoint from this fixed path at start-up, and exits if there is none, even with metrics
+# off (bindAddress "0", as here). Nothing is served with it.
+KUEUE_METRICS_CERTS = Path("/etc/kueue/metrics/certs")
+
+
+def provide_kueue_metrics_certificate(pki: Path) -> None:
+    if (KUEUE_METRICS_CERTS / "tls.crt").is_file() and (KUEUE_METRICS_CERTS / "tls.key").is_file():
+        return
+    try:
+        KUEUE_METRICS_CERTS.mkdir(parents=True, exist_ok=True)
+        for suffix in ("crt", "key"):
+            partial = KUEUE_METRICS_CERTS / f".tls.{suffix}.partial-{os.getpid()}"
+            shutil.copyfile(pki / f"kueue-webhook.{suffix}", partial)
+            os.replace(partial, KUEUE_METRICS_CERTS / f"tls.{suffix}")
+    except OSError as error:
+        raise ClusterError(
+            f"Kueue needs a certificate at {KUEUE_METRICS_CERTS}/tls.crt and tls.key before it starts "
+            f"(any valid pair: its metrics are off here) and this user cannot write it ({error}); "
+            f"create them once, e.g. with sudo, and run `up --kueue` again"
+        ) from error
+
+
 def start_kueue(state: ClusterState) -> ClusterState:
     """Start Kueue's controller manager against the running control plane; see kueue_config."""
     phase_start = time.monotonic()
@@ -1643,7 +1680,7 @@ def start_kueue(state: ClusterState) -> ClusterState:
         return bool(crds) and all(
             any(
                 c["type"] == "Established" and c["status"] == "True"
-                for c in item.get("status", {}).get("conditions", [])
+                for c in (item.get("status") or {}).get("conditions") or []
             )
             for item in crds
         )
@@ -1664,6 +1701,7 @@ def start_kueue(state: ClusterState) -> ClusterState:
     )
     shutil.copyfile(pki / "kueue-webhook.crt", cert_dir / "tls.crt")
     shutil.copyfile(pki / "kueue-webhook.key", cert_dir / "tls.key")
+    provide_kueue_metrics_certificate(pki)
     health_port, webhook_port, visibility_port = pick_free_ports(3)
     config = state_dir / "kueue" / "config.yaml"
     # JSON is YAML: the standard library writes it.
@@ -1701,8 +1739,9 @@ def start_kueue(state: ClusterState) -> ClusterState:
     if listed.returncode != 0:
         raise ClusterError(f"reading Kueue's webhook manifests failed:\n{listed.stderr}")
     ca_bundle = base64.b64encode((pki / "ca.crt").read_bytes()).decode()
+    listed_items = {"items": json_documents(listed.stdout)}
     for configuration in kueue_webhooks(
-        json.loads(listed.stdout), url=f"https://127.0.0.1:{webhook_port}", ca_bundle=ca_bundle
+        listed_items, url=f"https://127.0.0.1:{webhook_port}", ca_bundle=ca_bundle
     ):
         plural = (
             "mutatingwebhookconfigurations"

@@ -36,6 +36,14 @@ CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.json"
 MANIFEST_FILE = "_MANIFEST.json"
 
+# The trainer's exit codes, a contract with the operator: a Job whose pod exits with
+# EXIT_BAD_INPUT (a configuration, data or model error: the same input fails the same way every
+# time) fails at once through its podFailurePolicy and is never retried; every other failure is.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_STORAGE = 3
+
 
 class ConfigError(ValueError):
     """A stage-config document is malformed; the message names the field at fault."""

@@ -41,6 +41,10 @@ from typing import Any
 
 from kubealign_jobs import stages, storage
 from kubealign_jobs.config import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_STORAGE,
     METRICS_FILE,
     TERMINATION_MESSAGE_LIMIT,
     TERMINATION_MESSAGE_PATH,
@@ -49,11 +53,6 @@ from kubealign_jobs.config import (
 )
 
 log = logging.getLogger("kubealign_jobs")
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_STORAGE = 3
 
 TERMINATION_ENV = "KUBEALIGN_TERMINATION_LOG"
 SCRATCH_ENV = "KUBEALIGN_SCRATCH"

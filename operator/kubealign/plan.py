@@ -72,6 +72,8 @@ class ObservedJob:
     owner_uid: str | None = None
     # Why Kueue has not admitted a queued Job (yet, or again), from its Workload; "" when it says nothing.
     admission: str = ""
+    # Failed by its podFailurePolicy (the trainer's configuration-or-data exit code): never retried.
+    permanent: bool = False
 
 
 def admission_message(workload: Mapping[str, Any] | None) -> str:
@@ -228,6 +230,7 @@ def observe_job(
         reason=reason,
         queued=LABEL_QUEUE in labels,
         owner_uid=owners[0] if owners else None,
+        permanent=failed is not None and failed.get("reason") == "PodFailurePolicy",
     )
 
 
@@ -283,8 +286,12 @@ def _by_stage(jobs: Sequence[ObservedJob]) -> dict[str, list[ObservedJob]]:
 
 
 def exhausted(stage: Stage, latest: ObservedJob | None) -> bool:
-    """The stage's last attempt failed and no retry is left."""
-    return latest is not None and latest.state is JobState.FAILED and latest.attempt > stage.max_retries
+    """The stage's last attempt failed and no retry is left (or none would help)."""
+    return (
+        latest is not None
+        and latest.state is JobState.FAILED
+        and (latest.permanent or latest.attempt > stage.max_retries)
+    )
 
 
 def decide(run: AlignmentRun, jobs: Sequence[ObservedJob]) -> tuple[Action, ...]:

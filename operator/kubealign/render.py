@@ -17,6 +17,7 @@ from typing import Any, Final
 from kubealign.api import API_VERSION, KIND, AlignmentRun, InputSource, Stage
 from kubealign_jobs.config import (
     DEFAULT_CONFIG_PATH,
+    EXIT_BAD_INPUT,
     TERMINATION_MESSAGE_PATH,
     Distributed,
     Inputs,
@@ -361,10 +362,20 @@ def build_job(run: AlignmentRun, stage: Stage, attempt: int) -> dict[str, Any]:
         "parallelism": nodes,
         # Kueue admits a queued Job by unsuspending it; without a queue it starts right away.
         "suspend": bool(run.spec.queue_name),
-        # A pod evicted by preemption or a node drain is recreated instead of failing the attempt.
         "podFailurePolicy": {
             "rules": [
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+                # A pod evicted by preemption or a node drain is recreated instead of failing the attempt.
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                # A configuration or data error fails the same way every time: fail the Job (reason
+                # PodFailurePolicy), and the operator does not retry it.
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": CONTAINER_NAME,
+                        "operator": "In",
+                        "values": [EXIT_BAD_INPUT],
+                    },
+                },
             ]
         },
         "template": {"metadata": template_metadata, "spec": _pod_spec(run, stage, attempt)},

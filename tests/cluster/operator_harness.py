@@ -141,8 +141,11 @@ class Reader:
 class OperatorThread:
     """The operator, in-process, serving one namespace until stopped."""
 
-    def __init__(self, cluster: Cluster, namespace: str, *, kubeconfig: str | None = None) -> None:
+    def __init__(
+        self, cluster: Cluster, namespace: str, *, kubeconfig: str | None = None, kueue: bool = False
+    ) -> None:
         self.namespace = namespace
+        self.kueue = kueue
         self.kubeconfig = kubeconfig or cluster.kubeconfig
         self.context = None if kubeconfig else cluster.context
         self.kube = Kube.connect(kubeconfig=self.kubeconfig, context=self.context)
@@ -161,6 +164,7 @@ class OperatorThread:
                     stop_flag=self._stop,
                     ready_flag=self._ready,
                     kube=self.kube,
+                    kueue=self.kueue,
                 )
             )
         except BaseException as exc:  # reported by stop(); a thread cannot raise into the test
@@ -181,9 +185,9 @@ class OperatorThread:
 
 @contextmanager
 def operator_thread(
-    cluster: Cluster, namespace: str, *, kubeconfig: str | None = None
+    cluster: Cluster, namespace: str, *, kubeconfig: str | None = None, kueue: bool = False
 ) -> Iterator[OperatorThread]:
-    running = OperatorThread(cluster, namespace, kubeconfig=kubeconfig).start()
+    running = OperatorThread(cluster, namespace, kubeconfig=kubeconfig, kueue=kueue).start()
     try:
         yield running
     finally:

@@ -223,6 +223,28 @@ def test_a_sweep_runs_one_job_per_member_within_max_parallel(
     assert refused.returncode != 0 and "spec.stages[0].sweep.beta" in refused.stderr, refused.stderr
 
 
+def test_a_configuration_error_fails_the_stage_at_once_without_retries(
+    cluster: Cluster, namespace: str, operator: Any, reader: Reader
+) -> None:
+    # The trainer's exit code 2 (EXIT_BAD_INPUT) is a FailJob rule of the Job's podFailurePolicy: the
+    # real job controller fails the Job, and the operator spends none of maxRetries on it.
+    bad = {KWOK_FAIL: "true", KWOK_EXIT_CODE: "2", KWOK_MESSAGE: "sft.data line 3: messages: expected a list"}
+    stages = [
+        stage("sft", "sft", inputs={"model": uri("s3://m00/base"), "data": uri("s3://d00/sft")},
+              maxRetries=3, podAnnotations=bad),
+    ]  # fmt: skip
+    submit(cluster, namespace, manifest(stages, name="bad-input"))
+    status = reader.wait_phase("bad-input", "Failed")
+    (sft,) = status["stages"]
+    assert (sft["phase"], sft["attempts"]) == ("Failed", 1)
+    assert sft["message"] == "exit code 2 (Error): sft.data line 3: messages: expected a list"
+    assert sorted(reader.jobs("bad-input")) == ["bad-input-sft-1"]
+    job = reader.jobs("bad-input")["bad-input-sft-1"]
+    failed = next(c for c in job["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "PodFailurePolicy"
+    assert "StageRetrying" not in reader.reasons("bad-input")
+
+
 def test_failing_stage_is_retried_then_fails_the_run(
     cluster: Cluster, namespace: str, operator: Any, reader: Reader
 ) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kubealign_jobs import loop, runtime, storage
-from kubealign_jobs.config import ConfigError
+from kubealign_jobs.config import EXIT_BAD_INPUT, ConfigError
 from kubealign_jobs.stages import TrainingHyperparameters
 
 
@@ -67,7 +67,7 @@ def test_wrong_stage_type_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[
     config = tmp_path / "stage.json"
     config.write_text(json.dumps({"run": "r", "stage": "s", "type": "dpo", "output": str(tmp_path / "out")}))
     code = runtime.run_stage("sft", lambda ctx, hp: {}, ["--config", str(config)])
-    assert code == runtime.EXIT_BAD_INPUT
+    assert code == EXIT_BAD_INPUT
     assert "type: this is the 'sft' trainer, the config is for 'dpo'" in capsys.readouterr().err
 
 

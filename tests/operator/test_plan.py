@@ -148,6 +148,17 @@ def test_decide_retries_until_max_retries(
     assert stages_of(plan.decide(alr, observed(*jobs))) == expected
 
 
+def test_a_job_failed_by_its_pod_failure_policy_is_never_retried() -> None:
+    alr = run(manifest([stage("sft", "sft", inputs={"data": uri("s3://d00")}, maxRetries=3)]))
+    bad_input = job("demo", "sft", state="failed")
+    bad_input["status"]["conditions"][0]["reason"] = "PodFailurePolicy"
+    seen = observed(bad_input)
+    assert seen[0].permanent
+    assert plan.decide(alr, seen) == ()
+    status = plan.summarize(alr, seen, None, (), "2026-01-01T00:20:00Z")
+    assert (status.phase, status.stages[0].phase, status.stages[0].attempts) == ("Failed", "Failed", 1)
+
+
 def test_a_failed_run_starts_nothing_new() -> None:
     body = manifest(
         [

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from kubealign import api, render
-from kubealign_jobs.config import StageConfig
+from kubealign_jobs.config import EXIT_BAD_INPUT, StageConfig
 from tests.operator.run_builders import IMAGE, STORAGE, UID, manifest, run, src, stage, uri
 
 
@@ -125,6 +125,13 @@ def test_single_node_job_spec() -> None:
     assert container["resources"] == {"requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}
     assert container["terminationMessagePath"] == "/dev/termination-log"
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    # Disruptions never count; the trainer's configuration-or-data exit code fails the Job at once.
+    ignore, fail = spec["podFailurePolicy"]["rules"]
+    assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert fail == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [EXIT_BAD_INPUT]},
+    }
 
 
 def test_pod_security_and_volumes() -> None:
