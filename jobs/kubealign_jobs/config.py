@@ -36,13 +36,16 @@ CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.json"
 MANIFEST_FILE = "_MANIFEST.json"
 
-# The trainer's exit codes, a contract with the operator: a Job whose pod exits with
-# EXIT_BAD_INPUT (a configuration, data or model error: the same input fails the same way every
-# time) fails at once through its podFailurePolicy and is never retried; every other failure is.
+# The trainer's exit codes, a contract with the operator's podFailurePolicy: EXIT_BAD_INPUT (a
+# configuration, data or model error: the same input fails the same way every time) fails the Job
+# at once and is never retried; EXIT_STOPPED (SIGTERM: preempted, drained, suspended; a checkpoint
+# of the current step was published first) is not a failure, the pod is simply started again;
+# every other failure spends one of the stage's retries.
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_STORAGE = 3
+EXIT_STOPPED = 143  # 128 + SIGTERM, what a shell reports for a process ended by the signal
 
 
 class ConfigError(ValueError):

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import shutil
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,7 +38,7 @@ from kubealign_jobs import model as models
 from kubealign_jobs.config import ConfigError, derive_seed
 from kubealign_jobs.data import DataPosition, EpochSampler, shard
 from kubealign_jobs.parallel import Trainable
-from kubealign_jobs.runtime import StageContext
+from kubealign_jobs.runtime import StageContext, StoppedError
 from kubealign_jobs.stages import CheckpointHyperparameters, OptimizerHyperparameters, TrainingHyperparameters
 
 log = logging.getLogger(__name__)
@@ -430,62 +431,72 @@ def train(
     last_logged: dict[str, float] = {}
     params = [p for p in wrapped.parameters() if p.requires_grad]
 
-    while step < total:
-        indices, position = sampler.next_batch(position)
-        mine = [task.examples[i] for i in shard(indices, rank=ctx.rank, world_size=world)]
-        batches = [task.collate(mine[start : start + micro]) for start in range(0, len(mine), micro)]
-        units = sum(task.units(b) for b in batches)
-        global_units = int(ctx.sum_across_ranks({"units": units})["units"]) if world > 1 else units
-        # DDP averages gradients over processes; multiplying by `world` turns that into a sum,
-        # so the step's gradient is exactly d(sum of losses)/d(theta) / (global units).
-        scale = world / max(global_units, 1)
-        for index, batch in enumerate(batches):
-            sync = index == len(batches) - 1
-            model.set_gradient_sync(sync)
-            with contextlib.nullcontext() if sync or model.sharded else accelerator.no_sync(wrapped):
-                out = task.loss(wrapped, task.to_device(batch, device))
-                accelerator.backward(out.loss_sum * scale)
-            window_loss += out.loss_sum.detach().double()
-            for name, value in out.metric_sums.items():
-                window_metrics[name] = window_metrics.get(name, 0) + value.detach().double()
-        grad_norm = clip_gradients(model, params, hp.grad_clip, accelerator) if hp.grad_clip > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window_units += global_units
-        window_examples += hp.batch_size
-        window_steps += 1
+    stop = StopSignal()
+    try:
+        while step < total:
+            indices, position = sampler.next_batch(position)
+            mine = [task.examples[i] for i in shard(indices, rank=ctx.rank, world_size=world)]
+            batches = [task.collate(mine[start : start + micro]) for start in range(0, len(mine), micro)]
+            units = sum(task.units(b) for b in batches)
+            global_units = int(ctx.sum_across_ranks({"units": units})["units"]) if world > 1 else units
+            # DDP averages gradients over processes; multiplying by `world` turns that into a sum,
+            # so the step's gradient is exactly d(sum of losses)/d(theta) / (global units).
+            scale = world / max(global_units, 1)
+            for index, batch in enumerate(batches):
+                sync = index == len(batches) - 1
+                model.set_gradient_sync(sync)
+                with contextlib.nullcontext() if sync or model.sharded else accelerator.no_sync(wrapped):
+                    out = task.loss(wrapped, task.to_device(batch, device))
+                    accelerator.backward(out.loss_sum * scale)
+                window_loss += out.loss_sum.detach().double()
+                for name, value in out.metric_sums.items():
+                    window_metrics[name] = window_metrics.get(name, 0) + value.detach().double()
+            grad_norm = clip_gradients(model, params, hp.grad_clip, accelerator) if hp.grad_clip > 0 else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_units += global_units
+            window_examples += hp.batch_size
+            window_steps += 1
 
-        if step % hp.log_every == 0 or step == total:
-            sums = {"loss": float(window_loss), **{k: float(v) for k, v in window_metrics.items()}}
-            sums = ctx.sum_across_ranks(sums)
-            elapsed = time.perf_counter() - window_start
-            last_logged = {
-                "loss": sums.pop("loss") / max(window_units, 1),
-                **{k: v / window_examples for k, v in sums.items()},
-            }
-            record: dict[str, Any] = {
-                "step": step,
-                "total_steps": total,
-                **last_logged,
-                "lr": scheduler.get_last_lr()[0],
-                "epoch": round(position.epoch + position.index / len(task.examples), 4),
-                "steps_per_s": round(window_steps / elapsed, 3) if elapsed > 0 else None,
-            }
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
-            ctx.emit(record)
-            window_loss.zero_()
-            window_metrics = {}
-            window_units = window_examples = window_steps = 0
-            window_start = time.perf_counter()
+            if step % hp.log_every == 0 or step == total:
+                sums = {"loss": float(window_loss), **{k: float(v) for k, v in window_metrics.items()}}
+                sums = ctx.sum_across_ranks(sums)
+                elapsed = time.perf_counter() - window_start
+                last_logged = {
+                    "loss": sums.pop("loss") / max(window_units, 1),
+                    **{k: v / window_examples for k, v in sums.items()},
+                }
+                record: dict[str, Any] = {
+                    "step": step,
+                    "total_steps": total,
+                    **last_logged,
+                    "lr": scheduler.get_last_lr()[0],
+                    "epoch": round(position.epoch + position.index / len(task.examples), 4),
+                    "steps_per_s": round(window_steps / elapsed, 3) if elapsed > 0 else None,
+                }
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                ctx.emit(record)
+                window_loss.zero_()
+                window_metrics = {}
+                window_units = window_examples = window_steps = 0
+                window_start = time.perf_counter()
 
-        if hp.checkpoint_every and step % hp.checkpoint_every == 0:
-            save(step)
-        if evaluate is not None and hp.eval_every and step % hp.eval_every == 0 and step < total:
-            ctx.emit({"event": "eval", "step": step, **_evaluate(model, wrapped, evaluate)})
+            saved = bool(hp.checkpoint_every) and step % hp.checkpoint_every == 0
+            if saved:
+                save(step)
+            if step < total and stop.requested(ctx):
+                # SIGTERM: publish this step (unless just done) and stop; the next pod resumes here.
+                if not saved:
+                    save(step)
+                raise StoppedError(step)
+            if evaluate is not None and hp.eval_every and step % hp.eval_every == 0 and step < total:
+                ctx.emit({"event": "eval", "step": step, **_evaluate(model, wrapped, evaluate)})
 
+    finally:
+        stop.restore()
     final = {f"train_{k}": v for k, v in last_logged.items()}
     if evaluate is not None:
         eval_metrics = _evaluate(model, wrapped, evaluate)
@@ -495,6 +506,32 @@ def train(
     if model.memory is not None:
         final.update(model.memory.metrics())
     return TrainResult(steps=step, metrics=final)
+
+
+class StopSignal:
+    """SIGTERM (the pod is being preempted, drained or suspended), seen at a step boundary.
+
+    The handler only sets a flag: the step in flight finishes, then the loop publishes a
+    checkpoint of it and stops, inside the pod's terminationGracePeriodSeconds. With several
+    processes every rank must stop at the same step (the checkpoint is a collective), so they
+    agree through one small all-reduce per step.
+    """
+
+    def __init__(self) -> None:
+        self._signalled = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, _signum: int, _frame: object) -> None:
+        log.warning("SIGTERM: checkpointing at the end of this step, then stopping")
+        self._signalled = True
+
+    def requested(self, ctx: StageContext) -> bool:
+        if ctx.world_size == 1:
+            return self._signalled
+        return ctx.sum_across_ranks({"stop": float(self._signalled)})["stop"] > 0
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
 
 
 def clip_gradients(

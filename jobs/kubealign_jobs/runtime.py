@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,7 @@ from kubealign_jobs.config import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
     EXIT_OK,
+    EXIT_STOPPED,
     EXIT_STORAGE,
     METRICS_FILE,
     TERMINATION_MESSAGE_LIMIT,
@@ -53,6 +55,16 @@ from kubealign_jobs.config import (
 )
 
 log = logging.getLogger("kubealign_jobs")
+
+
+class StoppedError(Exception):
+    """The stage stopped early on SIGTERM (preemption, a drain, a suspend), after publishing a
+    checkpoint of the step it had reached: not a failure; the next pod resumes from there."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped by SIGTERM at step {step}; checkpoint published")
+        self.step = step
+
 
 TERMINATION_ENV = "KUBEALIGN_TERMINATION_LOG"
 SCRATCH_ENV = "KUBEALIGN_SCRATCH"
@@ -361,7 +373,7 @@ def run_stage(
         if nnodes * nproc > 1 and "LOCAL_RANK" not in os.environ:
             command = _torchrun_command(f"kubealign_jobs.{stage_type}", args_list, nnodes, nproc)
             log.info("launching %d x %d processes: %s", nnodes, nproc, " ".join(command))
-            return subprocess.call(command)
+            return _launch(command)
 
         # Under FSDP, mixed precision is FSDP's own policy (`parallel.shard`), not autocast.
         sharded = getattr(hp, "sharding", "none") == "fsdp"
@@ -389,6 +401,11 @@ def run_stage(
             write_termination_message(result)
         accelerator.end_training()
         return EXIT_OK
+    except StoppedError as stopped:
+        log.warning("%s: %s", stage, stopped)
+        emit({"stage": stage, "type": stage_type, "event": "stopped", "step": stopped.step})
+        write_termination_message({"status": "stopped", "stage": stage, "step": stopped.step})
+        return EXIT_STOPPED
     except (ConfigError, DataError, ModelError) as exc:
         return _fail(stage, stage_type, exc, EXIT_BAD_INPUT)
     except storage.StorageError as exc:
@@ -396,6 +413,25 @@ def run_stage(
     except Exception as exc:
         log.exception("%s failed", stage)
         return _fail(stage, stage_type, exc, EXIT_FAILED)
+
+
+def _launch(command: list[str]) -> int:
+    """Run torchrun as a child, passing SIGTERM on: the pod's signal reaches only this process,
+    and torchrun hands it to every worker, which checkpoints and stops (see loop.train)."""
+    child = subprocess.Popen(command)
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        child.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        code = child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return EXIT_STOPPED if stopping and code != EXIT_OK else code
 
 
 def _fail(stage: str, stage_type: str, exc: BaseException, code: int) -> int:

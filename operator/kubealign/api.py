@@ -40,6 +40,9 @@ CRD_NAME: Final = f"{PLURAL}.{GROUP}"
 CRD_FILE: Final = f"{CRD_NAME}.yaml"
 
 STAGE_TYPES: Final = stages.STAGE_TYPES
+# A trainer pod's time between SIGTERM and SIGKILL unless its stage says otherwise (the CRD's
+# default too): enough to publish a checkpoint of a mid-sized model.
+DEFAULT_TERMINATION_GRACE_SECONDS: Final = 300
 
 # Input roles with one source: the camelCase key of the API next to the snake_case field of StageInputs.
 SINGLE_ROLES: Final = tuple((role.key, role.attr) for role in ROLES.values() if role.key != "policies")
@@ -507,6 +510,8 @@ class Stage:
     pod_annotations: Mapping[str, str] = field(default_factory=dict)
     seed: int | None = None  # None: the run's spec.seed
     sweep: sweeps.Member | None = None  # set on each member of an expanded sweep
+    termination_grace_seconds: int = DEFAULT_TERMINATION_GRACE_SECONDS
+    timeout_seconds: int | None = None
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any], member: sweeps.Member | None = None) -> Stage:
@@ -524,6 +529,10 @@ class Stage:
             pod_annotations=dict(doc.get("podAnnotations") or {}),
             seed=None if doc.get("seed") is None else int(doc["seed"]),
             sweep=member,
+            termination_grace_seconds=int(
+                doc.get("terminationGracePeriodSeconds", DEFAULT_TERMINATION_GRACE_SECONDS)
+            ),
+            timeout_seconds=None if doc.get("timeoutSeconds") is None else int(doc["timeoutSeconds"]),
         )
 
 

@@ -18,6 +18,7 @@ from kubealign.api import API_VERSION, KIND, AlignmentRun, InputSource, Stage
 from kubealign_jobs.config import (
     DEFAULT_CONFIG_PATH,
     EXIT_BAD_INPUT,
+    EXIT_STOPPED,
     TERMINATION_MESSAGE_PATH,
     Distributed,
     Inputs,
@@ -342,6 +343,7 @@ def _pod_spec(run: AlignmentRun, stage: Stage, attempt: int) -> dict[str, Any]:
         spec["tolerations"] = [dict(t) for t in stage.tolerations]
     if stage.resources.nodes > 1:
         spec["subdomain"] = name
+    spec["terminationGracePeriodSeconds"] = stage.termination_grace_seconds
     return spec
 
 
@@ -366,6 +368,15 @@ def build_job(run: AlignmentRun, stage: Stage, attempt: int) -> dict[str, Any]:
             "rules": [
                 # A pod evicted by preemption or a node drain is recreated instead of failing the attempt.
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                # So is one whose trainer was told to stop (SIGTERM) and checkpointed before exiting.
+                {
+                    "action": "Ignore",
+                    "onExitCodes": {
+                        "containerName": CONTAINER_NAME,
+                        "operator": "In",
+                        "values": [EXIT_STOPPED],
+                    },
+                },
                 # A configuration or data error fails the same way every time: fail the Job (reason
                 # PodFailurePolicy), and the operator does not retry it.
                 {
@@ -382,6 +393,8 @@ def build_job(run: AlignmentRun, stage: Stage, attempt: int) -> dict[str, Any]:
     }
     if nodes > 1:
         spec["completionMode"] = "Indexed"
+    if stage.timeout_seconds is not None:
+        spec["activeDeadlineSeconds"] = stage.timeout_seconds
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kubealign_jobs import checkpoint, storage
-from kubealign_jobs.config import MANIFEST_FILE
+from kubealign_jobs.config import EXIT_STOPPED, MANIFEST_FILE
 from tests.jobs.trainer_toys import (
     parse_records,
     preference_rows,
@@ -189,6 +189,53 @@ def test_killed_run_resumes_from_checkpoint_without_reseeing_data(
     assert final is not None and reference_final is not None
     assert final.state["data_position"] == reference_final.state["data_position"] == {"epoch": 3, "index": 40}
     assert MANIFEST_FILE in [p for p, _ in storage.list_files(f"{output}/artifact")]
+
+
+def test_sigterm_publishes_a_checkpoint_of_the_current_step_and_resume_loses_nothing(
+    bucket: str, tiny_lm_dir: Path, tmp_path: Path
+) -> None:
+    """What a Kueue preemption or a node drain does to a trainer pod: SIGTERM, then SIGKILL after
+    the grace period. The trainer finishes the step in flight, checkpoints it (although the
+    interval checkpoint is far away), exits 143, and the next pod continues from that step."""
+    inputs = _inputs(bucket, tiny_lm_dir, tmp_path, sft_rows(40))
+    hyper = {**HYPER, "max_steps": 40, "checkpoint_every": 25}
+    output = f"s3://{bucket}/signalled"
+    config = stage_config(tmp_path, stage_type="sft", output=output, inputs=inputs, hyperparameters=hyper)
+    termination = tmp_path / "termination-log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubealign_jobs.sft", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**stage_env(tmp_path), "KUBEALIGN_TERMINATION_LOG": str(termination)},
+    )
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        record = json.loads(line) if line.startswith("{") else {}
+        if "event" not in record and record.get("step") == 7:
+            proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    records = parse_records("".join(seen))
+    stopped = [r for r in records if r.get("event") == "stopped"]
+    assert proc.returncode == EXIT_STOPPED, "".join(seen)[-2000:]
+    (event,) = stopped
+    # The signal lands during step 8 at the latest: that step completes and is checkpointed.
+    assert 7 <= event["step"] <= 9
+    assert json.loads(termination.read_text()) == {
+        "status": "stopped",
+        "stage": "sft-toy",
+        "step": event["step"],
+    }
+    latest = checkpoint.latest_checkpoint(f"{output}/checkpoints", tmp_path / "ck")
+    assert latest is not None and latest.step == event["step"]
+    assert not storage.is_complete(f"{output}/artifact")
+
+    resumed = run_stage("sft", config, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.events("resumed")[0]["step"] == event["step"]  # not the last interval checkpoint
+    assert [r["step"] for r in resumed.steps] == list(range(event["step"] + 1, 41))
 
 
 def test_packed_batches_follow_the_padded_loss_trajectory(

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from kubealign import api, render
-from kubealign_jobs.config import EXIT_BAD_INPUT, StageConfig
+from kubealign_jobs.config import EXIT_BAD_INPUT, EXIT_STOPPED, StageConfig
 from tests.operator.run_builders import IMAGE, STORAGE, UID, manifest, run, src, stage, uri
 
 
@@ -125,13 +125,41 @@ def test_single_node_job_spec() -> None:
     assert container["resources"] == {"requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}
     assert container["terminationMessagePath"] == "/dev/termination-log"
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
-    # Disruptions never count; the trainer's configuration-or-data exit code fails the Job at once.
-    ignore, fail = spec["podFailurePolicy"]["rules"]
-    assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
-    assert fail == {
+    # Disruptions and a trainer stopped by SIGTERM never count; the trainer's configuration-or-data
+    # exit code fails the Job at once.
+    disrupted, stopped, bad_input = spec["podFailurePolicy"]["rules"]
+    assert disrupted == {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    }
+    assert stopped == {
+        "action": "Ignore",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [EXIT_STOPPED]},
+    }
+    assert bad_input == {
         "action": "FailJob",
         "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [EXIT_BAD_INPUT]},
     }
+    assert spec["template"]["spec"]["terminationGracePeriodSeconds"] == 300
+    assert "activeDeadlineSeconds" not in spec
+
+
+def test_a_stage_sets_its_grace_period_and_timeout() -> None:
+    body = manifest(
+        [
+            stage(
+                "sft",
+                "sft",
+                inputs={"data": uri("s3://d00")},
+                terminationGracePeriodSeconds=900,
+                timeoutSeconds=7200,
+            )
+        ]
+    )
+    alr = run(body)
+    spec = render.build_job(alr, alr.spec.stage("sft"), 1)["spec"]
+    assert spec["template"]["spec"]["terminationGracePeriodSeconds"] == 900
+    assert spec["activeDeadlineSeconds"] == 7200
 
 
 def test_pod_security_and_volumes() -> None:
