@@ -733,6 +733,9 @@ class StageStatus:
     message: str = ""
     # A sweep member's declared stage and values: {"stage": ..., "values": {...}}.
     sweep: Mapping[str, Any] | None = None
+    # Time waiting for admission (Kueue): since when it waits now, and the seconds waited before.
+    queued_since: str | None = None
+    queued_seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _drop_none(
@@ -745,6 +748,8 @@ class StageStatus:
                 "attempts": self.attempts,
                 "startTime": self.start_time,
                 "completionTime": self.completion_time,
+                "queuedSince": self.queued_since,
+                "queuedSeconds": self.queued_seconds,
                 "output": self.output,
                 "metrics": None if self.metrics is None else dict(self.metrics),
                 "message": self.message or None,
@@ -766,6 +771,8 @@ class StageStatus:
             metrics=dict(metrics) if isinstance(metrics, Mapping) else None,
             message=str(doc.get("message", "")),
             sweep=dict(doc["sweep"]) if isinstance(doc.get("sweep"), Mapping) else None,
+            queued_since=doc.get("queuedSince"),
+            queued_seconds=None if doc.get("queuedSeconds") is None else float(doc["queuedSeconds"]),
         )
 
 

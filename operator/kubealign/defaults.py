@@ -1,9 +1,10 @@
 """Install-wide defaults for what a run's spec leaves out: the trainer image and storage settings.
 
-A platform team usually has one trainer image, one S3-compatible store and one conventional
-credentials Secret name per namespace. The Helm chart's ``defaultTrainerImage``, ``s3.endpoint``,
-``s3.region`` and ``s3.credentialsSecret`` values reach the operator as environment variables; a
-run that sets a field itself always keeps it. ``gpuMemory`` (one GPU's memory) is not a spec
+A platform team usually has one trainer image, one S3-compatible store, one conventional
+credentials Secret name per namespace and, with Kueue, one LocalQueue name. The Helm chart's
+``defaultTrainerImage``, ``s3.endpoint``, ``s3.region``, ``s3.credentialsSecret`` and
+``kueue.defaultQueueName`` values reach the operator as environment variables; a run that sets a
+field itself always keeps it. ``gpuMemory`` (one GPU's memory) is not a spec
 default: `kubealign.fit` checks stages against it.
 
 The defaults are applied to the manifest the operator reads, before validation and rendering, so
@@ -24,6 +25,7 @@ ENV_ENDPOINT: Final = "KUBEALIGN_DEFAULT_S3_ENDPOINT"
 ENV_REGION: Final = "KUBEALIGN_DEFAULT_S3_REGION"
 ENV_SECRET: Final = "KUBEALIGN_DEFAULT_S3_SECRET"
 ENV_GPU_MEMORY: Final = "KUBEALIGN_GPU_MEMORY"
+ENV_QUEUE_NAME: Final = "KUBEALIGN_DEFAULT_QUEUE_NAME"
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class InstallDefaults:
     region: str | None = None
     secret_name: str | None = None
     gpu_memory: str | None = None  # memory of one GPU, a quantity such as 80Gi (kubealign.fit)
+    queue_name: str | None = None  # Kueue LocalQueue for runs that set no spec.queueName
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> InstallDefaults:
@@ -45,6 +48,7 @@ class InstallDefaults:
             region=env.get(ENV_REGION) or None,
             secret_name=env.get(ENV_SECRET) or None,
             gpu_memory=env.get(ENV_GPU_MEMORY) or None,
+            queue_name=env.get(ENV_QUEUE_NAME) or None,
         )
 
     def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
@@ -56,6 +60,8 @@ class InstallDefaults:
         # Only an absent image: an empty one is invalid, and validation should say so.
         if self.image and spec.get("image") is None:
             spec["image"] = self.image
+        if self.queue_name and spec.get("queueName") is None:
+            spec["queueName"] = self.queue_name
         storage = spec.get("storage")
         # file:// stores need no endpoint or credentials; a malformed spec is left for validation to name.
         if not isinstance(storage, dict) or not str(storage.get("uri", "")).startswith("s3://"):

@@ -11,6 +11,8 @@ Exposed series (names follow Prometheus conventions: base units, ``_total`` for 
     kubealign_alignmentruns{phase}                        runs this operator knows, by status.phase
     kubealign_stage_duration_seconds{type,phase}          histogram: stage start -> terminal phase
     kubealign_stage_retries_total{type}                   attempts started beyond a stage's first
+    kubealign_stage_queued_seconds{type}                  histogram: one wait for admission by Kueue
+                                                          (Queued -> admitted), each wait once
     kubealign_reconcile_errors_total{reason}              reconcile failures (the resync retries)
     kubealign_handover_seconds                            histogram: a stage's Job finished -> the
                                                           next attempt's Job created (as the operator saw it)
@@ -125,6 +127,13 @@ class OperatorMetrics:
             buckets=STAGE_DURATION_BUCKETS,
             registry=self.registry,
         )
+        self.stage_queued = Histogram(
+            "kubealign_stage_queued_seconds",
+            "Seconds one stage waited for admission by Kueue (each wait: the first, and after a preemption).",
+            labelnames=["type"],
+            buckets=STAGE_DURATION_BUCKETS,
+            registry=self.registry,
+        )
         self.stage_retries = Counter(
             "kubealign_stage_retries_total",
             "Stage attempts started after a failed attempt (each resumes from the latest checkpoint).",
@@ -208,6 +217,9 @@ class OperatorMetrics:
             retries = _attempts(stage) - max(_attempts(old), 1)
             if retries > 0:
                 self.stage_retries.labels(type=stage_type).inc(retries)
+            if (old or {}).get("queuedSince") and not stage.get("queuedSince"):  # a wait ended
+                waited = float(stage.get("queuedSeconds") or 0) - float((old or {}).get("queuedSeconds") or 0)
+                self.stage_queued.labels(type=stage_type).observe(max(waited, 0.0))
             stage_phase = stage.get("phase")
             if stage_phase not in TERMINAL_STAGE_PHASES or (old or {}).get("phase") == stage_phase:
                 continue

@@ -19,6 +19,7 @@ import enum
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any, Final
 
 from kubealign.api import (
@@ -391,6 +392,22 @@ def _stage_status(
     return replace(status, phase=StagePhase.RUNNING, message=last_failure)
 
 
+def _queue_time(status: StageStatus, previous: StageStatus | None, now: str) -> StageStatus:
+    """Carry the stage's admission wait: ``queuedSince`` while Queued, and the seconds of every
+    wait that ended added into ``queuedSeconds`` (a preempted stage waits again)."""
+    since = previous.queued_since if previous is not None else None
+    waited = previous.queued_seconds if previous is not None else None
+    if status.phase == StagePhase.QUEUED:
+        return replace(status, queued_since=since or now, queued_seconds=waited)
+    if since is not None:
+        waited = (waited or 0.0) + max(0.0, (_parse_time(now) - _parse_time(since)).total_seconds())
+    return replace(status, queued_since=None, queued_seconds=waited)
+
+
+def _parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
 def _failure_text(failure: ObservedJob, previous: StageStatus | None) -> str:
     """Why an attempt failed: from its pods if they were read, else as the status recorded it."""
     if failure.message is not None:
@@ -429,7 +446,9 @@ def summarize(
     stages: list[StageStatus] = []
     for stage in run.spec.stages:
         before = previous.stage(stage.name) if previous else None
-        status = _stage_status(run, stage, by_stage.get(stage.name, []), before, phases)
+        status = _queue_time(
+            _stage_status(run, stage, by_stage.get(stage.name, []), before, phases), before, now
+        )
         phases[stage.name] = status.phase
         stages.append(status)
 

@@ -230,9 +230,11 @@ def test_values_reach_the_operator(helm: str) -> None:
             "s3.credentialsSecret=team-s3",
             "defaultTrainerImage=ghcr.io/team/trainer:1.2",
             "gpuMemory=40Gi",
+            "kueue.enabled=true",
+            "kueue.defaultQueueName=team-gpus",
         )
     )
-    assert "--verbose" in container["args"]
+    assert "--verbose" in container["args"] and "--kueue" in container["args"]
     assert "--liveness=http://0.0.0.0:8181/healthz" in container["args"]
     assert container["image"].endswith(":dev")
     # The names the operator reads (kubealign.defaults); unset values set nothing.
@@ -242,13 +244,16 @@ def test_values_reach_the_operator(helm: str) -> None:
         defaults.ENV_ENDPOINT: "http://minio.storage:9000",
         defaults.ENV_SECRET: "team-s3",
         defaults.ENV_GPU_MEMORY: "40Gi",
+        defaults.ENV_QUEUE_NAME: "team-gpus",
     }
     # What the operator makes of the rendered env: the image fills a run that names none.
     installed = defaults.InstallDefaults.from_env(env)
     assert installed.image == "ghcr.io/team/trainer:1.2"
+    assert installed.apply({"spec": {}})["spec"]["queueName"] == "team-gpus"
+    assert installed.apply({"spec": {"queueName": "mine"}})["spec"]["queueName"] == "mine"
     assert fit.parse_memory(installed.gpu_memory) == 40 * 2**30
     plain = operator_container(render(helm))
-    assert "--verbose" not in plain["args"]
+    assert "--verbose" not in plain["args"] and "--kueue" not in plain["args"]
     assert plain["env"][1:] == [{"name": defaults.ENV_GPU_MEMORY, "value": "80Gi"}]  # the chart's default
     assert [item["name"] for item in operator_container(render(helm, "gpuMemory="))["env"]] == [
         "POD_NAMESPACE"

@@ -7,7 +7,14 @@ from typing import Any
 import pytest
 
 from kubealign import api
-from kubealign.defaults import ENV_ENDPOINT, ENV_IMAGE, ENV_REGION, ENV_SECRET, InstallDefaults
+from kubealign.defaults import (
+    ENV_ENDPOINT,
+    ENV_IMAGE,
+    ENV_QUEUE_NAME,
+    ENV_REGION,
+    ENV_SECRET,
+    InstallDefaults,
+)
 
 DEFAULTS = InstallDefaults(
     image="registry.example/trainer:install",
@@ -88,9 +95,15 @@ def test_malformed_specs_are_left_for_validation() -> None:
 
 
 def test_from_env_reads_the_charts_variables() -> None:
-    env = {ENV_IMAGE: "trainer:2", ENV_ENDPOINT: "http://s3.local", ENV_REGION: "", ENV_SECRET: "creds"}
+    env = {
+        ENV_IMAGE: "trainer:2",
+        ENV_ENDPOINT: "http://s3.local",
+        ENV_REGION: "",
+        ENV_SECRET: "creds",
+        ENV_QUEUE_NAME: "gpus",
+    }
     assert InstallDefaults.from_env(env) == InstallDefaults(
-        image="trainer:2", endpoint="http://s3.local", secret_name="creds"
+        image="trainer:2", endpoint="http://s3.local", secret_name="creds", queue_name="gpus"
     )
     assert InstallDefaults.from_env({}) == InstallDefaults()
 

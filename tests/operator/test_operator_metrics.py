@@ -142,3 +142,24 @@ def test_scrape_over_http() -> None:
         if s.name.endswith("_bucket")
     }
     assert buckets["1.0"] == 0 and buckets["5.0"] == 1 and buckets["+Inf"] == 1
+
+
+def test_each_wait_for_admission_is_observed_once() -> None:
+    metrics = OperatorMetrics()
+    queued = {**_stage("s", "Queued"), "queuedSince": "2026-01-01T00:00:00Z"}
+    admitted = {**_stage("s", "Running"), "queuedSeconds": 12.0}
+    requeued = {**_stage("s", "Queued"), "queuedSince": "2026-01-01T00:05:00Z", "queuedSeconds": 12.0}
+    again = {**_stage("s", "Running"), "queuedSeconds": 17.0}
+    for before, after in [
+        (queued, queued),
+        (queued, admitted),
+        (admitted, admitted),
+        (admitted, requeued),
+        (requeued, again),
+    ]:
+        metrics.record_status_change(
+            namespace="ns", name="run", before={"stages": [before]}, after={"stages": [after]}
+        )
+    samples = _samples(metrics)
+    assert samples[("kubealign_stage_queued_seconds_count", (("type", "sft"),))] == 2
+    assert samples[("kubealign_stage_queued_seconds_sum", (("type", "sft"),))] == 17.0

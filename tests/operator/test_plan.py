@@ -497,3 +497,28 @@ QUOTA = (
 )
 def test_admission_message_says_what_kueue_said(body: dict[str, Any] | None, expected: str) -> None:
     assert plan.admission_message(body) == expected
+
+
+def test_queue_time_is_carried_while_queued_and_added_up_over_every_wait() -> None:
+    alr = run(manifest([stage("sft", "sft", inputs={"data": uri("s3://d00")})], queueName="gpus"))
+    waiting = observed(job("demo", "sft", suspend=True, queue="gpus"))
+    going = observed(job("demo", "sft", queue="gpus"))
+
+    def status(jobs: list[Any], previous: api.RunStatus | None, now: str) -> api.RunStatus:
+        return plan.summarize(alr, jobs, previous, (), now)
+
+    first = status(waiting, None, "2026-01-01T00:00:00Z")
+    assert (first.stages[0].phase, first.stages[0].queued_since) == ("Queued", "2026-01-01T00:00:00Z")
+    still = status(waiting, first, "2026-01-01T00:00:09Z")
+    assert still.stages[0].queued_since == "2026-01-01T00:00:00Z"  # unchanged: no status write
+    admitted = status(going, still, "2026-01-01T00:00:12Z")
+    assert (admitted.stages[0].queued_since, admitted.stages[0].queued_seconds) == (None, 12.0)
+    preempted = status(waiting, admitted, "2026-01-01T00:05:00Z")
+    assert (preempted.stages[0].queued_since, preempted.stages[0].queued_seconds) == (
+        "2026-01-01T00:05:00Z",
+        12.0,
+    )
+    again = status(going, preempted, "2026-01-01T00:05:05Z")
+    assert again.stages[0].queued_seconds == 17.0
+    assert status(going, again, "2026-01-01T00:09:00Z").stages[0].queued_seconds == 17.0
+    assert api.RunStatus.from_dict(again.to_dict()) == again
