@@ -223,6 +223,42 @@ def test_a_sweep_runs_one_job_per_member_within_max_parallel(
     assert refused.returncode != 0 and "spec.stages[0].sweep.beta" in refused.stderr, refused.stderr
 
 
+def test_a_node_drain_restarts_the_pod_without_spending_a_retry(
+    cluster: Cluster, namespace: str, operator: Any, reader: Reader
+) -> None:
+    # `kubectl drain` evicts through the Eviction API: the pod gets the DisruptionTarget condition,
+    # which the Job's podFailurePolicy ignores, so the job controller starts a new pod (resuming from
+    # the stage's checkpoint) in the same Job and the stage stays on attempt 1.
+    stages = [
+        stage("sft", "sft", inputs={"model": uri("s3://m00/base"), "data": uri("s3://d00/sft")},
+              maxRetries=0, podAnnotations={KWOK_RUN_SECONDS: "6"}),
+    ]  # fmt: skip
+    submit(cluster, namespace, manifest(stages, name="drained"))
+    selector = render.run_selector("drained")
+
+    def running_pods() -> list[dict[str, Any]]:
+        pods = reader.kube.list("Pod", namespace, selector=selector)
+        return [pod for pod in pods if pod["status"].get("phase") == "Running"]
+
+    running = wait_until("the trainer pod to run", running_pods, timeout=60)
+    node = running[0]["spec"]["nodeName"]
+    try:
+        cluster.kubectl(
+            "drain", node, f"--pod-selector={selector}", "--delete-emptydir-data", "--ignore-daemonsets",
+            "--timeout=60s",
+        )  # fmt: skip
+        status = reader.wait_phase("drained", "Succeeded", timeout=90)
+    finally:
+        cluster.kubectl("uncordon", node)
+    (sft,) = status["stages"]
+    assert (sft["attempts"], sft["jobName"]) == (1, "drained-sft-1")
+    assert sorted(reader.jobs("drained")) == ["drained-sft-1"]
+    # The evicted pod is gone (the node's kubelet ended it); a new one ran elsewhere and succeeded.
+    (finished,) = reader.kube.list("Pod", namespace, selector=selector)
+    assert finished["metadata"]["name"] != running[0]["metadata"]["name"]
+    assert finished["status"]["phase"] == "Succeeded" and finished["spec"]["nodeName"] != node
+
+
 def test_a_configuration_error_fails_the_stage_at_once_without_retries(
     cluster: Cluster, namespace: str, operator: Any, reader: Reader
 ) -> None:
