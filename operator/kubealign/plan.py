@@ -481,9 +481,18 @@ def summarize(
         recorded = previous.completion_time if previous and previous.phase == RunPhase.FAILED else None
         completion = max((s.completion_time for s in failed if s.completion_time), default=recorded or now)
 
-    running = ", ".join(s.name for s in active)
+    # A stage waiting for admission is marked in `kubectl get` (the Stage column), and Kueue's
+    # reason is in the Progressing message (the Message column of `kubectl get -o wide`).
+    running = ", ".join(f"{s.name}(queued)" if s.phase == StagePhase.QUEUED else s.name for s in active)
+    going = [s.name for s in active if s.phase != StagePhase.QUEUED]
+    waiting = "; ".join(
+        f"{s.name} queued" + (f": {s.message}" if s.message else "")
+        for s in active
+        if s.phase == StagePhase.QUEUED
+    )
+    activity = "; ".join(part for part in (f"running: {', '.join(going)}" if going else "", waiting) if part)
     progress_message = {
-        RunPhase.RUNNING: f"running: {running}" if running else "waiting for stages to start",
+        RunPhase.RUNNING: activity or "waiting for stages to start",
         RunPhase.PENDING: "no stage has started yet",
         RunPhase.SUSPENDED: "spec.suspend is true",
         RunPhase.SUCCEEDED: f"all {len(stages)} stages succeeded",

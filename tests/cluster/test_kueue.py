@@ -126,7 +126,13 @@ def test_a_run_waits_with_kueues_reason_until_the_quota_frees_then_runs(
     )
     assert waiting["message"].startswith("waiting for Kueue: ")
     assert pods_of(reader, "second") == []  # nothing starts while it waits
-    assert reader.status("second")["phase"] == "Running"  # the run goes on; its stage waits
+    second = reader.status("second")
+    assert (second["phase"], second["runningStages"]) == ("Running", "train(queued)")  # the run goes on
+    progressing = next(c for c in second["conditions"] if c["type"] == "Progressing")
+    assert progressing["message"] == f"train queued: {waiting['message']}"
+    # `kubectl get -o wide` shows the mark and Kueue's reason.
+    wide = kueue_cluster.kubectl("get", "alignmentruns", "second", "-n", queue_namespace, "-o", "wide").stdout
+    assert "train(queued)" in wide and "insufficient unused quota for nvidia.com/gpu" in wide
 
     reader.wait_phase("first", "Succeeded", timeout=90)
     freed = time.monotonic()

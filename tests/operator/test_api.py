@@ -91,6 +91,7 @@ def test_crd_shape() -> None:
         "Phase": ".status.phase",
         "Stage": ".status.runningStages",
         "Progress": ".status.progress",
+        "Message": '.status.conditions[?(@.type=="Progressing")].message',
         "Age": ".metadata.creationTimestamp",
     }
 

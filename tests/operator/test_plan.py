@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -522,3 +523,20 @@ def test_queue_time_is_carried_while_queued_and_added_up_over_every_wait() -> No
     assert again.stages[0].queued_seconds == 17.0
     assert status(going, again, "2026-01-01T00:09:00Z").stages[0].queued_seconds == 17.0
     assert api.RunStatus.from_dict(again.to_dict()) == again
+
+
+def test_a_queued_stage_is_marked_and_kueues_reason_is_the_progress_message() -> None:
+    stages = [
+        stage("a", "sft", inputs={"data": uri("s3://d00")}),
+        stage("b", "sft", inputs={"data": uri("s3://e00")}),
+    ]
+    alr = run(manifest(stages, queueName="gpus"))
+    jobs = observed(job("demo", "a", queue="gpus"), job("demo", "b", suspend=True, queue="gpus"))
+    jobs[1] = replace(jobs[1], admission="waiting for Kueue: insufficient unused quota for nvidia.com/gpu")
+    status = plan.summarize(alr, jobs, None, (), "2026-01-01T00:00:00Z")
+    assert status.running_stages == "a,b(queued)"
+    progressing = next(c for c in status.conditions if c.type == "Progressing")
+    assert (
+        progressing.message
+        == "running: a; b queued: waiting for Kueue: insufficient unused quota for nvidia.com/gpu"
+    )
