@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from kubealign_jobs import storage
 
@@ -179,6 +180,7 @@ def open_checkpoint(uri: str, scratch: Path) -> Checkpoint:
         raise CheckpointError(f"{uri}: {STATE_FILE} holds no step")
     if not (local / MODEL_DIR / "config.json").is_file():
         raise CheckpointError(f"{uri}: no {MODEL_DIR}/config.json")
+    _check_weights(uri, local)
     dcp_dir = None
     if state.get("format") == DCP_DIR:
         dcp_dir = local / DCP_DIR
@@ -187,6 +189,23 @@ def open_checkpoint(uri: str, scratch: Path) -> Checkpoint:
     return Checkpoint(
         uri=uri, step=int(state["step"]), model_dir=local / MODEL_DIR, state=state, dcp_dir=dcp_dir
     )
+
+
+def _check_weights(uri: str, local: Path) -> None:
+    """Every weights file must parse as safetensors (header, tensor table, offsets within the file).
+
+    The manifest's checksums catch damage after publishing; this catches files that were wrong
+    when they were published (or a manifest rewritten over garbage), which would otherwise fail
+    later in ``from_pretrained`` with an error naming no checkpoint.
+    """
+    for path in sorted(local.rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as weights:
+                for name in weights.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                    weights.get_slice(name).get_shape()
+        except Exception as exc:  # safetensors raises its own error types for every malformed file
+            where = path.relative_to(local)
+            raise CheckpointError(f"{uri}: {where} is not a readable safetensors file: {exc}") from exc
 
 
 def latest_checkpoint(checkpoints_uri: str, scratch: Path) -> Checkpoint | None:

@@ -55,7 +55,7 @@ def test_latest_complete_checkpoint_is_loaded(
 
 
 @pytest.mark.s3
-@pytest.mark.parametrize("damage", ["no-manifest", "checksum", "truncated", "unloadable"])
+@pytest.mark.parametrize("damage", ["no-manifest", "checksum", "truncated", "unloadable", "garbage-weights"])
 def test_damaged_newest_checkpoint_falls_back_to_previous_and_is_superseded(
     checkpoints_uri: str, tiny_lm_dir: Path, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -70,6 +70,12 @@ def test_damaged_newest_checkpoint_falls_back_to_previous_and_is_superseded(
         storage.write_bytes(state_uri, bytes(b ^ 0xFF for b in original[:16]) + original[16:])
     elif damage == "truncated":
         storage.write_bytes(state_uri, storage.read_bytes(state_uri)[:100])
+    elif damage == "garbage-weights":  # weights that were garbage when published: the manifest agrees
+        copy = checkpoint.load_checkpoint(newest, tmp_path / "copy")
+        source = copy.model_dir.parent
+        weights = source / checkpoint.MODEL_DIR / "model.safetensors"
+        weights.write_bytes(random.Random(0).randbytes(weights.stat().st_size))
+        storage.publish_dir(source, newest, overwrite=True)
     else:  # a valid manifest over a file that is not a checkpoint at all
         bogus = tmp_path / "bogus"
         (bogus / "model").mkdir(parents=True)
@@ -80,6 +86,8 @@ def test_damaged_newest_checkpoint_falls_back_to_previous_and_is_superseded(
         found = checkpoint.latest_checkpoint(checkpoints_uri, tmp_path / "scratch")
     assert found is not None and found.step == 10
     assert "ignoring checkpoint at step 20" in caplog.text
+    if damage == "garbage-weights":
+        assert "model/model.safetensors is not a readable safetensors file" in caplog.text
     # Training goes on from step 10 and reaches step 20 again: the damaged checkpoint is
     # superseded (never kept, which would send every later retry back to step 10).
     _save(checkpoints_uri, 20, tiny_lm_dir, tmp_path / "s")
