@@ -138,10 +138,15 @@ def _read_file(source: str, path: Path) -> Iterator[Row]:
                 yield Row(source, number, "line", {"text": line.rstrip("\r\n")})
         return
     if path.suffix == ".parquet":
-        import datasets
+        # pyarrow reads the file and writes nothing: an input is read-only (datasets' from_parquet
+        # would leave a cache beside it, inside another stage's published artifact).
+        import pyarrow.parquet
 
-        table = datasets.Dataset.from_parquet(str(path), cache_dir=str(path.parent / ".hf-cache"))
-        for number, fields in enumerate(table, start=1):
+        try:
+            table = pyarrow.parquet.read_table(path)
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"{source}: not a readable Parquet file: {exc}") from exc
+        for number, fields in enumerate(table.to_pylist(), start=1):
             yield Row(source, number, "row", dict(fields))
         return
     lines = list(_decoded_lines(source, path))

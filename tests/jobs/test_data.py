@@ -91,6 +91,33 @@ def test_malformed_chat_and_ranking(tmp_path: Path) -> None:
         data.load(str(write_jsonl(tmp_path / "again.jsonl", [repeated])), tmp_path, data.ranked_example)
 
 
+def test_reading_inputs_leaves_their_folder_byte_identical(tmp_path: Path) -> None:
+    import datasets
+
+    inputs = tmp_path / "upstream-artifact"
+    inputs.mkdir()
+    datasets.Dataset.from_list([{"text": "hello"}, {"text": "world"}]).to_parquet(
+        str(inputs / "corpus.parquet")
+    )
+    (inputs / "corpus.txt").write_text("hello\nworld\n")
+    (inputs / "rows.jsonl").write_text('{"text": "hello"}\n')
+
+    def snapshot() -> dict[str, bytes]:
+        return {str(p.relative_to(inputs)): p.read_bytes() for p in sorted(inputs.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    for name in ("corpus.parquet", "corpus.txt", "rows.jsonl"):
+        rows = data.read_rows(str(inputs / name), tmp_path / "scratch")
+        assert rows[0].fields["text"] == "hello"
+    assert snapshot() == before and sorted(p.name for p in inputs.iterdir()) == sorted(before)
+
+
+def test_a_file_that_is_not_parquet_names_itself(tmp_path: Path) -> None:
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=r"broken\.parquet: not a readable Parquet file"):
+        data.read_rows(str(tmp_path / "broken.parquet"), tmp_path / "scratch")
+
+
 def test_parquet_rows_and_errors(tmp_path: Path) -> None:
     import datasets
 
