@@ -19,6 +19,7 @@ import functools
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from importlib import resources
 from typing import Any, Final, TypeVar
 
@@ -214,6 +215,38 @@ MSG_EXACTLY_ONE: Final = "set exactly one of from or uri"
 MSG_POLICY_NAME: Final = "a policy given by uri needs a name"
 MSG_HUB_DATASET: Final = "hf:// names a model repository; datasets come from s3:// or file://"
 MSG_NON_NEGATIVE: Final = "must be a non-negative quantity"
+# The CRD's bounds on a pod's requests, as Kubernetes quantities (CEL's quantity() compares them).
+QUANTITY_BOUNDS: Final = {
+    "cpu": (Decimal(4096), "must be at most 4096 (CPUs per pod)"),
+    "memory": (Decimal(64 * 2**40), "must be at most 64Ti (memory per pod)"),
+}
+_QUANTITY = re.compile(
+    r"^\+?(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+    r"(?:(?P<binary>[KMGTPE]i)|(?P<decimal>[numkMGTPE])|[eE](?P<exponent>[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)))?$"
+)
+_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_DECIMAL = {"n": -9, "u": -6, "m": -3, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
+
+
+def quantity_value(text: str) -> Decimal | None:
+    """The exact value of a Kubernetes quantity string (``500m``, ``16Gi``, ``1e3``); None if it is
+    not one. Exact decimals, so bounds compare as the API server's quantity() does."""
+    match = _QUANTITY.fullmatch(text)
+    if match is None:
+        return None
+    number = Decimal(match["number"])
+    if match["binary"]:
+        return number * _BINARY[match["binary"]]
+    if match["decimal"]:
+        return number.scaleb(_DECIMAL[match["decimal"]])
+    if match["exponent"]:
+        exponent = Decimal(match["exponent"])
+        if exponent != exponent.to_integral_value():
+            return None
+        return number.scaleb(int(exponent))
+    return number
+
+
 DATASET_ROLES: Final = ("data", "evalData")
 
 
@@ -238,9 +271,15 @@ def _cel_errors(manifest: Mapping[str, Any]) -> list[FieldError]:
         at = f"spec.stages[{index}]"
         errors.extend(_catalogue_errors(at, stage))
         for name, value in (stage.get("resources") or {}).items():
+            if name not in QUANTITY_BOUNDS:
+                continue
             # The CRD's pattern checks string quantities; an integer one is checked by a CEL rule.
-            if name in ("cpu", "memory") and type(value) is int and value < 0:
+            if type(value) is int and value < 0:
                 errors.append(FieldError(f"{at}.resources.{name}", MSG_NON_NEGATIVE))
+            bound, message = QUANTITY_BOUNDS[name]
+            amount = Decimal(value) if type(value) is int else quantity_value(str(value))
+            if amount is not None and amount > bound:
+                errors.append(FieldError(f"{at}.resources.{name}", message))
         for where, source in _sources(stage):
             if ("from" in source) == ("uri" in source):
                 errors.append(FieldError(f"{at}.{where}", MSG_EXACTLY_ONE))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -40,11 +41,27 @@ def test_every_cel_rule_of_the_crd_has_a_python_twin() -> None:
         api.MSG_POLICY_NAME,
         api.MSG_HUB_DATASET,
         api.MSG_NON_NEGATIVE,
+        *(message for _, message in api.QUANTITY_BOUNDS.values()),
         *crdgen.crd_messages(),
         *(api.msg_from_earlier(role) for role, _ in api.SINGLE_ROLES),
         api.msg_from_earlier("policies"),
     }
     assert crd_messages == twins
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("4", "4"), ("500m", "0.5"), ("+1.5", "1.5"), (".5", "0.5"), ("16Gi", str(16 * 2**30)),
+        ("1k", "1000"), ("1e3", "1000"), ("1E-3", "0.001"), ("4096001m", "4096.001"),
+        ("-4", None), ("1.5.2", None), ("4 Gi", None), ("1e1.5", None), ("Gi", None),
+    ],
+)  # fmt: skip
+def test_quantities_are_parsed_as_kubernetes_parses_them(text: str, value: str | None) -> None:
+    parsed = api.quantity_value(text)
+    assert (None if parsed is None else parsed.normalize()) == (
+        None if value is None else Decimal(value).normalize()
+    )
 
 
 def test_cel_rules_cover_every_input_role() -> None:
@@ -234,3 +251,20 @@ def test_the_builders_cover_every_stage_type() -> None:
     """The catalogue cases run every type; the pipeline is the paper's DAG, without kto and grpo."""
     assert {s["type"] for s in every_type()} == set(api.STAGE_TYPES)
     assert {s["type"] for s in pipeline()} == set(api.STAGE_TYPES) - {"kto", "grpo"}
+
+
+@pytest.mark.parametrize(
+    "resources", [{"cpu": "4096", "memory": "64Ti"}, {"cpu": 4096, "memory": 70368744177664}, {"cpu": "500m"}]
+)
+def test_requests_at_the_bounds_are_valid(resources: dict[str, Any]) -> None:
+    body = manifest(
+        [
+            stage(
+                "sft",
+                "sft",
+                inputs={"model": uri("s3://m00/base"), "data": uri("s3://d00/sft")},
+                resources=resources,
+            )
+        ]
+    )
+    assert api.validate(body) == []
