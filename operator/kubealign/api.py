@@ -117,6 +117,9 @@ def cel_rules() -> Iterator[tuple[str, dict[str, Any]]]:
     yield from walk(openapi_schema(), "")
 
 
+INTEGER_RANGES: Final = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
+
+
 def _to_json_schema(node: Mapping[str, Any]) -> dict[str, Any]:
     """Translate a Kubernetes structural schema node into plain JSON Schema.
 
@@ -133,6 +136,12 @@ def _to_json_schema(node: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = _to_json_schema(value)
         else:
             out[key] = copy.deepcopy(value)
+    # The API server holds an integer to its format's range (JSON Schema ignores formats): an int64
+    # field refuses 10^30 there, so it must here too.
+    if out.get("type") == "integer" and out.get("format") in INTEGER_RANGES:
+        low, high = INTEGER_RANGES[out["format"]]
+        out["minimum"] = max(out.get("minimum", low), low)
+        out["maximum"] = min(out.get("maximum", high), high)
     if node.get("x-kubernetes-int-or-string"):
         string_schema: dict[str, Any] = {"type": "string"}
         if "pattern" in out:

@@ -10,6 +10,7 @@ import pytest
 
 from kubealign import api
 from tests.cluster.operator_harness import submit
+from tests.operator.generated_manifests import generated
 from tests.operator.run_builders import invalid_cases, manifest
 
 if TYPE_CHECKING:
@@ -79,3 +80,32 @@ def test_api_server_accepts_the_full_pipeline_and_applies_defaults(
     first = stored["spec"]["stages"][0]
     assert (first["maxRetries"], stored["spec"]["suspend"]) == (2, False)
     assert api.validate(stored) == []
+
+
+def test_validate_and_the_api_server_agree_on_every_generated_manifest(
+    kube_api: Any, crd: None, namespace: str
+) -> None:
+    """`kubealign validate` claims to check exactly as the server does: over manifests generated
+    from the CRD's schema (tests/operator/generated_manifests.py), both accept or both refuse."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    custom: Any = client.CustomObjectsApi(kube_api)
+    disagreements = []
+    cases = generated()
+    for case_id, body in cases:
+        try:
+            custom.create_namespaced_custom_object(
+                api.GROUP, api.VERSION, namespace, api.PLURAL, body, dry_run="All"
+            )
+            server = ""
+        except ApiException as exc:
+            if exc.status not in (400, 422):
+                raise
+            server = json.loads(exc.body or "{}").get("message", str(exc))
+        local = "; ".join(str(error) for error in api.validate(body))
+        if bool(server) != bool(local):
+            disagreements.append(f"{case_id}: server {'refused: ' + server if server else 'accepted'}; "
+                                 f"validate {'refused: ' + local if local else 'accepted'}")  # fmt: skip
+    print(f"{len(cases)} generated manifests, {len(disagreements)} disagreements")
+    assert not disagreements, "\n".join(disagreements)
