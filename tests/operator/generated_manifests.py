@@ -70,7 +70,7 @@ def _exists(body: Any, path: Path) -> bool:
 def _values(schema: Mapping[str, Any]) -> list[Any]:
     low, high = api.INTEGER_RANGES.get(str(schema.get("format")), (None, None))
     bounds = [schema.get("minimum", low), schema.get("maximum", high)]
-    values = {*FAR}
+    values: set[int | str] = {*FAR}
     for bound in bounds:
         if bound is not None:
             values |= {bound - 1, bound, bound + 1}
