@@ -26,6 +26,7 @@ from kubealign.defaults import InstallDefaults
 from kubealign.k8s import Kube, KubeError
 from kubealign.k8s import now as utc_now
 from kubealign.metrics import OPERATOR_METRICS, OperatorMetrics
+from kubealign.tenancy import TenancyPolicy
 from kubealign.workqueue import WorkQueue
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class Reconciler:
         clock: Callable[[], str] = utc_now,
         metrics: OperatorMetrics = OPERATOR_METRICS,
         defaults: InstallDefaults | None = None,
+        tenancy: TenancyPolicy | None = None,
     ) -> None:
         self.kube = kube
         self.cache = cache if cache is not None else Cache()
@@ -89,6 +91,8 @@ class Reconciler:
         # The chart's defaultTrainerImage and s3.* values, for runs whose spec leaves them out.
         self.defaults = defaults if defaults is not None else InstallDefaults.from_env()
         self.gpu_memory = fit.parse_memory(self.defaults.gpu_memory)
+        # The chart's tenancy values: what runs may choose (images, accounts, tolerations, ...).
+        self.tenancy = tenancy if tenancy is not None else TenancyPolicy.from_env()
         self._guard = threading.Lock()
         # Job name -> (uid, state) last seen, so that Job events which change nothing the planner
         # looks at (pods starting, ready counts) do not cost a reconcile.
@@ -365,7 +369,7 @@ class Reconciler:
         # need an image, which neither the run, its stages nor this install may have provided.
         errors = api.validate(
             {key: value for key, value in manifest.items() if key != "status"}, require_image=True
-        )
+        ) + [api.FieldError(v.path, v.message) for v in self.tenancy.violations(manifest)]
         previous = api.RunStatus.from_dict(manifest.get("status"))
         try:
             run = api.AlignmentRun.from_manifest(manifest)

@@ -17,7 +17,7 @@ import yaml
 
 import localcluster
 import sync_chart
-from kubealign import crdgen, defaults, fit
+from kubealign import crdgen, defaults, fit, tenancy
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "kubealign"
@@ -117,7 +117,7 @@ def test_offline_template_and_lint_need_no_kube_version(helm: str) -> None:
 
 
 def test_the_chart_installs_the_generated_admission_policy(helm: str) -> None:
-    docs = render(helm)
+    docs = render(helm, "tenancy.enabled=false")
     policy = only(docs, "ValidatingAdmissionPolicy")
     binding = only(docs, "ValidatingAdmissionPolicyBinding")
     generated = list(yaml.safe_load_all(crdgen.policy_text()))
@@ -125,7 +125,7 @@ def test_the_chart_installs_the_generated_admission_policy(helm: str) -> None:
         assert rendered["spec"] == source["spec"]
         assert rendered["metadata"]["name"] == source["metadata"]["name"]
         assert rendered["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
-    off = render(helm, "admissionPolicy.enabled=false")
+    off = render(helm, "admissionPolicy.enabled=false", "tenancy.enabled=false")
     assert not by_kind(off, "ValidatingAdmissionPolicy") and not by_kind(
         off, "ValidatingAdmissionPolicyBinding"
     )
@@ -245,23 +245,33 @@ def test_values_reach_the_operator(helm: str) -> None:
         defaults.ENV_SECRET: "team-s3",
         defaults.ENV_GPU_MEMORY: "40Gi",
         defaults.ENV_QUEUE_NAME: "team-gpus",
+        tenancy.ENV_POLICY: env[tenancy.ENV_POLICY],
     }
+    # The chart's default tenancy: any image, account, priority and toleration key; no blanket
+    # toleration; pod annotations from a few common prefixes.
+    policy = tenancy.TenancyPolicy.from_env(env)
+    assert policy == tenancy.TenancyPolicy(
+        allow_blanket_tolerations=False,
+        annotation_prefixes=(
+            "kubealign.io/", "prometheus.io/", "fluentbit.io/",
+            "cluster-autoscaler.kubernetes.io/", "karpenter.sh/",
+        ),
+    )  # fmt: skip
     # What the operator makes of the rendered env: the image fills a run that names none.
     installed = defaults.InstallDefaults.from_env(env)
     assert installed.image == "ghcr.io/team/trainer:1.2"
     assert installed.apply({"spec": {}})["spec"]["queueName"] == "team-gpus"
     assert installed.apply({"spec": {"queueName": "mine"}})["spec"]["queueName"] == "mine"
     assert fit.parse_memory(installed.gpu_memory) == 40 * 2**30
-    plain = operator_container(render(helm))
+    plain = operator_container(render(helm, "tenancy.enabled=false"))
     assert "--verbose" not in plain["args"] and "--kueue" not in plain["args"]
     assert plain["env"][1:] == [{"name": defaults.ENV_GPU_MEMORY, "value": "80Gi"}]  # the chart's default
-    assert [item["name"] for item in operator_container(render(helm, "gpuMemory="))["env"]] == [
-        "POD_NAMESPACE"
-    ]
+    bare = operator_container(render(helm, "gpuMemory=", "tenancy.enabled=false"))
+    assert [item["name"] for item in bare["env"]] == ["POD_NAMESPACE"]
 
 
 def test_default_trainer_image_alone_sets_only_its_variable(helm: str) -> None:
-    container = operator_container(render(helm, "defaultTrainerImage=trainer:2"))
+    container = operator_container(render(helm, "defaultTrainerImage=trainer:2", "tenancy.enabled=false"))
     assert container["env"][1:] == [
         {"name": defaults.ENV_GPU_MEMORY, "value": "80Gi"},
         {"name": defaults.ENV_IMAGE, "value": "trainer:2"},
@@ -424,7 +434,6 @@ def test_helm_install_grants_the_operator_exactly_its_rules(helm: str, cluster: 
             ("create", "services"),
             ("list", "pods"),
             ("create", "events"),
-            ("watch", "workloads.kueue.x-k8s.io"),
         ]
         for verb, resource in allowed:
             assert _can(cluster, user, verb, resource, namespace), f"{verb} {resource} should be allowed"
@@ -441,7 +450,6 @@ def test_helm_install_grants_the_operator_exactly_its_rules(helm: str, cluster: 
             ("create", "roles.rbac.authorization.k8s.io"),
             # Grants the operator never used in an audited run (the e2e test runs it under these rules).
             ("get", "pods"),
-            ("update", "workloads.kueue.x-k8s.io"),
         ]
         for verb, resource in denied:
             assert not _can(cluster, user, verb, resource, namespace), f"{verb} {resource} should be denied"
