@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -112,6 +113,14 @@ def test_full_dag_completes(finished_run: tuple[Path, Path, str]) -> None:
         assert artifact == workdir / "storage" / "default" / "dag" / stage["name"] / "artifact"
         assert (artifact / "_MANIFEST.json").is_file() and (artifact / "config.json").is_file()
         assert stage["metrics"]["steps"] == {"first": 3, "left": 2, "right": 2}[stage["name"]]
+        # Inputs are read-only: "first" was read by both branches, and its artifact is still exactly
+        # what it published (no cache or lock file beside it, every file as its manifest says).
+        listed = json.loads((artifact / "_MANIFEST.json").read_text())["files"]
+        present = {str(p.relative_to(artifact)) for p in artifact.rglob("*") if p.is_file()}
+        assert present == {entry["path"] for entry in listed} | {"_MANIFEST.json"}, stage["name"]
+        for entry in listed:
+            digest = hashlib.sha256((artifact / entry["path"]).read_bytes()).hexdigest()
+            assert digest == entry["sha256"], f"{stage['name']}: {entry['path']} changed after publishing"
     # The two branches started as soon as "first" succeeded, before either of them finished.
     order = [line for line in stdout.splitlines() if re.match(r"^(left|right): (Running|Succeeded)", line)]
     assert [line.split(":")[1].split(",")[0].strip().split()[0] for line in order[:2]] == [
