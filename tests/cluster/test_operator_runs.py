@@ -698,7 +698,7 @@ def test_queued_jobs_wait_for_kueue_admission(
 
         wait_until(f"{name} to be queued", lambda: phase() == "Queued")
         status = reader.status("queued")
-        assert (status["phase"], status["runningStages"]) == ("Running", name)
+        assert (status["phase"], status["runningStages"]) == ("Running", f"{name}(queued)")
         job = reader.jobs("queued")[job_name]
         assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
         time.sleep(2)  # a queued Job is not stuck: nothing happens to it while it waits
