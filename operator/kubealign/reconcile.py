@@ -369,7 +369,7 @@ class Reconciler:
         # need an image, which neither the run, its stages nor this install may have provided.
         errors = api.validate(
             {key: value for key, value in manifest.items() if key != "status"}, require_image=True
-        ) + [api.FieldError(v.path, v.message) for v in self.tenancy.violations(manifest)]
+        ) + self.tenancy.violations(manifest)
         previous = api.RunStatus.from_dict(manifest.get("status"))
         try:
             run = api.AlignmentRun.from_manifest(manifest)

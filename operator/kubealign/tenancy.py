@@ -22,15 +22,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from kubealign.api import FieldError
+
 ENV_POLICY: Final = "KUBEALIGN_TENANCY_POLICY"
-
-
-@dataclass(frozen=True)
-class Violation:
-    """One refused choice: the manifest path of the field and why."""
-
-    path: str
-    message: str
 
 
 @dataclass(frozen=True)
@@ -74,24 +68,24 @@ class TenancyPolicy:
             raise ValueError(f"{ENV_POLICY}: expected a JSON object")
         return cls.from_values(values)
 
-    def violations(self, manifest: Mapping[str, Any]) -> list[Violation]:
+    def violations(self, manifest: Mapping[str, Any]) -> list[FieldError]:
         """Every choice of the run's spec this policy refuses, in manifest order."""
         spec = manifest.get("spec")
         if not isinstance(spec, Mapping):
             return []
         return list(self._violations(spec))
 
-    def _violations(self, spec: Mapping[str, Any]) -> Iterator[Violation]:
+    def _violations(self, spec: Mapping[str, Any]) -> Iterator[FieldError]:
         yield from self._image("spec.image", spec.get("image"))
         account = spec.get("serviceAccountName")
         if self.service_accounts and account is not None and account not in self.service_accounts:
-            yield Violation(
+            yield FieldError(
                 "spec.serviceAccountName",
                 f"{account!r} is not an allowed ServiceAccount ({_list(self.service_accounts)})",
             )
         priority = spec.get("priorityClassName")
         if self.priority_classes and priority is not None and priority not in self.priority_classes:
-            yield Violation(
+            yield FieldError(
                 "spec.priorityClassName",
                 f"{priority!r} is not an allowed priority class ({_list(self.priority_classes)})",
             )
@@ -108,32 +102,32 @@ class TenancyPolicy:
                 if isinstance(toleration, Mapping):
                     yield from self._toleration(f"{at}.tolerations[{number}]", toleration)
 
-    def _image(self, path: str, image: Any) -> Iterator[Violation]:
+    def _image(self, path: str, image: Any) -> Iterator[FieldError]:
         if self.image_prefixes and image is not None and not str(image).startswith(self.image_prefixes):
-            yield Violation(
+            yield FieldError(
                 path, f"{image!r} does not start with an allowed prefix ({_list(self.image_prefixes)})"
             )
 
-    def _annotations(self, path: str, annotations: Any) -> Iterator[Violation]:
+    def _annotations(self, path: str, annotations: Any) -> Iterator[FieldError]:
         if not self.annotation_prefixes or not isinstance(annotations, Mapping):
             return
         for key in annotations:
             if not str(key).startswith(self.annotation_prefixes):
-                yield Violation(
+                yield FieldError(
                     f"{path}[{key}]",
                     f"annotation not allowed (allowed prefixes: {_list(self.annotation_prefixes)})",
                 )
 
-    def _toleration(self, path: str, toleration: Mapping[str, Any]) -> Iterator[Violation]:
+    def _toleration(self, path: str, toleration: Mapping[str, Any]) -> Iterator[FieldError]:
         key = toleration.get("key") or ""
         if not key:
             if not self.allow_blanket_tolerations:
-                yield Violation(
+                yield FieldError(
                     f"{path}.key", "a toleration without a key tolerates every taint; name the taint's key"
                 )
             return
         if self.toleration_keys and key not in self.toleration_keys:
-            yield Violation(
+            yield FieldError(
                 f"{path}.key", f"{key!r} is not an allowed toleration key ({_list(self.toleration_keys)})"
             )
 
