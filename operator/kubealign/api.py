@@ -19,6 +19,7 @@ import functools
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from importlib import resources
 from typing import Any, Final, TypeVar
@@ -724,6 +725,11 @@ def _phase(kind: type[P], value: Any) -> P:
         return kind(value)
     except ValueError:
         return kind("Pending")
+
+
+def parse_time(value: str) -> datetime:
+    """A status timestamp (RFC 3339, ``Z`` for UTC, as Kubernetes and this operator write them)."""
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 def _drop_none(doc: Mapping[str, Any]) -> dict[str, Any]:

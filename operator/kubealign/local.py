@@ -649,7 +649,7 @@ class LocalRunner:
                 elapsed = now - attempt.started
             elif status.start_time and status.completion_time:
                 elapsed = (
-                    _parse_time(status.completion_time) - _parse_time(status.start_time)
+                    api.parse_time(status.completion_time) - api.parse_time(status.start_time)
                 ).total_seconds()
             views.append(
                 StageView(
@@ -672,10 +672,6 @@ class LocalRunner:
         progress = self.status.progress or "0/0"
         title = f"run {self.run.name}: {self.status.phase}, {progress} stages succeeded, {elapsed} elapsed"
         self.display.update(title, self.views())
-
-
-def _parse_time(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
 def result_metrics(status: api.RunStatus) -> dict[str, dict[str, Any]]:

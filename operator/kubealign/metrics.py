@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kubealign.api import RunPhase, StagePhase
+from kubealign.api import RunPhase, StagePhase, parse_time
 
 RUN_PHASES = tuple(RunPhase)
 TERMINAL_STAGE_PHASES = (StagePhase.SUCCEEDED, StagePhase.FAILED)
@@ -98,7 +98,7 @@ def _parse_time(value: object) -> datetime | None:
     if not isinstance(value, str) or not value:
         return None
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return parse_time(value)
     except ValueError:
         return None
 

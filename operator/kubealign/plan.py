@@ -19,7 +19,6 @@ import enum
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
 from typing import Any, Final
 
 from kubealign.api import (
@@ -31,6 +30,7 @@ from kubealign.api import (
     Stage,
     StagePhase,
     StageStatus,
+    parse_time,
 )
 from kubealign.render import (
     COMPLETION_INDEX_ANNOTATION,
@@ -400,12 +400,8 @@ def _queue_time(status: StageStatus, previous: StageStatus | None, now: str) -> 
     if status.phase == StagePhase.QUEUED:
         return replace(status, queued_since=since or now, queued_seconds=waited)
     if since is not None:
-        waited = (waited or 0.0) + max(0.0, (_parse_time(now) - _parse_time(since)).total_seconds())
+        waited = (waited or 0.0) + max(0.0, (parse_time(now) - parse_time(since)).total_seconds())
     return replace(status, queued_since=None, queued_seconds=waited)
-
-
-def _parse_time(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 def _failure_text(failure: ObservedJob, previous: StageStatus | None) -> str:
