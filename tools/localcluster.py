@@ -1248,9 +1248,14 @@ def prepare_state_dir(state_dir: Path) -> ClusterState | None:
     return None
 
 
+def condition_true(obj: dict[str, Any], kind: str) -> bool:
+    """Whether an API object's status has condition ``kind`` with status True."""
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return any(item.get("type") == kind and item.get("status") == "True" for item in conditions)
+
+
 def node_ready(node: dict[str, Any]) -> bool:
-    conditions = node.get("status", {}).get("conditions", [])
-    ready = any(item.get("type") == "Ready" and item.get("status") == "True" for item in conditions)
+    ready = condition_true(node, "Ready")
     tainted = any(item.get("key") == NOT_READY_TAINT for item in node.get("spec", {}).get("taints", []))
     return ready and not tainted
 
@@ -1450,8 +1455,7 @@ def start_cluster(
         status, crd = api.request(
             "GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/stages.kwok.x-k8s.io"
         )
-        conditions = (crd.get("status") or {}).get("conditions") or [] if status == 200 else []
-        return any(item["type"] == "Established" and item["status"] == "True" for item in conditions)
+        return status == 200 and condition_true(crd, "Established")
 
     wait_for("kwok Stage CRD established", stage_crd_established, timeout=30, watch=[apiserver])
     for item in kwok_stages():
@@ -1677,13 +1681,7 @@ def start_kueue(state: ClusterState) -> ClusterState:
     def established() -> bool:
         _, reply = api.request("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions")
         crds = [item for item in reply.get("items", []) if item["spec"]["group"] == "kueue.x-k8s.io"]
-        return bool(crds) and all(
-            any(
-                c["type"] == "Established" and c["status"] == "True"
-                for c in (item.get("status") or {}).get("conditions") or []
-            )
-            for item in crds
-        )
+        return bool(crds) and all(condition_true(item, "Established") for item in crds)
 
     wait_for("Kueue's CRDs established", established, timeout=60)
     api.create(
@@ -1722,15 +1720,11 @@ def start_kueue(state: ClusterState) -> ClusterState:
             f"--config={config}", f"--kubeconfig={state_dir / 'kueue.kubeconfig'}",
             f"--visibility-server-port={visibility_port}",
         ],
-        port=webhook_port,
+        # Its health port: what `restart` and `status` need (the webhook port is in its config).
+        port=health_port,
         env={**component_env(), "KUBECONFIG": str(state_dir / "kueue.kubeconfig")},
     )  # fmt: skip
-    wait_for(
-        "Kueue /readyz",
-        lambda: http_ok(f"http://127.0.0.1:{health_port}/readyz"),
-        timeout=90,
-        watch=[kueue],
-    )
+    wait_for("Kueue /readyz", ready_check(launcher.state, kueue[0]), timeout=90, watch=[kueue])
 
     listed = subprocess.run(
         [*kubectl, "create", "--dry-run=client", "--output=json", f"--filename={manifests / 'webhook.yaml'}"],
@@ -1762,8 +1756,7 @@ def start_kueue(state: ClusterState) -> ClusterState:
         status, reply = api.request(
             "GET", f"/apis/kueue.x-k8s.io/v1beta2/clusterqueues/{KUEUE_CLUSTER_QUEUE}"
         )
-        conditions = (reply.get("status") or {}).get("conditions") or [] if status == 200 else []
-        return any(c["type"] == "Active" and c["status"] == "True" for c in conditions)
+        return status == 200 and condition_true(reply, "Active")
 
     wait_for(f"ClusterQueue {KUEUE_CLUSTER_QUEUE} active", cluster_queue_active, timeout=60, watch=[kueue])
     log(f"  Kueue ready ({format_seconds(time.monotonic() - phase_start)})")
@@ -1793,6 +1786,8 @@ def ready_check(state: ClusterState, component: Component) -> Callable[[], bool]
         return ApiClient(state.server, Path(state.state_dir) / "pki").ready
     if component.name == "etcd":
         return lambda: http_ok(f"http://127.0.0.1:{component.port}/health")
+    if component.name == "kueue":
+        return lambda: http_ok(f"http://127.0.0.1:{component.port}/readyz")
     if component.port is not None:
         return lambda: http_ok(f"https://127.0.0.1:{component.port}/healthz", insecure=True)
     return lambda: True
