@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,23 +23,12 @@ from typing import TYPE_CHECKING, Any
 from kubealign import api, render
 from kubealign.handlers import serve
 from kubealign.k8s import Kube
+from tests.processes import wait_until
 
 if TYPE_CHECKING:
     from tests.conftest import Cluster
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def wait_until(what: str, check: Callable[[], Any], *, timeout: float = 60, interval: float = 0.1) -> Any:
-    """Poll until ``check()`` returns something truthy, and return it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def install_crd(cluster: Cluster) -> None:

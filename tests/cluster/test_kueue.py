@@ -20,11 +20,12 @@ import pytest
 import localcluster
 from kubealign import render
 from kubealign.k8s import Kube
-from tests.cluster.operator_harness import Reader, install_crd, operator_thread, submit, wait_until
+from tests.cluster.operator_harness import Reader, install_crd, operator_thread, submit
 from tests.conftest import Cluster, _cluster_tool, namespace_name
 from tests.e2e.agent_fixture import RunningAgent, node_agent
 from tests.e2e.test_e2e import TINY_MODEL
 from tests.operator.run_builders import manifest, stage, uri
+from tests.processes import wait_until
 
 if TYPE_CHECKING:
     from tests.cluster.operator_harness import OperatorThread

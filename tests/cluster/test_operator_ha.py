@@ -23,8 +23,9 @@ import pytest
 
 import localcluster
 from kubealign.leader import LeaderElector, LeaseSettings
-from tests.cluster.operator_harness import OperatorProcess, Reader, submit, wait_until
+from tests.cluster.operator_harness import OperatorProcess, Reader, submit
 from tests.operator.run_builders import manifest, src, stage, uri
+from tests.processes import wait_until
 
 if TYPE_CHECKING:
     from tests.conftest import Cluster

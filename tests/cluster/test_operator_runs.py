@@ -27,9 +27,9 @@ from tests.cluster.operator_harness import (
     Reader,
     operator_thread,
     submit,
-    wait_until,
 )
 from tests.operator.run_builders import manifest, pipeline, src, stage, uri
+from tests.processes import wait_until
 
 if TYPE_CHECKING:
     from tests.conftest import Cluster

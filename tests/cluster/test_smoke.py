@@ -12,7 +12,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from tests.cluster.operator_harness import wait_until
+from tests.processes import wait_until
 
 if TYPE_CHECKING:
     from tests.conftest import Cluster

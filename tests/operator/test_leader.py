@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import kubernetes
@@ -17,6 +16,7 @@ import pytest
 import localcluster
 from kubealign.k8s import Kube, KubeError
 from kubealign.leader import LeaderElector, LeaseSettings
+from tests.processes import wait_until
 
 
 class LeaseStore(Kube):
@@ -60,13 +60,6 @@ class LeaseStore(Kube):
 FAST = {"lease_seconds": 2.0, "renew_deadline_seconds": 1.2, "retry_seconds": 0.2}
 
 
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def test_a_leader_that_cannot_renew_steps_down_and_leads_again_when_the_api_returns() -> None:
     store = LeaseStore()
     events: list[str] = []
@@ -80,10 +73,10 @@ def test_a_leader_that_cannot_renew_steps_down_and_leads_again_when_the_api_retu
     thread = threading.Thread(target=elector.run, args=(stop,))
     thread.start()
     try:
-        wait_for("leadership", lambda: elector.is_leader)
+        wait_until("leadership", lambda: elector.is_leader, timeout=10, interval=0.02)
         store.down.set()
         outage = time.monotonic()
-        wait_for("stepping down", lambda: events == ["started", "stopped"])
+        wait_until("stepping down", lambda: events == ["started", "stopped"], timeout=10, interval=0.02)
         # The deadline counts from the last renewal, at most one retry before the outage began; and
         # leading ends before the lease could expire for the others.
         elapsed = time.monotonic() - outage
@@ -92,7 +85,9 @@ def test_a_leader_that_cannot_renew_steps_down_and_leads_again_when_the_api_retu
         time.sleep(0.5)
         assert events == ["started", "stopped"]  # campaigning, not leading, while the API is away
         store.down.clear()
-        wait_for("leading again", lambda: events == ["started", "stopped", "started"])
+        wait_until(
+            "leading again", lambda: events == ["started", "stopped", "started"], timeout=10, interval=0.02
+        )
         assert elector.is_leader
     finally:
         stop.set()
@@ -116,7 +111,7 @@ def test_a_lease_held_by_another_is_taken_only_after_it_stops_changing() -> None
     ]
     threads[0].start()
     try:
-        wait_for("holder to lead", lambda: holder.is_leader)
+        wait_until("holder to lead", lambda: holder.is_leader, timeout=10, interval=0.02)
         threads[1].start()
         time.sleep(3 * FAST["lease_seconds"])
         assert holder.is_leader and not candidate.is_leader

@@ -12,6 +12,7 @@ from typing import Any
 from kubealign.k8s import Kube, KubeError
 from kubealign.reconcile import Outcome, Reconciler
 from tests.operator.run_builders import job
+from tests.processes import wait_until
 
 
 class Recorder(Reconciler):
@@ -132,23 +133,21 @@ def test_workers_reconcile_in_parallel_and_one_run_never_twice_at_once() -> None
         recorder.stop()
 
 
-def wait_for(what: str, check: Any, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def test_a_stopped_reconciler_starts_again_with_every_cached_run_queued() -> None:
     recorder = Recorder()
     recorder.run_event(run_body("demo", "1"))
     recorder.start(workers=1)
-    wait_for("first pass", lambda: recorder.calls == [("team-a", "demo")])
+    wait_until("first pass", lambda: recorder.calls == [("team-a", "demo")], timeout=10, interval=0.02)
     assert recorder.stop(timeout=5)
     recorder.request("team-a", "lost")  # while stopped: dropped, nothing works on it
     recorder.start(workers=1)
     try:
-        wait_for("pass after restart", lambda: recorder.calls == [("team-a", "demo")] * 2)
+        wait_until(
+            "pass after restart",
+            lambda: recorder.calls == [("team-a", "demo")] * 2,
+            timeout=10,
+            interval=0.02,
+        )
     finally:
         assert recorder.stop(timeout=5)
 
@@ -196,7 +195,9 @@ def test_a_failed_reconcile_is_retried_with_a_growing_backoff_and_no_crash() -> 
     failing.start(workers=1)
     try:
         failing.request("ns", "demo")
-        wait_for("the pass after three failures", lambda: len(failing.times) == 4)
+        wait_until(
+            "the pass after three failures", lambda: len(failing.times) == 4, timeout=10, interval=0.02
+        )
         gaps = [later - earlier for earlier, later in zip(failing.times, failing.times[1:], strict=False)]
         # 0.5 s, 1 s, 2 s: exponential, not a resync period, not a tight loop.
         assert [round(gap * 2) / 2 for gap in gaps] == [0.5, 1.0, 2.0]
