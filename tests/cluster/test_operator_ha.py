@@ -65,20 +65,34 @@ def chain(name: str, stages: int, seconds: float) -> dict[str, Any]:
     )
 
 
+def elected(cluster: Cluster, namespace: str, log: Path, *, lease: str, port: int) -> OperatorProcess:
+    """A ``kubealign operator --leader-elect`` process on ``lease``, serving /leader on ``port``."""
+    return OperatorProcess(
+        cluster,
+        namespace,
+        log,
+        "--leader-elect",
+        f"--leader-election-namespace={namespace}",
+        f"--leader-election-name={lease}",
+        f"--health-address=127.0.0.1:{port}",
+    )
+
+
+def succeeded_once(reader: Reader, names: list[str], *, timeout: float) -> None:
+    """Every chain Succeeded with one attempt per stage and no duplicate: one Job per stage, the
+    first attempt of each."""
+    for name in names:
+        status = reader.wait_phase(name, "Succeeded", timeout=timeout)
+        assert [entry["attempts"] for entry in status["stages"]] == [1, 1, 1, 1]
+        assert sorted(reader.jobs(name)) == [f"{name}-s{n}-1" for n in range(4)]
+
+
 def test_both_replicas_elect_one_leader_and_the_standby_takes_over_a_sigkill(
     cluster: Cluster, namespace: str, crd: None, reader: Reader, tmp_path: Path
 ) -> None:
     ports = localcluster.pick_free_ports(2)
     replicas = [
-        OperatorProcess(
-            cluster,
-            namespace,
-            tmp_path / f"operator-{index}.log",
-            "--leader-elect",
-            f"--leader-election-namespace={namespace}",
-            f"--leader-election-name={LEASE}",
-            f"--health-address=127.0.0.1:{port}",
-        )
+        elected(cluster, namespace, tmp_path / f"operator-{index}.log", lease=LEASE, port=port)
         for index, port in enumerate(ports)
     ]
     try:
@@ -123,11 +137,7 @@ def test_both_replicas_elect_one_leader_and_the_standby_takes_over_a_sigkill(
         # A 10 s lease, renewed every 2 s: at most about 12 s, never the time a new pod needs.
         assert failover < 15, f"failover took {failover:.1f}s"
 
-        for name in names:
-            status = reader.wait_phase(name, "Succeeded", timeout=120)
-            assert [entry["attempts"] for entry in status["stages"]] == [1, 1, 1, 1]
-            # No duplicate: one Job per stage, the first attempt of each.
-            assert sorted(reader.jobs(name)) == [f"{name}-s{n}-1" for n in range(4)]
+        succeeded_once(reader, names, timeout=120)
         lease, now_leading = reader.kube.get_lease(namespace, LEASE), probe(ports[standby])
         assert lease is not None and now_leading is not None
         assert lease["spec"]["holderIdentity"] == now_leading["identity"]
@@ -185,15 +195,7 @@ def test_the_operator_rides_out_an_api_server_restart_and_a_60_second_outage(
         pytest.skip("restarts the API server: needs the cluster the tests started themselves")
     port = localcluster.pick_free_ports(1)[0]
     log = tmp_path / "operator.log"
-    operator = OperatorProcess(
-        cluster,
-        namespace,
-        log,
-        "--leader-elect",
-        f"--leader-election-namespace={namespace}",
-        "--leader-election-name=outage",
-        f"--health-address=127.0.0.1:{port}",
-    )
+    operator = elected(cluster, namespace, log, lease="outage", port=port)
     try:
         wait_until("the operator to lead", lambda: (p := probe(port)) and p["leader"], timeout=60)
         names = [f"outage-{index}" for index in range(3)]
@@ -223,12 +225,9 @@ def test_the_operator_rides_out_an_api_server_restart_and_a_60_second_outage(
         wait_until("the operator to lead again", lambda: (p := probe(port)) and p["leader"], timeout=30)
         relead = time.monotonic() - back
         assert relead < 15, f"leading again took {relead:.1f}s"
-        for name in names:
-            # The control plane's own controllers (job controller, kwok) need tens of seconds to
-            # recover their watches; the runs finish after that.
-            status = reader.wait_phase(name, "Succeeded", timeout=240)
-            assert [entry["attempts"] for entry in status["stages"]] == [1, 1, 1, 1]
-            assert sorted(reader.jobs(name)) == [f"{name}-s{n}-1" for n in range(4)]
+        # The control plane's own controllers (job controller, kwok) need tens of seconds to recover
+        # their watches; the runs finish after that.
+        succeeded_once(reader, names, timeout=240)
         # Every hand-over after the outage: the next stage's Job is created as soon as the job
         # controller has marked the previous one complete (timestamps have 1 s resolution).
         handovers = []
