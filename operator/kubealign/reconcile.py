@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_WORKERS = 16
 RETRY_BASE_SECONDS = 0.5
 RETRY_MAX_SECONDS = 16.0
+PRIME_RETRY_SECONDS = 2.0
 TERMINAL_RUN_PHASES = (api.RunPhase.SUCCEEDED, api.RunPhase.FAILED)
 
 
@@ -262,7 +263,7 @@ class Reconciler:
                 break
             except KubeError as exc:
                 logger.warning("could not list runs and Jobs to start from: %s; retrying", exc)
-                self._stop.wait(RETRY_MAX_SECONDS / 8)
+                self._stop.wait(PRIME_RETRY_SECONDS)
         with self._starting:
             self._spawn(workers, resync_seconds)
 
