@@ -24,7 +24,9 @@ required by the verifiers that compare with it (exact_match, math, a regex with 
     python -m kubealign_jobs.grpo --config stage.json
     torchrun --nproc_per_node 2 -m kubealign_jobs.grpo --config stage.json   # data-parallel
 
-A process keeps its groups whole, so advantages never need another process's rewards. The
+A process keeps its groups whole, so advantages never need another process's rewards, and each
+completion is sampled from its own seeded stream (`sampling.RowSeededSampling`): N processes
+with ``prompts_per_step`` p train as one process with N x p (with one update chunk). The
 artifact is the policy as a plain ``save_pretrained`` model; checkpoints resume with step,
 optimizer, schedule, RNG and data position. With ``inputs.evalData`` (rows like ``data``) the
 greedy answers to its prompts are scored before training and after: ``eval_reward_initial``
@@ -45,7 +47,7 @@ from torch import nn
 from kubealign_jobs import data, loop, rl, runtime, scorers, verifiers
 from kubealign_jobs import model as models
 from kubealign_jobs.attention import use_fast_masks
-from kubealign_jobs.config import ConfigError
+from kubealign_jobs.config import ConfigError, derive_seed
 from kubealign_jobs.runtime import StageContext
 from kubealign_jobs.sampling import Samples, SamplingParams, completion_logits, sample
 from kubealign_jobs.stages import GRPOHyperparameters as Hyperparameters
@@ -125,8 +127,10 @@ def collect_rollout(
     reward_fn: RewardFn,
     hp: Hyperparameters,
     needs_old: bool,
+    seeds: Sequence[int],
 ) -> Rollout:
-    """Steps 1-3 of the module docstring for this process's prompts."""
+    """Steps 1-3 of the module docstring for this process's prompts; ``seeds`` has one seed
+    per completion (prompt by prompt, G each), its own sampling stream."""
     repeated = [p for p in prompts for _ in range(hp.group_size)]
     samples = sample(
         policy,
@@ -135,6 +139,7 @@ def collect_rollout(
         SamplingParams(max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_p=hp.top_p),
         batch_size=hp.forward_batch_size,
         max_prompt_tokens=hp.max_prompt_tokens,
+        seeds=seeds,
     )
     ids, attention, targets = samples.input_ids, samples.attention_mask, samples.completion_ids
     mask = samples.completion_mask.float()
@@ -339,6 +344,14 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     progress = loop.Progress(ctx, total=hp.steps, log_every=hp.log_every, examples=len(prompts))
     while step < hp.steps:
         mine, position, seed = loop.rollout_prompts(ctx, sampler, position, prompts, step=step)
+        # Completion g of the prompt at position i of the step's global batch has its own seed,
+        # so a rollout does not depend on how many processes split it (ranks hold contiguous shares).
+        first = ctx.rank * len(mine)
+        sample_seeds = [
+            derive_seed(config.seed, step, first + index, g)
+            for index in range(len(mine))
+            for g in range(hp.group_size)
+        ]
         # The reference sees the same autocast as the policy: precision alone must not show as KL.
         with accelerator.autocast():
             rollout = collect_rollout(
@@ -349,6 +362,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
                 reward_fn=reward_fn,
                 hp=hp,
                 needs_old=needs_old,
+                seeds=sample_seeds,
             )
         stats = grpo_update(
             model=wrapped,

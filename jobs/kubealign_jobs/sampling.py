@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch.nn import functional
+from transformers import LogitsProcessorList
 
 from kubealign_jobs import data
 from kubealign_jobs import model as models
@@ -211,6 +212,40 @@ def concat_samples(parts: Sequence[Samples], *, pad_token_id: int) -> Samples:
     )
 
 
+class RowSeededSampling:
+    """A ``generate`` logits processor that samples each row from its own seeded stream.
+
+    Gumbel-max: adding independent Gumbel(0, 1) noise to the log-probs of the sampling
+    distribution (`sampling_logprobs`, top-k applied first) and taking the argmax draws exactly
+    from that distribution, so ``generate`` runs greedy over the noised scores. Each row draws
+    one noise vector per new token from a generator seeded with its own seed, so a row's
+    completion depends on its seed and the model alone: not on which other prompts share its
+    batch, the batch size, or how many processes split the rollout.
+    """
+
+    def __init__(self, seeds: Sequence[int], params: SamplingParams, device: torch.device) -> None:
+        self.params = params
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[0] != len(self.generators):
+            raise ValueError(f"sampling: {scores.shape[0]} rows for {len(self.generators)} seeds")
+        if self.params.top_k:
+            kth = torch.topk(scores, min(self.params.top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        logprobs = sampling_logprobs(scores, self.params.temperature, self.params.top_p)
+        uniform = torch.stack(
+            [
+                torch.rand(scores.shape[-1], generator=generator, device=scores.device)
+                for generator in self.generators
+            ]
+        )
+        # Clamped away from 0 and 1, where -log(-log u) is infinite.
+        tiny = torch.finfo(uniform.dtype).tiny
+        gumbel = -torch.log(-torch.log(uniform.clamp(tiny, 1.0 - 1e-7)))
+        return logprobs + gumbel
+
+
 @torch.no_grad()
 def sample(
     model: Any,
@@ -220,15 +255,20 @@ def sample(
     *,
     batch_size: int = 64,
     max_prompt_tokens: int | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> Samples:
     """Sample one completion per prompt, ``batch_size`` prompts per ``generate`` call.
 
-    Uses the global torch RNG, so callers seed it (per step and rank) for reproducible rollouts.
-    ``max_prompt_tokens`` keeps the prompt's last tokens: the end of a prompt is what the
-    completion continues.
+    Without ``seeds`` it uses the global torch RNG, so callers seed it (per step and rank) for
+    reproducible rollouts. With one seed per prompt each row samples from its own stream
+    (`RowSeededSampling`): the same seeds give the same completions whatever the batching or
+    the number of processes. ``max_prompt_tokens`` keeps the prompt's last tokens: the end of
+    a prompt is what the completion continues.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"sampling: {len(seeds)} seeds for {len(prompts)} prompts")
     if tokenizer.pad_token_id is None:
         raise ValueError("sampling: the tokenizer has no pad token; set one when building the model")
     device = next(model.parameters()).device
@@ -240,6 +280,11 @@ def sample(
             chunk = list(prompts[start : start + batch_size])
             prompt_ids, prompt_mask = _encode_left_padded(tokenizer, chunk, max_prompt_tokens)
             prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+            how: dict[str, Any] = params.generate_kwargs()
+            if seeds is not None and params.temperature > 0:
+                rows = seeds[start : start + batch_size]
+                noise = LogitsProcessorList([RowSeededSampling(rows, params, device)])
+                how = {"do_sample": False, "logits_processor": noise}
             output = model.generate(
                 input_ids=prompt_ids,
                 attention_mask=prompt_mask,
@@ -247,7 +292,7 @@ def sample(
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
                 use_cache=True,
-                **params.generate_kwargs(),
+                **how,
             )
             completion_ids = output[:, prompt_ids.shape[1] :]
             mask = completion_mask(completion_ids, tokenizer.eos_token_id)

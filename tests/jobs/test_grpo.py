@@ -1,5 +1,5 @@
 """GRPO: group advantages and the RLOO baseline on hand-worked groups, the loss, the verifiers on
-tricky answers, and the stage: training, no reference at kl_coef 0, resume, two processes."""
+tricky answers, and the stage: training, no reference at kl_coef 0, resume, two processes as one."""
 
 from __future__ import annotations
 
@@ -220,20 +220,46 @@ def test_grpo_resumes_from_its_checkpoint_exactly(toy_inputs: dict[str, str], tm
         assert after["loss"] == pytest.approx(before["loss"], abs=1e-6)
 
 
-def test_grpo_trains_data_parallel_on_two_processes(toy_inputs: dict[str, str], tmp_path: Path) -> None:
-    hyperparameters = {**FAST, "steps": 2, "prompts_per_step": 2}
-    path = stage_config(
-        tmp_path,
-        stage_type="grpo",
-        output=str(tmp_path / "out"),
-        inputs=toy_inputs,
-        hyperparameters=hyperparameters,
-        distributed={"nproc_per_node": 2},
-    )
-    run = run_stage("grpo", path, tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert [r["step"] for r in run.steps] == [1, 2]
-    assert storage.is_complete(str(tmp_path / "out" / "artifact"))
+def test_two_grpo_processes_train_as_one_with_their_prompts_together(
+    toy_inputs: dict[str, str], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    # prompts_per_step is per process: 2 x 1 and 1 x 2 are the same global rollout of 2 groups.
+    runs, weights = {}, {}
+    for processes, per_process in ((1, 2), (2, 1)):
+        folder = tmp_path / f"p{processes}"
+        folder.mkdir()
+        inputs = {**toy_inputs, "eval_data": toy_inputs["data"]}
+        path = stage_config(
+            folder,
+            stage_type="grpo",
+            output=str(folder / "out"),
+            inputs=inputs,
+            hyperparameters={**FAST, "steps": 3, "prompts_per_step": per_process},
+            distributed={"nproc_per_node": processes},
+        )
+        run = run_stage("grpo", path, folder)
+        assert run.returncode == 0, run.stderr[-3000:]
+        runs[processes] = run
+        artifact = folder / "out" / "artifact"
+        assert storage.is_complete(str(artifact))
+        weights[processes] = load_file(str(artifact / "model.safetensors"))
+
+    assert "launching 1 x 2 processes" in runs[2].stderr
+    one, two = runs[1].steps, runs[2].steps
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
+    # The same completions (rewards equal) and the same update (losses and weights within float noise).
+    for a, b in zip(one, two, strict=True):
+        assert b["reward"] == pytest.approx(a["reward"], abs=1e-9), a["step"]
+        assert b["completion_length"] == pytest.approx(a["completion_length"], abs=1e-9), a["step"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6), a["step"]
+    assert len({r["reward"] for r in one}) > 1  # the policy moved: the steps are not all alike
+    assert weights[1].keys() == weights[2].keys()
+    for name, tensor in weights[1].items():
+        torch.testing.assert_close(weights[2][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    for name in ("eval_reward_initial", "eval_reward"):
+        assert runs[2].termination[name] == pytest.approx(runs[1].termination[name])  # type: ignore[index]
 
 
 @pytest.mark.parametrize(
