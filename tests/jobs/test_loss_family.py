@@ -172,7 +172,7 @@ def trl_kto(
     beta: float,
     weights: tuple[float, float],
 ) -> torch.Tensor:
-    """TRL 1.12 KTOTrainer._compute_loss (loss_type "kto"), line for line, in its own order:
+    """TRL 1.16 KTOTrainer._compute_loss (loss_type "kto"), line for line, in its own order:
     the desirable answers' losses, then the undesirable ones'."""
     chosen_logratios = policy[desirable] - ref[desirable]
     chosen_losses = 1 - torch.sigmoid(beta * (chosen_logratios - kl))

@@ -17,7 +17,7 @@ clipping at 1.0 and no gradient checkpointing (TRL's default is on: switched off
 with its reference log-probs precomputed (its fastest setting; kubealign precomputes too).
 TRL tokenises with its own chat-free template, so its sequences may differ from kubealign's by
 a special token or two. It is installed with ``pip install --no-deps --target`` into
-``--trl-dir`` (the project's dev environment keeps TRL 1.12 for the PPO comparison).
+``--trl-dir``.
 
 Prints the settings, one table row per configuration, then the ratios the targets name:
 FSDP-2 peak / DDP-2 peak (target <= 0.6) and kubealign LoRA dpo peak / TRL + peft peak

@@ -7,7 +7,9 @@
 Both sides get the same tiny Llama policy (and a frozen copy as the reference), the same reward
 model (a sequence classifier with one label), the same prompts from the sentiment example, the
 same batch size, response length, temperature, PPO epochs and minibatches, and stop at EOS.
-TRL's PPOTrainer (``trl.experimental.ppo`` in 1.12) also needs a value model: a sequence
+TRL 1.12 is the last TRL with a PPOTrainer (``trl.experimental.ppo``; 1.16 dropped it): the script
+installs it once under the cache (pip --no-deps --target) and imports it from there, beside the
+dev environment's TRL 1.16. TRL's PPOTrainer also needs a value model: a sequence
 classifier like the reward model, as in TRL's examples; kubealign's value head sits on the
 policy's last hidden state.
 
@@ -46,13 +48,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402  (the environment switches above must precede the imports)
-from _common import SENTIMENT, build_policy_and_reward  # noqa: E402
+from _common import SENTIMENT, build_policy_and_reward, install_trl  # noqa: E402
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 
 from kubealign_jobs import loop, ppo, scorers, stages  # noqa: E402
 from kubealign_jobs import model as models  # noqa: E402
 from kubealign_jobs.attention import use_fast_masks  # noqa: E402
 from kubealign_jobs.sampling import Samples  # noqa: E402
+
+TRL_VERSION = "1.12.0"
+CACHE = Path(os.environ.get("KUBEALIGN_CACHE_DIR", Path.home() / ".cache" / "kubealign"))
 
 
 def build_models(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path, list[str]]:
@@ -146,7 +151,9 @@ def trl_round(
     """
     from datasets import Dataset
     from transformers import TrainerCallback
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    sys.path.insert(0, str(install_trl(TRL_VERSION, CACHE / f"trl-{TRL_VERSION}")))
+    from trl.experimental.ppo import PPOConfig, PPOTrainer  # type: ignore[import-not-found]
 
     tokenizer = models.load_tokenizer(policy_dir)
     tokenizer.padding_side = "left"  # TRL generates from the left-padded prompt batch as is
@@ -221,7 +228,7 @@ def trl_round(
     )
     gc.collect = timed_collect
     try:
-        trainer.train()  # type: ignore[no-untyped-call]
+        trainer.train()
     finally:
         gc.collect = collect
     intervals = [(b[0] - a[0], b[1] - a[1]) for a, b in itertools.pairwise(stamps)]
