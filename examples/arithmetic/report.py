@@ -5,32 +5,34 @@
 Reads ``<workdir>/status.json``: each GRPO member (one per seed) reports ``eval_reward_initial``
 (the SFT model's greedy accuracy on the held-out problems: the same model for every seed) and
 ``eval_reward`` (its own, after training). Prints both and the per-seed gain with the mean and a
-95% Student-t interval over seeds, and writes ``results.json``. ``--check`` exits 1 unless there
-are at least 3 seeds; whether GRPO beats SFT is reported, not checked.
+95% percentile-bootstrap interval of the mean over seeds (10,000 resamples of the seeds, with
+replacement, from a fixed RNG), and writes ``results.json``. ``--check`` exits 1 unless there
+are at least 5 seeds; whether GRPO beats SFT is reported, not checked.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import random
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-MIN_SEEDS = 3
-# Two-sided 95% quantiles of Student's t by degrees of freedom (n - 1 seeds).
-T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+MIN_SEEDS = 5
+RESAMPLES = 10_000
 
 
-def interval(values: Sequence[float]) -> dict[str, Any]:
-    """Mean and 95% t-interval of the mean over seeds."""
+def interval(values: Sequence[float], *, seed: int = 0) -> dict[str, Any]:
+    """Mean and 95% percentile-bootstrap interval of the mean over seeds."""
     mean = statistics.fmean(values)
     if len(values) < 2:
         return {"mean": mean, "ci95": None, "n": len(values)}
-    half = T_95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-    return {"mean": mean, "ci95": [mean - half, mean + half], "n": len(values)}
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(RESAMPLES))
+    low, high = means[int(0.025 * RESAMPLES)], means[int(0.975 * RESAMPLES) - 1]
+    return {"mean": mean, "ci95": [low, high], "n": len(values)}
 
 
 def summarize(status: dict[str, Any]) -> dict[str, Any]:
@@ -54,7 +56,7 @@ def summarize(status: dict[str, Any]) -> dict[str, Any]:
         "grpo_accuracy": interval([row["grpo"] for row in per_seed]),
         "gain": interval(gains),
         "seeds_improved": sum(g > 0 for g in gains),
-        "checks": {"at_least_3_seeds": len(per_seed) >= MIN_SEEDS},
+        "checks": {"at_least_5_seeds": len(per_seed) >= MIN_SEEDS},
     }
 
 
@@ -68,7 +70,7 @@ def _format(item: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("runs/arithmetic"), help="the run's workdir")
-    parser.add_argument("--check", action="store_true", help="exit 1 unless there are at least 3 seeds")
+    parser.add_argument("--check", action="store_true", help="exit 1 unless there are at least 5 seeds")
     args = parser.parse_args(argv)
     status = json.loads((args.workdir / "status.json").read_text())
     results = summarize(status)
@@ -79,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"| {row['seed']} | {row['sft']:.3f} | {row['grpo']:.3f} | {row['grpo'] - row['sft']:+.3f} |")
     print(
         f"\nSFT {_format(results['sft_accuracy'])}, GRPO {_format(results['grpo_accuracy'])}; "
-        f"gain {_format(results['gain'])} (mean, 95% t-interval over {results['gain']['n']} seeds); "
+        f"gain {_format(results['gain'])} (mean, 95% bootstrap interval over {results['gain']['n']} seeds); "
         f"GRPO above SFT in {results['seeds_improved']} of {len(results['per_seed'])} seeds"
     )
     print(f"results: {args.workdir / 'results.json'}")

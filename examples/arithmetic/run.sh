@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # examples/arithmetic/run.sh [WORKDIR]: GRPO with a verifiable reward on two-digit arithmetic.
 #
-# Runs alignmentrun.yaml with `kubealign run --local` (pretrain -> sft -> grpo over 3 seeds), then
+# Runs alignmentrun.yaml with `kubealign run --local` (pretrain -> sft -> grpo over 5 seeds), then
 # report.py: the held-out accuracy of SFT and of each GRPO seed, and the gain with a 95% interval.
 # WORKDIR defaults to runs/arithmetic in the checkout; a rerun skips the stages that already finished.
 set -euo pipefail

@@ -70,16 +70,22 @@ def status(rows: list[tuple[int, float, float]]) -> dict[str, Any]:
     }
 
 
-def test_report_gives_the_mean_gain_and_a_t_interval_over_seeds() -> None:
+def test_report_gives_the_mean_gain_and_a_bootstrap_interval_over_seeds() -> None:
     report = load_report()
-    results = report.summarize(status([(0, 0.5, 0.53), (1, 0.5, 0.55), (2, 0.5, 0.52)]))
+    gains = [0.03, 0.05, 0.02, 0.04, 0.01]
+    results = report.summarize(status([(seed, 0.5, 0.5 + gain) for seed, gain in enumerate(gains)]))
     gain = results["gain"]
-    assert gain["mean"] == pytest.approx(0.1 / 3)
-    # stdev 0.01528, t(2) = 4.303: half width 0.03795.
-    assert gain["ci95"] == pytest.approx([0.0333333 - 0.037955, 0.0333333 + 0.037955], abs=1e-4)
-    assert results["seeds_improved"] == 3
-    assert results["checks"]["at_least_3_seeds"] is True
-    assert report.summarize(status([(0, 0.5, 0.4), (1, 0.5, 0.6)]))["checks"]["at_least_3_seeds"] is False
+    assert gain["mean"] == pytest.approx(0.03)
+    low, high = gain["ci95"]
+    # Inside the range of the seeds' gains, around the mean, narrower than the range.
+    assert 0.01 <= low < 0.03 < high <= 0.05 and high - low < 0.04
+    # Percentile bootstrap of 5 values: about mean -+ 1.96 * sd / sqrt(n) * sqrt((n-1)/n) = -+0.0124.
+    assert low == pytest.approx(0.03 - 0.0124, abs=0.003) and high == pytest.approx(0.03 + 0.0124, abs=0.003)
+    assert report.interval(gains) == report.interval(gains)  # a fixed RNG: the same interval each time
+    assert results["seeds_improved"] == 5
+    assert results["checks"]["at_least_5_seeds"] is True
+    four = status([(seed, 0.5, 0.5 + gain) for seed, gain in enumerate(gains[:4])])
+    assert report.summarize(four)["checks"]["at_least_5_seeds"] is False
     with pytest.raises(SystemExit, match="not finished"):
         unfinished = status([(0, 0.5, 0.5)])
         unfinished["stages"][0]["phase"] = "Running"
