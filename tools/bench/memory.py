@@ -10,6 +10,8 @@ for ``--steps`` optimizer steps. Peak resident memory is the largest ``ru_maxrss
 stage's processes (``RUSAGE_CHILDREN`` of a fresh runner per row), so it counts everything a
 user's pod holds: the loaded weights, the reference pass, optimizer state, checkpoint writing
 and the artifact. Steps/s is the median of the stage's own per-step records after the first.
+Every row runs under each ``--allocators`` setting of the C allocator (see ``ALLOCATORS``): under
+glibc's defaults resident memory on CPU holds heap fragmentation besides live tensors.
 
 TRL 1.16's DPOTrainer with peft runs on the same model, rows, LoRA settings (r, alpha,
 all-linear), sequence length, batch, fp32, fused AdamW, constant learning rate, gradient
@@ -43,6 +45,15 @@ from _common import install_trl
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CORPUS = REPO_ROOT / "examples" / "sentiment" / "data" / "corpus.txt"
 TRL_VERSION = "1.16.0"
+# The C allocator of every process (kubealign's and TRL's alike). glibc's default raises its mmap
+# threshold as large blocks are freed (up to 32 MiB), so the 1-30 MiB tensors of a training step
+# land on the heap, whose freed holes are kept: resident memory then measures fragmentation as
+# much as live tensors. A fixed 128 KiB threshold serves every large tensor from mmap and hands it
+# back to the kernel when freed, so the peak is what is live (at a cost in page faults).
+ALLOCATORS: dict[str, dict[str, str]] = {
+    "glibc": {},
+    "mmap": {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"},
+}
 
 
 @dataclass(frozen=True)
@@ -139,9 +150,11 @@ def measure(command: list[str], env: dict[str, str]) -> tuple[int, float, str, s
     return int(result["rc"]), result["peak_kib"] / 1024, result["out"], result["err"]
 
 
-def stage_env(workdir: Path) -> dict[str, str]:
+def stage_env(workdir: Path, allocator: str) -> dict[str, str]:
     env = dict(os.environ)
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NPROC_PER_NODE"):
+        env.pop(key, None)
+    for key in ALLOCATORS["mmap"]:
         env.pop(key, None)
     env.update(
         {
@@ -149,6 +162,7 @@ def stage_env(workdir: Path) -> dict[str, str]:
             "TOKENIZERS_PARALLELISM": "false",
             "KUBEALIGN_SCRATCH": str(workdir / "scratch"),
             "PYTHONPATH": str(REPO_ROOT),
+            **ALLOCATORS[allocator],
         }
     )
     return env
@@ -176,15 +190,16 @@ def run_kubealign(
         "run": "bench",
         "stage": f"{row.stage}-{index}",
         "type": row.stage,
-        "output": f"file://{workdir}/out-{index}",
+        "output": f"file://{workdir}/out-{args.allocator}-{index}",
         "inputs": {"model": str(paths["model"]), "data": str(paths[row.stage])},
         "hyperparameters": {**common, **row.hyperparameters},
         "distributed": {"nnodes": 1, "nproc_per_node": row.processes},
     }
-    path = workdir / f"config-{index}.json"
+    path = workdir / f"config-{args.allocator}-{index}.json"
     path.write_text(json.dumps(config))
     rc, peak, out, err = measure(
-        [sys.executable, "-m", f"kubealign_jobs.{row.stage}", "--config", str(path)], stage_env(workdir)
+        [sys.executable, "-m", f"kubealign_jobs.{row.stage}", "--config", str(path)],
+        stage_env(workdir, args.allocator),
     )
     if rc:
         raise SystemExit(f"{row.stage} {row.name} failed:\n{err}")
@@ -243,7 +258,7 @@ def run_trl(
     args: argparse.Namespace, paths: dict[str, Path], workdir: Path, lora: dict[str, Any]
 ) -> dict[str, Any] | None:
     trl_dir = install_trl(TRL_VERSION, Path(args.trl_dir))
-    env = stage_env(workdir)
+    env = stage_env(workdir, args.allocator)
     env["PYTHONPATH"] = f"{trl_dir}{os.pathsep}{env['PYTHONPATH']}"
     settings = {
         "model": str(paths["model"]),
@@ -278,9 +293,20 @@ def main() -> None:
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--trl-dir", default=str(Path.home() / ".cache" / "kubealign" / f"trl-{TRL_VERSION}"))
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument(
+        "--allocators",
+        default="glibc,mmap",
+        help=f"C allocator settings to measure under, of {', '.join(ALLOCATORS)} (every row runs under each)",
+    )
     args = parser.parse_args()
+    allocators = args.allocators.split(",")
+    if unknown := set(allocators) - set(ALLOCATORS):
+        parser.error(f"--allocators: unknown {', '.join(sorted(unknown))}")
     lora = {"r": args.lora_r, "alpha": 2 * args.lora_r, "target_modules": "all-linear"}
 
+    described = ", ".join(f"{name} {ALLOCATORS[name] or '(defaults)'}" for name in allocators)
+    results: dict[tuple[str, str, str], dict[str, Any]] = {}
+    trl: dict[str, dict[str, Any] | None] = {}
     with tempfile.TemporaryDirectory(prefix="kubealign-memory-") as tmp:
         workdir = Path(tmp)
         paths = build_inputs(args, workdir)
@@ -288,43 +314,52 @@ def main() -> None:
             f"settings: {args.length} tokens per sequence, batch {args.batch_size} "
             f"(micro-batch = batch / processes), {args.steps} steps, fp32 on CPU, fused AdamW, "
             "lr 1e-4 constant, grad clip 1.0, one torch thread per process, "
-            f"LoRA r={lora['r']} alpha={lora['alpha']} all-linear, no checkpoints during training"
+            f"LoRA r={lora['r']} alpha={lora['alpha']} all-linear, no checkpoints during training; "
+            f"allocators: {described}"
         )
         print(
-            f"{'stage':<5} {'configuration':<18} {'procs':>5} {'peak MiB/proc':>14} "
+            f"{'alloc':<6} {'stage':<5} {'configuration':<18} {'procs':>5} {'peak MiB/proc':>14} "
             f"{'estimate MiB':>13} {'steps/s':>8}"
         )
-        results: dict[tuple[str, str], dict[str, Any]] = {}
-        for index, row in enumerate(rows(lora)):
-            result = run_kubealign(args, row, paths, workdir, index)
-            results[(row.stage, row.name)] = result
-            print(
-                f"{row.stage:<5} {row.name:<18} {row.processes:>5} {result['peak_mib']:>14.0f} "
-                f"{result['estimate_mib']:>13.0f} {result['steps_per_s']:>8.3f}",
-                flush=True,
-            )
-        trl = None if args.skip_trl else run_trl(args, paths, workdir, lora)
-        if trl is not None:
-            name = f"TRL {trl['version']} + peft"
-            print(
-                f"{'dpo':<5} {name:<18} {1:>5} {trl['peak_mib']:>14.0f} {'':>13} {trl['steps_per_s']:>8.3f}"
-            )
+        for allocator in allocators:
+            args.allocator = allocator
+            for index, row in enumerate(rows(lora)):
+                result = run_kubealign(args, row, paths, workdir, index)
+                results[(allocator, row.stage, row.name)] = result
+                print(
+                    f"{allocator:<6} {row.stage:<5} {row.name:<18} {row.processes:>5} "
+                    f"{result['peak_mib']:>14.0f} {result['estimate_mib']:>13.0f} "
+                    f"{result['steps_per_s']:>8.3f}",
+                    flush=True,
+                )
+            trl[allocator] = None if args.skip_trl else run_trl(args, paths, workdir, lora)
+            found = trl[allocator]
+            if found is not None:
+                name = f"TRL {found['version']} + peft"
+                print(
+                    f"{allocator:<6} {'dpo':<5} {name:<18} {1:>5} {found['peak_mib']:>14.0f} {'':>13} "
+                    f"{found['steps_per_s']:>8.3f}",
+                    flush=True,
+                )
 
     print()
-    for stage in ("sft", "dpo"):
-        ddp, fsdp = results[(stage, "DDP full")], results[(stage, "FSDP full")]
-        print(
-            f"{stage}: FSDP-2 / DDP-2 peak per process = "
-            f"{fsdp['peak_mib'] / ddp['peak_mib']:.2f} (target <= 0.6)"
-        )
-    if trl is not None:
-        mine = results[("dpo", "LoRA, 1 process")]
-        print(
-            f"dpo: kubealign LoRA / TRL + peft peak = "
-            f"{mine['peak_mib'] / trl['peak_mib']:.2f} (target <= 1.0), "
-            f"steps/s {mine['steps_per_s']:.3f} vs {trl['steps_per_s']:.3f} "
-            f"(ratio {mine['steps_per_s'] / trl['steps_per_s']:.2f})"
-        )
+    for allocator in allocators:
+        for stage in ("sft", "dpo"):
+            ddp, fsdp = results[(allocator, stage, "DDP full")], results[(allocator, stage, "FSDP full")]
+            print(
+                f"{allocator}: {stage}: FSDP-2 / DDP-2 peak per process = "
+                f"{fsdp['peak_mib'] / ddp['peak_mib']:.2f} (target <= 0.6), steps/s "
+                f"{fsdp['steps_per_s']:.3f} vs {ddp['steps_per_s']:.3f}"
+            )
+        found = trl[allocator]
+        if found is not None:
+            mine = results[(allocator, "dpo", "LoRA, 1 process")]
+            print(
+                f"{allocator}: dpo: kubealign LoRA / TRL + peft peak = "
+                f"{mine['peak_mib'] / found['peak_mib']:.2f} (target <= 1.0), "
+                f"steps/s {mine['steps_per_s']:.3f} vs {found['steps_per_s']:.3f} "
+                f"(ratio {mine['steps_per_s'] / found['steps_per_s']:.2f})"
+            )
 
 
 if __name__ == "__main__":
