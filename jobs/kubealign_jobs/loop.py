@@ -505,7 +505,20 @@ def train(
     final["steps"] = float(step)
     if model.memory is not None:
         final.update(model.memory.metrics())
+    final["memory_peak_bytes"] = float(peak_memory_bytes(ctx.device))
     return TrainResult(steps=step, metrics=final)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """What the estimate is checked against: this process's peak so far, the CUDA caching
+    allocator's peak allocation on a GPU, the resident set (``ru_maxrss``) on CPU. On CPU it also
+    counts the interpreter and libraries (~0.7 GiB with torch and transformers) and the C
+    allocator's fragmentation, which the estimate leaves out."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 class StopSignal:
