@@ -46,7 +46,6 @@ import math
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,7 +59,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402  (the environment switches above must precede the imports)
-from _common import REPO_ROOT, SENTIMENT, install_trl  # noqa: E402
+from _common import (  # noqa: E402
+    REPO_ROOT,
+    SENTIMENT,
+    install_trl,
+    kubealign_step_hyperparameters,
+    run_side,
+    trl_step_args,
+)
 
 from kubealign_jobs import data, dpo, runtime, sft  # noqa: E402
 from kubealign_jobs import model as models  # noqa: E402
@@ -178,17 +184,12 @@ def run_ours(settings: dict[str, Any]) -> dict[str, Any]:
     models.load_causal_lm, dpo.reference_logps, runtime.emit = timed_load, timed_reference, record  # type: ignore[assignment]
     stage = settings["stage"]
     hyper = {
-        "max_steps": settings["steps"],
-        "batch_size": settings["batch_size"],
-        "learning_rate": settings["learning_rate"],
-        "warmup_steps": 0,
-        "lr_schedule": "constant",
-        "grad_clip": 1.0,
-        "log_every": 1,
-        "checkpoint_every": 0,
-        "max_length": settings["max_length"],
-        "gradient_checkpointing": False,
-        "mixed_precision": "bf16" if torch.cuda.is_available() else "no",
+        **kubealign_step_hyperparameters(
+            steps=settings["steps"],
+            batch_size=settings["batch_size"],
+            learning_rate=settings["learning_rate"],
+            max_length=settings["max_length"],
+        ),
         **({"beta": settings["beta"]} if stage == "dpo" else {"packing": True}),
     }
     config = Path(settings["workdir"]) / f"ours-{stage}.json"
@@ -265,24 +266,9 @@ def run_trl(settings: dict[str, Any]) -> dict[str, Any]:
             losses.append(float((loss[0] if isinstance(loss, tuple) else loss).detach()))
             return loss
 
-    gpu = torch.cuda.is_available()
-    common: dict[str, Any] = {
-        "output_dir": str(Path(settings["workdir"]) / f"trl-{stage}"),
-        "learning_rate": settings["learning_rate"],
-        "lr_scheduler_type": "constant",
-        "warmup_steps": 0,
-        "optim": "adamw_torch_fused",
-        "max_grad_norm": 1.0,
-        "logging_steps": 1,
-        "report_to": [],
-        "save_strategy": "no",
-        "gradient_checkpointing": False,
-        "bf16": gpu,
-        "fp16": False,
-        "use_cpu": not gpu,
-        "dataloader_num_workers": 0,
-        "seed": 0,
-    }
+    common = trl_step_args(
+        Path(settings["workdir"]) / f"trl-{stage}", settings["learning_rate"], gpu=torch.cuda.is_available()
+    )
     start = time.perf_counter()
     trainer: Any
     if stage == "dpo":
@@ -344,17 +330,7 @@ def side(name: str, settings: dict[str, Any], threads: int) -> dict[str, Any]:
     )
     if name.startswith("trl"):
         env["PYTHONPATH"] = os.pathsep.join([str(trl_path()), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, __file__, "--side", name.partition("-")[0], "--settings", json.dumps(settings)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
+    return run_side(__file__, name.partition("-")[0], settings, env)
 
 
 def steps_per_s(step_ends: list[float], warmup: int) -> float:

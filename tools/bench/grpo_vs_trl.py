@@ -49,7 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402  (the environment switches above must precede the imports)
-from _common import REPO_ROOT, install_trl  # noqa: E402
+from _common import REPO_ROOT, install_trl, run_side, trl_step_args  # noqa: E402
 
 from kubealign_jobs import model as models  # noqa: E402
 from kubealign_jobs import verifiers  # noqa: E402
@@ -162,21 +162,9 @@ def run_trl(settings: dict[str, Any]) -> dict[str, Any]:
     repeated = [row for row in rows() for _ in range(settings["group_size"])]
     completions = settings["prompts"] * settings["group_size"]
     config = GRPOConfig(
-        output_dir=str(Path(settings["workdir"]) / f"trl-{settings['round']}"),
-        learning_rate=settings["learning_rate"],
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        optim="adamw_torch_fused",
-        max_grad_norm=1.0,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        gradient_checkpointing=False,
-        bf16=False,
-        fp16=False,
-        use_cpu=True,
-        dataloader_num_workers=0,
-        seed=0,
+        **trl_step_args(
+            Path(settings["workdir"]) / f"trl-{settings['round']}", settings["learning_rate"], gpu=False
+        ),
         per_device_train_batch_size=completions,
         num_generations=settings["group_size"],
         max_completion_length=settings["max_new_tokens"],
@@ -213,17 +201,7 @@ def side(name: str, settings: dict[str, Any], threads: int) -> dict[str, Any]:
     if name == "trl":
         target = install_trl(TRL_VERSION, CACHE / f"trl-{TRL_VERSION}")
         env["PYTHONPATH"] = os.pathsep.join([str(target), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, __file__, "--side", name, "--settings", json.dumps(settings)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
+    return run_side(__file__, name, settings, env)
 
 
 def step_times(ends: list[float], warmup: int) -> list[float]:

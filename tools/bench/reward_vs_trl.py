@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +46,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402  (the environment switches above must precede the imports)
+from _common import kubealign_step_hyperparameters, run_side, trl_step_args  # noqa: E402
 from dpo_vs_trl import (  # noqa: E402  (the same model, rows and order as the DPO comparison)
     conversations,
     in_sampler_order,
@@ -108,18 +108,13 @@ def run_ours(settings: dict[str, Any]) -> dict[str, Any]:
 
     models.load_reward_model, runtime.emit = timed_load, record  # type: ignore[assignment]
     hyper = {
-        "max_steps": settings["steps"],
-        "batch_size": settings["batch_size"],
-        "learning_rate": settings["learning_rate"],
-        "warmup_steps": 0,
-        "lr_schedule": "constant",
-        "grad_clip": 1.0,
-        "log_every": 1,
-        "checkpoint_every": 0,
+        **kubealign_step_hyperparameters(
+            steps=settings["steps"],
+            batch_size=settings["batch_size"],
+            learning_rate=settings["learning_rate"],
+            max_length=settings["max_length"],
+        ),
         "eval_fraction": 0.0,
-        "max_length": settings["max_length"],
-        "gradient_checkpointing": False,
-        "mixed_precision": "bf16" if torch.cuda.is_available() else "no",
     }
     workdir = Path(settings["workdir"])
     config = workdir / "ours-reward.json"
@@ -175,27 +170,12 @@ def run_trl(settings: dict[str, Any]) -> dict[str, Any]:
             losses.append(float((loss[0] if isinstance(loss, tuple) else loss).detach()))
             return loss
 
-    gpu = torch.cuda.is_available()
     config = RewardConfig(
-        output_dir=str(workdir / "trl-reward"),
+        **trl_step_args(workdir / "trl-reward", settings["learning_rate"], gpu=torch.cuda.is_available()),
         per_device_train_batch_size=settings["batch_size"],
         max_steps=settings["steps"],
-        learning_rate=settings["learning_rate"],
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        optim="adamw_torch_fused",
-        max_grad_norm=1.0,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        gradient_checkpointing=False,
-        bf16=gpu,
-        fp16=False,
-        use_cpu=not gpu,
-        dataloader_num_workers=0,
         dataloader_pin_memory=False,
         max_length=settings["max_length"],
-        seed=0,
     )
     InOrder(
         model=model,
@@ -220,17 +200,7 @@ def side(name: str, settings: dict[str, Any], threads: int) -> dict[str, Any]:
     env = dict(os.environ, KUBEALIGN_SCRATCH=str(Path(settings["workdir"]) / name))
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    proc = subprocess.run(
-        [sys.executable, __file__, "--side", name, "--settings", json.dumps(settings)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
+    return run_side(__file__, name, settings, env)
 
 
 def main() -> int:
