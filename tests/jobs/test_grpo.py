@@ -12,7 +12,7 @@ import torch
 
 from kubealign_jobs import rl, storage, verifiers
 from tests.jobs.rlhf_toys import PROMPTS, save_toy_policy, write_jsonl
-from tests.jobs.trainer_toys import run_stage, stage_config
+from tests.jobs.trainer_toys import run_stage, run_until_checkpoint, stage_config
 
 # ---------------------------------------------------------------------------- the math
 
@@ -217,6 +217,29 @@ def test_grpo_resumes_from_its_checkpoint_exactly(toy_inputs: dict[str, str], tm
         assert again.termination[name] == pytest.approx(straight.termination[name])
     for before, after in zip(straight.steps[3:], again.steps, strict=True):
         assert after["reward"] == pytest.approx(before["reward"])
+        assert after["loss"] == pytest.approx(before["loss"], abs=1e-6)
+
+
+def test_a_killed_grpo_run_resumes_where_its_checkpoint_left_off(
+    toy_inputs: dict[str, str], tmp_path: Path
+) -> None:
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "killed").mkdir()
+    straight = run_stage("grpo", config(tmp_path / "straight", toy_inputs, checkpoint_every=2), tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed_config = config(tmp_path / "killed", toy_inputs, checkpoint_every=2, keep_checkpoints=5)
+    run_until_checkpoint("grpo", tmp_path / "killed", killed_config, 2)
+    # Whatever the run wrote after checkpoint 2 before SIGKILL landed goes: a kill right after it.
+    checkpoints = tmp_path / "killed" / "out" / "checkpoints"
+    storage.delete_prefix(str(checkpoints / "step-00000004"))
+    storage.delete_prefix(str(tmp_path / "killed" / "out" / "artifact"))
+    resumed = run_stage("grpo", killed_config, tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.events("resumed")[0]["step"] == 2
+    assert [r["step"] for r in resumed.steps] == [3, 4, 5, 6]
+    # Optimizer, schedule, data position and the sampling streams continue: the same steps.
+    for before, after in zip(straight.steps[2:], resumed.steps, strict=True):
+        assert after["reward"] == pytest.approx(before["reward"], abs=1e-9)
         assert after["loss"] == pytest.approx(before["loss"], abs=1e-6)
 
 

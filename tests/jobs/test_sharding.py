@@ -6,13 +6,7 @@ torchrun where a test says so, on the tiny Llama of ``trainer_toys``.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +17,12 @@ from kubealign_jobs import checkpoint, parallel, storage
 from kubealign_jobs.stages import LoraSettings
 from tests.jobs.trainer_toys import (
     StageRun,
-    parse_records,
     preference_rows,
     run_stage,
+    run_until_checkpoint,
     save_tiny_lm,
     sft_rows,
     stage_config,
-    stage_env,
     write_jsonl,
 )
 
@@ -126,57 +119,11 @@ def test_fsdp_two_processes_follow_one(stage_type: str, tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- resume across world sizes
 
 
-def _run_until_checkpoint(tmp: Path, config: Path, step: int) -> None:
-    """Start a stage and SIGKILL its whole process group once checkpoint ``step`` is published."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kubealign_jobs.sft", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=stage_env(tmp),
-        start_new_session=True,
-    )
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            records = parse_records(line)
-            if records and records[0].get("event") == "checkpoint" and records[0]["step"] == step:
-                break
-        else:
-            pytest.fail(f"the stage ended before checkpoint {step}")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-        # torchrun's workers may sit in process groups of their own: kill every process of this run.
-        for pid in _processes_with(str(config)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while _processes_with(str(config)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _processes_with(str(config)), "the killed stage left processes behind"
-
-
-def _processes_with(needle: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().split(") ", 1)[1][0]
-        except OSError:
-            continue
-        if needle in cmdline and state != "Z":
-            found.append(int(entry.name))
-    return found
-
-
 @pytest.mark.parametrize("processes", [1, 2])
 def test_killed_fsdp_run_resumes_at_any_world_size(processes: int, tmp_path: Path) -> None:
     reference = _run(tmp_path, "sft", "whole", 2, sharding="fsdp")
     config = _config(tmp_path, "sft", "killed", 2, sharding="fsdp", keep_checkpoints=5)
-    _run_until_checkpoint(tmp_path, config, 2)
+    run_until_checkpoint("sft", tmp_path, config, 2)
     checkpoints = tmp_path / "killed/checkpoints"
     # A tiny model's steps take milliseconds: whatever the run wrote after checkpoint 2 before
     # the signal landed goes, so the test sees exactly a kill right after that checkpoint.

@@ -7,14 +7,19 @@ hidden size 32 built from a config, small JSONL datasets, and a helper that runs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from kubealign_jobs import model as models
 
@@ -174,3 +179,50 @@ def run_stage(
     )
     message = json.loads(termination.read_text()) if termination.exists() else None
     return StageRun(proc.returncode, parse_records(proc.stdout), proc.stderr, message)
+
+
+def run_until_checkpoint(stage_type: str, tmp: Path, config: Path, step: int) -> None:
+    """Start a stage and SIGKILL it, torchrun workers included, once checkpoint ``step`` is published."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", f"kubealign_jobs.{stage_type}", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=stage_env(tmp),
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            records = parse_records(line)
+            if records and records[0].get("event") == "checkpoint" and records[0]["step"] == step:
+                break
+        else:
+            pytest.fail(f"the stage ended before checkpoint {step}")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        # torchrun's workers may sit in process groups of their own: kill every process of this run.
+        for pid in processes_with(str(config)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while processes_with(str(config)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not processes_with(str(config)), "the killed stage left processes behind"
+
+
+def processes_with(needle: str) -> list[int]:
+    """Live (not zombie) processes whose command line contains ``needle``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().split(") ", 1)[1][0]
+        except OSError:
+            continue
+        if needle in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
