@@ -117,14 +117,14 @@ def run_ours(settings: dict[str, Any]) -> dict[str, Any]:
         "eval_fraction": 0.0,
     }
     workdir = Path(settings["workdir"])
-    config = workdir / "ours-reward.json"
+    config = workdir / f"ours-reward-{settings['round']}.json"
     config.write_text(
         json.dumps(
             {
                 "run": "bench",
                 "stage": "reward",
                 "type": "reward",
-                "output": str(workdir / "ours-reward"),
+                "output": str(workdir / f"ours-reward-{settings['round']}"),
                 "inputs": {"model": settings["model"], "data": str(workdir / "reward.jsonl")},
                 "hyperparameters": hyper,
             }
@@ -171,7 +171,11 @@ def run_trl(settings: dict[str, Any]) -> dict[str, Any]:
             return loss
 
     config = RewardConfig(
-        **trl_step_args(workdir / "trl-reward", settings["learning_rate"], gpu=torch.cuda.is_available()),
+        **trl_step_args(
+            workdir / f"trl-reward-{settings['round']}",
+            settings["learning_rate"],
+            gpu=torch.cuda.is_available(),
+        ),
         per_device_train_batch_size=settings["batch_size"],
         max_steps=settings["steps"],
         dataloader_pin_memory=False,
@@ -260,9 +264,9 @@ def main() -> int:
             flush=True,
         )
         ours_runs, trl_runs = [], []
-        for _ in range(args.rounds):
-            ours_runs.append(side("ours", settings, args.threads))
-            trl_runs.append(side("trl", settings, args.threads))
+        for index in range(args.rounds):  # each round writes its own outputs
+            ours_runs.append(side("ours", {**settings, "round": index}, args.threads))
+            trl_runs.append(side("trl", {**settings, "round": index}, args.threads))
 
     def rate(run: dict[str, Any]) -> float:
         return steps_per_s(run["step_ends"], args.warmup)
