@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,9 @@ from kubealign_jobs import model as models
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SENTIMENT = REPO_ROOT / "examples" / "sentiment" / "data"
+CACHE = Path(os.environ.get("KUBEALIGN_CACHE_DIR", Path.home() / ".cache" / "kubealign"))
+# The TRL every comparison runs against (the dev environment's pin); ppo_vs_trl needs 1.12.
+TRL_VERSION = "1.16.0"
 
 
 def run_side(script: str, side: str, settings: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
@@ -76,8 +80,10 @@ def kubealign_step_hyperparameters(
     }
 
 
-def install_trl(version: str, target: Path) -> Path:
-    """TRL ``version`` in ``target`` (pip --no-deps --target, once), for PYTHONPATH beside the venv's own."""
+def install_trl(version: str = TRL_VERSION, target: Path | None = None) -> Path:
+    """TRL ``version`` in ``target`` (default: ``CACHE/trl-<version>``; pip --no-deps --target,
+    once), for PYTHONPATH beside the venv's own."""
+    target = target or CACHE / f"trl-{version}"
     if not (target / "trl" / "__init__.py").exists():
         print(f"installing TRL {version} into {target} (pip --no-deps --target)", flush=True)
         subprocess.run(

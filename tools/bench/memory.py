@@ -40,11 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import install_trl
+from _common import CACHE, TRL_VERSION, install_trl
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CORPUS = REPO_ROOT / "examples" / "sentiment" / "data" / "corpus.txt"
-TRL_VERSION = "1.16.0"
 # The C allocator of every process (kubealign's and TRL's alike). glibc's default raises its mmap
 # threshold as large blocks are freed (up to 32 MiB), so the 1-30 MiB tensors of a training step
 # land on the heap, whose freed holes are kept: resident memory then measures fragmentation as
@@ -291,7 +290,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="sequences (sft) or pairs (dpo) per step")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--trl-dir", default=str(Path.home() / ".cache" / "kubealign" / f"trl-{TRL_VERSION}"))
+    parser.add_argument("--trl-dir", default=str(CACHE / f"trl-{TRL_VERSION}"))
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument(
         "--allocators",

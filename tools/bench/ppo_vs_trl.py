@@ -56,8 +56,7 @@ from kubealign_jobs import model as models  # noqa: E402
 from kubealign_jobs.attention import use_fast_masks  # noqa: E402
 from kubealign_jobs.sampling import Samples  # noqa: E402
 
-TRL_VERSION = "1.12.0"
-CACHE = Path(os.environ.get("KUBEALIGN_CACHE_DIR", Path.home() / ".cache" / "kubealign"))
+PPO_TRL_VERSION = "1.12.0"
 
 
 def build_models(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path, list[str]]:
@@ -151,8 +150,6 @@ def trl_round(
     """
     from datasets import Dataset
     from transformers import TrainerCallback
-
-    sys.path.insert(0, str(install_trl(TRL_VERSION, CACHE / f"trl-{TRL_VERSION}")))
     from trl.experimental.ppo import PPOConfig, PPOTrainer  # type: ignore[import-not-found]
 
     tokenizer = models.load_tokenizer(policy_dir)
@@ -259,6 +256,7 @@ def main() -> int:
     if args.batch_size % args.mini_batch_size:
         parser.error("--mini-batch-size must divide --batch-size")
     torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(install_trl(PPO_TRL_VERSION)))  # ahead of the venv's TRL 1.16
 
     with tempfile.TemporaryDirectory(prefix="ppo-bench-") as tmp:
         workdir = Path(tmp)
