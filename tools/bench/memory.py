@@ -168,7 +168,7 @@ def stage_env(workdir: Path, allocator: str) -> dict[str, str]:
 
 
 def run_kubealign(
-    args: argparse.Namespace, row: Row, paths: dict[str, Path], workdir: Path, index: int
+    args: argparse.Namespace, row: Row, paths: dict[str, Path], workdir: Path, index: int, *, allocator: str
 ) -> dict[str, Any]:
     common = {
         "max_steps": args.steps,
@@ -189,16 +189,16 @@ def run_kubealign(
         "run": "bench",
         "stage": f"{row.stage}-{index}",
         "type": row.stage,
-        "output": f"file://{workdir}/out-{args.allocator}-{index}",
+        "output": f"file://{workdir}/out-{allocator}-{index}",
         "inputs": {"model": str(paths["model"]), "data": str(paths[row.stage])},
         "hyperparameters": {**common, **row.hyperparameters},
         "distributed": {"nnodes": 1, "nproc_per_node": row.processes},
     }
-    path = workdir / f"config-{args.allocator}-{index}.json"
+    path = workdir / f"config-{allocator}-{index}.json"
     path.write_text(json.dumps(config))
     rc, peak, out, err = measure(
         [sys.executable, "-m", f"kubealign_jobs.{row.stage}", "--config", str(path)],
-        stage_env(workdir, args.allocator),
+        stage_env(workdir, allocator),
     )
     if rc:
         raise SystemExit(f"{row.stage} {row.name} failed:\n{err}")
@@ -254,10 +254,10 @@ print(json.dumps({"steps_per_s": 1 / statistics.median(intervals), "version": tr
 
 
 def run_trl(
-    args: argparse.Namespace, paths: dict[str, Path], workdir: Path, lora: dict[str, Any]
+    args: argparse.Namespace, paths: dict[str, Path], workdir: Path, lora: dict[str, Any], *, allocator: str
 ) -> dict[str, Any] | None:
     trl_dir = install_trl(TRL_VERSION, Path(args.trl_dir))
-    env = stage_env(workdir, args.allocator)
+    env = stage_env(workdir, allocator)
     env["PYTHONPATH"] = f"{trl_dir}{os.pathsep}{env['PYTHONPATH']}"
     settings = {
         "model": str(paths["model"]),
@@ -321,9 +321,8 @@ def main() -> None:
             f"{'estimate MiB':>13} {'steps/s':>8}"
         )
         for allocator in allocators:
-            args.allocator = allocator
             for index, row in enumerate(rows(lora)):
-                result = run_kubealign(args, row, paths, workdir, index)
+                result = run_kubealign(args, row, paths, workdir, index, allocator=allocator)
                 results[(allocator, row.stage, row.name)] = result
                 print(
                     f"{allocator:<6} {row.stage:<5} {row.name:<18} {row.processes:>5} "
@@ -331,7 +330,9 @@ def main() -> None:
                     f"{result['steps_per_s']:>8.3f}",
                     flush=True,
                 )
-            trl[allocator] = None if args.skip_trl else run_trl(args, paths, workdir, lora)
+            trl[allocator] = (
+                None if args.skip_trl else run_trl(args, paths, workdir, lora, allocator=allocator)
+            )
             found = trl[allocator]
             if found is not None:
                 name = f"TRL {found['version']} + peft"
