@@ -4,6 +4,7 @@
   or uses an existing cluster only when both KUBEALIGN_TEST_KUBECONFIG and KUBEALIGN_TEST_CONTEXT
   are set and the context's name marks it as throwaway (kind-*, kwok-*, *test*, *throwaway*).
 - `kube_api` (session), `namespace` (per test, deleted afterwards).
+- `mlflow_server` (session): a real `mlflow server` (sqlite backend) on a free 127.0.0.1 port.
 - `s3_server` (session): moto's standalone server as a subprocess on a free 127.0.0.1 port; it puts
   AWS_ENDPOINT_URL and credentials into os.environ so subprocesses inherit them. `s3`, `bucket`.
 
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
 # and the local runner inherit this).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# `kubealign run --local` tracks into a sqlite store in its workdir by default; the local-runner tests
+# that are not about tracking leave it off (tests/local/test_local_tracking.py runs the default).
+os.environ.setdefault("KUBEALIGN_MLFLOW", "off")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_TOOL = REPO_ROOT / "tools" / "cluster"
@@ -351,3 +355,53 @@ def bucket(s3: Any) -> Iterator[str]:
             if doomed:
                 s3.delete_objects(Bucket=name, Delete={"Objects": doomed})
         s3.delete_bucket(Bucket=name)
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    uri: str
+
+    def client(self) -> Any:
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """`mlflow server` with a sqlite backend store, as a platform team runs a small one."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    log_path = root / "mlflow-server.log"
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    server = MlflowServer(uri=f"http://127.0.0.1:{port}")
+    # Its first start creates the schema: about 10 s alone, a minute on two busy cores.
+    with serving(
+        process,
+        ready=lambda: _answers(f"{server.uri}/health"),
+        what="mlflow server",
+        log=log_path,
+        start_timeout=180,
+        stop_timeout=15,
+        poll=0.5,
+    ):
+        yield server

@@ -112,6 +112,16 @@ class StorageSettings:
 
 
 @dataclass(frozen=True)
+class Tracking:
+    """Where rank 0 logs params and per-step metrics (``kubealign_jobs.tracking``); credentials
+    come from env (MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN), never from here."""
+
+    mlflow_uri: str | None = None  # http(s)://, or sqlite:///path for a local store; None: no tracking
+    experiment: str = "kubealign"
+    run_uid: str = ""  # the AlignmentRun's uid: how the stages of one run find their parent MLflow run
+
+
+@dataclass(frozen=True)
 class StageConfig:
     """Everything one stage's trainer needs to know, rendered by the operator."""
 
@@ -126,6 +136,7 @@ class StageConfig:
     storage: StorageSettings = field(default_factory=StorageSettings)
     distributed: Distributed = field(default_factory=Distributed)
     seed: int = 0
+    tracking: Tracking = field(default_factory=Tracking)
 
     @property
     def artifact(self) -> str:
@@ -175,6 +186,7 @@ class StageConfig:
             storage=_sub(doc, "storage", StorageSettings),
             distributed=_sub(doc, "distributed", Distributed),
             seed=int(doc.get("seed", 0)),
+            tracking=_sub(doc, "tracking", Tracking),
         )
 
     @classmethod

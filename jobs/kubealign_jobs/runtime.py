@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubealign_jobs import stages, storage
+from kubealign_jobs import stages, storage, tracking
 from kubealign_jobs.config import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -146,6 +146,7 @@ class StageContext:
     scratch: Path  # this process's local scratch directory
     node_scratch: Path  # shared by the processes of this node: inputs are fetched once per node
     started: float
+    tracker: tracking.MlflowTracker | None = None  # rank 0's, where the config names a tracking URI
 
     @property
     def is_main(self) -> bool:
@@ -168,9 +169,12 @@ class StageContext:
         return self.accelerator.device
 
     def emit(self, record: dict[str, Any]) -> None:
-        """A JSON line on stdout from rank 0 (every record is tagged with the stage)."""
+        """A JSON line on stdout from rank 0 (every record is tagged with the stage), and its
+        numbers to the tracker at their step."""
         if self.is_main:
             emit({"stage": self.config.stage, "type": self.config.type, **record})
+            if self.tracker is not None:
+                self.tracker.log_record(record)
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
@@ -387,10 +391,15 @@ def run_stage(
             scratch=_scratch_dir(rank),
             node_scratch=_node_scratch_dir(config),
             started=started,
+            tracker=tracking.start(config, is_main=accelerator.is_main_process),
         )
         try:
             metrics = train(ctx, hp)
             ctx.barrier()
+        except BaseException as exc:
+            if ctx.tracker is not None:
+                ctx.tracker.finish("KILLED" if isinstance(exc, StoppedError) else "FAILED")
+            raise
         finally:
             shutil.rmtree(ctx.scratch, ignore_errors=True)
             if ctx.is_local_main:
@@ -399,6 +408,10 @@ def run_stage(
             result = {"status": "succeeded", "stage": stage, "artifact": config.artifact, **metrics}
             ctx.emit({"event": "done", **metrics, "elapsed_s": round(time.time() - started, 3)})
             write_termination_message(result)
+            if ctx.tracker is not None:
+                # After the artifact and the termination message: a slow tracker delays nothing.
+                steps = metrics.get("steps")
+                ctx.tracker.finish("FINISHED", int(steps) if isinstance(steps, int | float) else 0, metrics)
         accelerator.end_training()
         return EXIT_OK
     except StoppedError as stopped:

@@ -619,6 +619,25 @@ class SecretKey:
 
 
 @dataclass(frozen=True)
+class MlflowTracking:
+    """spec.tracking.mlflow: where the stages log; credentials only by Secret reference."""
+
+    uri: str
+    experiment: str = "kubealign"
+    secret_name: str | None = None
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any] | None) -> MlflowTracking | None:
+        if not doc:
+            return None
+        return cls(
+            uri=str(doc["uri"]),
+            experiment=str(doc.get("experiment") or "kubealign"),
+            secret_name=(doc.get("secretRef") or {}).get("name"),
+        )
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """The desired pipeline."""
 
@@ -632,6 +651,7 @@ class RunSpec:
     suspend: bool = False
     pod_annotations: Mapping[str, str] = field(default_factory=dict)
     seed: int = 0
+    mlflow: MlflowTracking | None = None  # spec.tracking.mlflow
 
     def stage(self, name: str) -> Stage:
         for stage in self.stages:
@@ -659,6 +679,7 @@ class RunSpec:
             suspend=bool(doc.get("suspend", False)),
             pod_annotations=dict(doc.get("podAnnotations") or {}),
             seed=int(doc.get("seed", 0)),
+            mlflow=MlflowTracking.from_dict((doc.get("tracking") or {}).get("mlflow")),
         )
 
 

@@ -2,9 +2,10 @@
 
 A platform team usually has one trainer image, one S3-compatible store, one conventional
 credentials Secret name per namespace and, with Kueue, one LocalQueue name. The Helm chart's
-``defaultTrainerImage``, ``s3.endpoint``, ``s3.region``, ``s3.credentialsSecret`` and
-``kueue.defaultQueueName`` values reach the operator as environment variables; a run that sets a
-field itself always keeps it. ``gpuMemory`` (one GPU's memory) is not a spec
+``defaultTrainerImage``, ``s3.endpoint``, ``s3.region``, ``s3.credentialsSecret``,
+``kueue.defaultQueueName`` and ``tracking.mlflow`` values reach the operator as environment
+variables; a run that sets a field itself always keeps it (``spec.tracking: {}`` opts a run out
+of the default tracker). ``gpuMemory`` (one GPU's memory) is not a spec
 default: `kubealign.fit` checks stages against it.
 
 The defaults are applied to the manifest the operator reads, before validation and rendering, so
@@ -26,6 +27,9 @@ ENV_REGION: Final = "KUBEALIGN_DEFAULT_S3_REGION"
 ENV_SECRET: Final = "KUBEALIGN_DEFAULT_S3_SECRET"
 ENV_GPU_MEMORY: Final = "KUBEALIGN_GPU_MEMORY"
 ENV_QUEUE_NAME: Final = "KUBEALIGN_DEFAULT_QUEUE_NAME"
+ENV_MLFLOW_URI: Final = "KUBEALIGN_DEFAULT_MLFLOW_URI"
+ENV_MLFLOW_EXPERIMENT: Final = "KUBEALIGN_DEFAULT_MLFLOW_EXPERIMENT"
+ENV_MLFLOW_SECRET: Final = "KUBEALIGN_DEFAULT_MLFLOW_SECRET"
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,9 @@ class InstallDefaults:
     secret_name: str | None = None
     gpu_memory: str | None = None  # memory of one GPU, a quantity such as 80Gi (kubealign.fit)
     queue_name: str | None = None  # Kueue LocalQueue for runs that set no spec.queueName
+    mlflow_uri: str | None = None  # MLflow tracking server for runs that set no spec.tracking
+    mlflow_experiment: str | None = None
+    mlflow_secret: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> InstallDefaults:
@@ -49,6 +56,9 @@ class InstallDefaults:
             secret_name=env.get(ENV_SECRET) or None,
             gpu_memory=env.get(ENV_GPU_MEMORY) or None,
             queue_name=env.get(ENV_QUEUE_NAME) or None,
+            mlflow_uri=env.get(ENV_MLFLOW_URI) or None,
+            mlflow_experiment=env.get(ENV_MLFLOW_EXPERIMENT) or None,
+            mlflow_secret=env.get(ENV_MLFLOW_SECRET) or None,
         )
 
     def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
@@ -62,6 +72,13 @@ class InstallDefaults:
             spec["image"] = self.image
         if self.queue_name and spec.get("queueName") is None:
             spec["queueName"] = self.queue_name
+        if self.mlflow_uri and spec.get("tracking") is None:
+            mlflow: dict[str, Any] = {"uri": self.mlflow_uri}
+            if self.mlflow_experiment:
+                mlflow["experiment"] = self.mlflow_experiment
+            if self.mlflow_secret:
+                mlflow["secretRef"] = {"name": self.mlflow_secret}
+            spec["tracking"] = {"mlflow": mlflow}
         storage = spec.get("storage")
         # file:// stores need no endpoint or credentials; a malformed spec is left for validation to name.
         if not isinstance(storage, dict) or not str(storage.get("uri", "")).startswith("s3://"):

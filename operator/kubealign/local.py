@@ -30,6 +30,8 @@ Differences from the cluster, all because there is one machine and no object sto
 Layout of the workdir::
 
     status.json                   the run's status, shaped like the custom resource's .status
+    mlflow.db                     the MLflow tracking store (sqlite), unless --mlflow says otherwise
+    run-uid                       the run's identity in the tracker, so a rerun continues its runs
     configs/<stage>.json          the stage-config documents
     logs/<stage>.log              stdout and stderr of every attempt, appended
     logs/<stage>.termination.json the latest attempt's termination message
@@ -49,6 +51,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -101,6 +104,7 @@ class LocalOptions:
     interactive: bool = False
     grace_s: float = 30.0
     processes: int = 1
+    mlflow: str | None = None  # --mlflow: a tracking URI, "off", or None for the default (see with_tracking)
 
 
 def utc_now() -> str:
@@ -182,6 +186,38 @@ def localize(run: api.AlignmentRun, *, manifest_dir: Path, workdir: Path) -> api
             )
         )
     return replace(run, spec=replace(run.spec, storage=storage, stages=tuple(stages)))
+
+
+MLFLOW_OFF: Final = "off"
+MLFLOW_ENV: Final = "KUBEALIGN_MLFLOW"
+MLFLOW_DB: Final = "mlflow.db"
+RUN_UID_FILE: Final = "run-uid"
+
+
+def local_run_uid(workdir: Path) -> str:
+    """The run's identity in the tracker, kept in the workdir: a rerun continues its MLflow runs,
+    a fresh workdir starts new ones (a cluster uses the AlignmentRun's metadata.uid)."""
+    path = workdir / RUN_UID_FILE
+    if not path.is_file():
+        workdir.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"local-{uuid.uuid4()}\n")
+    return path.read_text().strip()
+
+
+def with_tracking(run: api.AlignmentRun, mlflow: str | None, workdir: Path) -> api.AlignmentRun:
+    """Where the stages log: ``--mlflow URI``, else spec.tracking.mlflow, else a sqlite store at
+    ``<workdir>/mlflow.db`` (``mlflow ui --backend-store-uri sqlite:///<workdir>/mlflow.db`` shows
+    it); ``--mlflow off`` logs nowhere."""
+    if mlflow == MLFLOW_OFF:
+        return replace(run, spec=replace(run.spec, mlflow=None))
+    current = run.spec.mlflow
+    if mlflow:
+        tracking = replace(current, uri=mlflow) if current else api.MlflowTracking(uri=mlflow)
+    elif current is not None:
+        tracking = current
+    else:
+        tracking = api.MlflowTracking(uri=f"sqlite:///{(workdir / MLFLOW_DB).resolve()}")
+    return replace(run, uid=run.uid or local_run_uid(workdir), spec=replace(run.spec, mlflow=tracking))
 
 
 def missing_inputs(run: api.AlignmentRun, document: api.ManifestDocument, path: Path) -> list[str]:
@@ -722,6 +758,7 @@ def run_manifest(path: Path, options: LocalOptions, out: TextIO, err: TextIO) ->
         if problems:
             raise ManifestError(problems)
         with _workdir_lock(options.workdir):
+            run = with_tracking(run, options.mlflow, options.workdir)
             runner = LocalRunner(run, options, out)
             with _signals(runner.request_stop):
                 code = runner.execute()
@@ -793,6 +830,14 @@ def add_parser(subparsers: Any) -> None:
         "hyperparameters.sharding: fsdp (default: 1)",
     )
     parser.add_argument(
+        "--mlflow",
+        metavar="URI",
+        default=os.environ.get(MLFLOW_ENV) or None,
+        help=f"MLflow tracking URI the stages log to, or 'off' (default: ${MLFLOW_ENV}, else "
+        f"spec.tracking.mlflow, else sqlite:///WORKDIR/{MLFLOW_DB}, which `mlflow ui "
+        "--backend-store-uri` opens)",
+    )
+    parser.add_argument(
         "--python", default=sys.executable, help="interpreter for the stages (default: this one)"
     )
     parser.add_argument(
@@ -823,5 +868,6 @@ def _run_command(args: argparse.Namespace) -> int:
         python=args.python,
         interactive=sys.stdout.isatty() and not args.plain,
         processes=args.processes,
+        mlflow=args.mlflow,
     )
     return run_manifest(args.manifest, options, sys.stdout, sys.stderr)

@@ -24,6 +24,7 @@ from kubealign_jobs.config import (
     Inputs,
     StageConfig,
     StorageSettings,
+    Tracking,
     artifact_uri,
     checkpoints_uri,
 )
@@ -109,7 +110,15 @@ def stage_config(run: AlignmentRun, stage: Stage) -> StageConfig:
         storage=StorageSettings(endpoint=run.spec.storage.endpoint, region=run.spec.storage.region),
         distributed=Distributed(nnodes=stage.resources.nodes, nproc_per_node=nproc_per_node(stage)),
         seed=run.spec.seed if stage.seed is None else stage.seed,
+        tracking=_tracking(run),
     )
+
+
+def _tracking(run: AlignmentRun) -> Tracking:
+    mlflow = run.spec.mlflow
+    if mlflow is None:
+        return Tracking(run_uid=run.uid)
+    return Tracking(mlflow_uri=mlflow.uri, experiment=mlflow.experiment, run_uid=run.uid)
 
 
 def labels(run: AlignmentRun, stage: Stage, attempt: int) -> dict[str, str]:
@@ -216,6 +225,7 @@ def trainer_env(run: AlignmentRun, stage: Stage, attempt: int) -> dict[str, str]
         "KUBEALIGN_RUN": run.name,
         "KUBEALIGN_STAGE": stage.name,
         "KUBEALIGN_ATTEMPT": str(attempt),
+        "KUBEALIGN_JOB": job_name(run.name, stage.name, attempt),
         # No HF_HUB_OFFLINE: hf:// inputs reach the hub; every other model loads from a local
         # folder with local_files_only, so nothing else can.
         "PYTHONUNBUFFERED": "1",
@@ -243,6 +253,11 @@ def _env(run: AlignmentRun, stage: Stage, attempt: int) -> list[dict[str, Any]]:
             _secret_env("AWS_ACCESS_KEY_ID", storage.secret_name, optional=False),
             _secret_env("AWS_SECRET_ACCESS_KEY", storage.secret_name, optional=False),
             _secret_env("AWS_SESSION_TOKEN", storage.secret_name, optional=True),
+        ]
+    if run.spec.mlflow is not None and run.spec.mlflow.secret_name:
+        env += [
+            _secret_env(key, run.spec.mlflow.secret_name, optional=True)
+            for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
         ]
     if run.spec.hub_token is not None:
         token = run.spec.hub_token

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,8 +182,12 @@ def run_stage(
     return StageRun(proc.returncode, parse_records(proc.stdout), proc.stderr, message)
 
 
-def run_until_checkpoint(stage_type: str, tmp: Path, config: Path, step: int) -> None:
-    """Start a stage and SIGKILL it, torchrun workers included, once checkpoint ``step`` is published."""
+def run_until_checkpoint(
+    stage_type: str, tmp: Path, config: Path, step: int, *, ready: Callable[[], bool] | None = None
+) -> int:
+    """Start a stage and SIGKILL it, torchrun workers included, once checkpoint ``step`` is published
+    (or, with ``ready``, the first checkpoint from ``step`` on at which ``ready()`` holds); the
+    step of that checkpoint."""
     proc = subprocess.Popen(
         [sys.executable, "-m", f"kubealign_jobs.{stage_type}", "--config", str(config)],
         stdout=subprocess.PIPE,
@@ -192,10 +197,14 @@ def run_until_checkpoint(stage_type: str, tmp: Path, config: Path, step: int) ->
         start_new_session=True,
     )
     assert proc.stdout is not None
+    reached = 0
     try:
         for line in proc.stdout:
             records = parse_records(line)
-            if records and records[0].get("event") == "checkpoint" and records[0]["step"] == step:
+            if not records or records[0].get("event") != "checkpoint":
+                continue
+            reached = int(records[0]["step"])
+            if reached >= step and (ready is None or ready()):
                 break
         else:
             pytest.fail(f"the stage ended before checkpoint {step}")
@@ -210,6 +219,7 @@ def run_until_checkpoint(stage_type: str, tmp: Path, config: Path, step: int) ->
         while processes_with(str(config)) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not processes_with(str(config)), "the killed stage left processes behind"
+    return reached
 
 
 def processes_with(needle: str) -> list[int]:

@@ -10,6 +10,9 @@ from kubealign import api
 from kubealign.defaults import (
     ENV_ENDPOINT,
     ENV_IMAGE,
+    ENV_MLFLOW_EXPERIMENT,
+    ENV_MLFLOW_SECRET,
+    ENV_MLFLOW_URI,
     ENV_QUEUE_NAME,
     ENV_REGION,
     ENV_SECRET,
@@ -150,3 +153,33 @@ def test_without_an_install_image_a_run_without_one_stays_invalid() -> None:
     assert "image" not in applied["spec"]
     (error,) = api.validate(applied, require_image=True)
     assert error.path == "spec.image" and ENV_IMAGE in error.message
+
+
+@pytest.mark.parametrize(
+    ("environ", "tracking", "expected"),
+    [
+        ({}, None, None),
+        ({ENV_MLFLOW_URI: "http://mlflow:5000"}, None, {"mlflow": {"uri": "http://mlflow:5000"}}),
+        (
+            {ENV_MLFLOW_URI: "http://mlflow:5000", ENV_MLFLOW_EXPERIMENT: "team", ENV_MLFLOW_SECRET: "ml"},
+            None,
+            {"mlflow": {"uri": "http://mlflow:5000", "experiment": "team", "secretRef": {"name": "ml"}}},
+        ),
+        # What the run says wins, and an empty tracking opts the run out of the default.
+        (
+            {ENV_MLFLOW_URI: "http://mlflow:5000"},
+            {"mlflow": {"uri": "http://own"}},
+            {"mlflow": {"uri": "http://own"}},
+        ),
+        ({ENV_MLFLOW_URI: "http://mlflow:5000"}, {}, {}),
+    ],
+)
+def test_the_install_tracker_fills_runs_without_tracking(
+    environ: dict[str, str], tracking: dict[str, Any] | None, expected: dict[str, Any] | None
+) -> None:
+    manifest = _run({"uri": "file:///data/runs"})
+    if tracking is not None:
+        manifest["spec"]["tracking"] = tracking
+    applied = InstallDefaults.from_env(environ).apply(manifest)
+    assert applied["spec"].get("tracking") == expected
+    assert api.validate(applied) == []

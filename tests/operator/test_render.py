@@ -361,3 +361,54 @@ def test_a_negative_seed_is_refused_naming_the_field() -> None:
     body = manifest()
     body["spec"]["stages"][2]["seed"] = -1
     assert [e.path for e in api.validate(body)] == ["spec.stages[2].seed"]
+
+
+@pytest.mark.parametrize(
+    ("tracking", "config", "secret_env"),
+    [
+        (None, {"mlflow_uri": None, "experiment": "kubealign", "run_uid": UID}, {}),
+        (
+            {"mlflow": {"uri": "http://mlflow.mlflow:5000"}},
+            {"mlflow_uri": "http://mlflow.mlflow:5000", "experiment": "kubealign", "run_uid": UID},
+            {},
+        ),
+        (
+            {"mlflow": {"uri": "https://mlflow.example", "experiment": "rlhf", "secretRef": {"name": "ml"}}},
+            {"mlflow_uri": "https://mlflow.example", "experiment": "rlhf", "run_uid": UID},
+            {
+                key: {"secretKeyRef": {"name": "ml", "key": key, "optional": True}}
+                for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+            },
+        ),
+    ],
+)
+def test_tracking_reaches_the_stage_config_and_credentials_come_by_reference(
+    tracking: dict[str, Any] | None, config: dict[str, Any], secret_env: dict[str, Any]
+) -> None:
+    body = manifest() if tracking is None else manifest(tracking=tracking)
+    assert api.validate(body) == []
+    alr = run(body)
+    sft = alr.spec.stage("sft")
+    assert render.stage_config(alr, sft).to_dict()["tracking"] == config
+    env = _env(render.build_job(alr, sft, 3))
+    assert {k: v for k, v in env.items() if k.startswith("MLFLOW_")} == secret_env
+    # The tracker's tags name the Job and its attempt.
+    assert env["KUBEALIGN_JOB"] == render.job_name(alr.name, "sft", 3)
+    assert env["KUBEALIGN_ATTEMPT"] == "3"
+
+
+@pytest.mark.parametrize(
+    ("tracking", "field"),
+    [
+        ({"mlflow": {}}, "spec.tracking.mlflow.uri"),
+        ({"mlflow": {"uri": "ftp://x"}}, "spec.tracking.mlflow.uri"),
+        ({"mlflow": {"uri": "http://m", "experiment": ""}}, "spec.tracking.mlflow.experiment"),
+        (
+            {"mlflow": {"uri": "http://m", "secretRef": {"name": "Bad_Name"}}},
+            "spec.tracking.mlflow.secretRef.name",
+        ),
+    ],
+)
+def test_bad_tracking_is_refused_naming_the_field(tracking: dict[str, Any], field: str) -> None:
+    errors = api.validate(manifest(tracking=tracking))
+    assert errors and errors[0].path == field, errors
