@@ -1,9 +1,10 @@
 """A real local Kubernetes control plane for kubealign's tests, run by `tools/cluster`.
 
-It builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, helm and
-Kueue from source with plain `go build` (wrapper modules in tools/go/, binaries cached outside the repo
-by version and build flags), then starts them on free 127.0.0.1 ports with TLS, client-certificate
-auth, RBAC and service-account signing keys, and lets kwok play the kubelet for N fake GPU nodes.
+It builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, helm,
+Kueue and Prometheus (for the monitoring tests) from source with plain `go build` (wrapper modules
+in tools/go/, binaries cached outside the repo by version and build flags), then starts them on
+free 127.0.0.1 ports with TLS, client-certificate auth, RBAC and service-account signing keys, and
+lets kwok play the kubelet for N fake GPU nodes.
 
 Standard library only: it has to run before the project's virtualenv exists.
 
@@ -190,7 +191,13 @@ class Binary:
 
     def build_flags(self) -> list[str]:
         """What `go build` is given besides `-o` and the package."""
-        return ["-trimpath", "-ldflags", self.ldflags()]
+        flags = ["-trimpath", "-ldflags", self.ldflags()]
+        if self.module_dir == "prometheus":
+            # Static scrape targets only: without the cloud service discoveries (AWS, Azure, GCE, ...)
+            # the build takes a third of the time. The web UI's assets are not in the Go module;
+            # the HTTP API, which the tests query, does not need them.
+            flags += ["-tags", "remove_all_sd"]
+        return flags
 
     def build_key(self) -> str:
         """A short hash of the build flags and package: the version alone does not say how it was built."""
@@ -222,6 +229,13 @@ BINARIES = (
     Binary("kwok", "kwok", "sigs.k8s.io/kwok", "sigs.k8s.io/kwok/cmd/kwok"),
     Binary("helm", "helm", "helm.sh/helm/v3", "helm.sh/helm/v3/cmd/helm"),
     Binary("kueue", "kueue", "sigs.k8s.io/kueue", "sigs.k8s.io/kueue/cmd/kueue"),
+    # Not part of the cluster: tests/cluster/test_monitoring.py scrapes the operator with it.
+    Binary(
+        "prometheus",
+        "prometheus",
+        "github.com/prometheus/prometheus",
+        "github.com/prometheus/prometheus/cmd/prometheus",
+    ),
 )
 BINARY_BY_NAME = {binary.name: binary for binary in BINARIES}
 KWOK_STAGE_CRD = "kwok.x-k8s.io_stages.yaml"
@@ -467,7 +481,7 @@ def build() -> None:
 
 def require_built(*, kueue: bool = False) -> None:
     """`up` needs every binary but helm (and kueue, unless asked for), and the manifests it applies."""
-    optional = {"helm"} if kueue else {"helm", "kueue"}
+    optional = {"helm", "prometheus"} if kueue else {"helm", "prometheus", "kueue"}
     missing = [binary for binary in missing_binaries() if binary.name not in optional]
     if missing or not manifests_fetched():
         names = ", ".join(binary.name for binary in missing) or "the kwok and Kueue manifests"

@@ -9,11 +9,18 @@ durations and retries that an earlier process already counted are not counted tw
 Exposed series (names follow Prometheus conventions: base units, ``_total`` for counters)::
 
     kubealign_alignmentruns{phase}                        runs this operator knows, by status.phase
+    kubealign_alignmentrun_phase{namespace,name,phase}    1 per run, labelled with its current phase
+                                                          (the "failed run" alert names the run)
+    kubealign_stage_queued_since_timestamp_seconds{namespace,run,stage,type}
+                                                          when each stage waiting for Kueue began to
+                                                          wait (the "queued too long" alert)
     kubealign_stage_duration_seconds{type,phase}          histogram: stage start -> terminal phase
     kubealign_stage_retries_total{type}                   attempts started beyond a stage's first
     kubealign_stage_queued_seconds{type}                  histogram: one wait for admission by Kueue
                                                           (Queued -> admitted), each wait once
-    kubealign_reconcile_errors_total{reason}              reconcile failures (the resync retries)
+    kubealign_reconcile_errors_total{reason}              reconcile failures (the resync retries),
+                                                          and creates the API server refused
+                                                          (reason CreateFailed: a quota, a webhook)
     kubealign_handover_seconds                            histogram: a stage's Job finished -> the
                                                           next attempt's Job created (as the operator saw it)
     kubealign_operator_leader                             1 on the replica holding the leader Lease
@@ -62,28 +69,41 @@ HANDOVER_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 
 
 class _RunPhaseCollector(Collector):
-    """Reports the phase count from a live map, so a deleted run simply stops being counted.
+    """Reports phases from live maps, so a deleted run (or an admitted stage) simply stops being counted.
 
-    A plain labelled Gauge would need the previous phase of every run to decrement it; the map is the
-    single source of truth instead, and every phase is always reported (zeros included) so dashboards
-    and alerts never see a series vanish.
+    A plain labelled Gauge would need the previous phase of every run to decrement it; the maps are
+    the single source of truth instead. The count by phase always reports every phase (zeros
+    included), so dashboards and alerts never see those series vanish.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._phases: dict[tuple[str, str], str] = {}
+        self._queued: dict[tuple[str, str, str], tuple[str, float]] = {}  # -> (type, since)
 
     def set(self, key: tuple[str, str], phase: str) -> None:
         with self._lock:
             self._phases[key] = phase
 
+    def set_queued(self, key: tuple[str, str], queued: Mapping[str, tuple[str, float]]) -> None:
+        """The run's stages that wait for admission now: stage -> (type, since when)."""
+        with self._lock:
+            for gone in [k for k in self._queued if k[:2] == key]:
+                del self._queued[gone]
+            namespace, run = key
+            for stage, value in queued.items():
+                self._queued[(namespace, run, stage)] = value
+
     def forget(self, key: tuple[str, str]) -> None:
         with self._lock:
             self._phases.pop(key, None)
+        self.set_queued(key, {})
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         with self._lock:
-            phases = list(self._phases.values())
+            runs = sorted(self._phases.items())
+            queued = sorted(self._queued.items())
+        phases = [phase for _, phase in runs]
         family = GaugeMetricFamily(
             "kubealign_alignmentruns",
             "AlignmentRuns known to this operator, by status.phase.",
@@ -92,6 +112,22 @@ class _RunPhaseCollector(Collector):
         for phase in (*RUN_PHASES, *sorted(set(phases) - set(RUN_PHASES))):
             family.add_metric([phase], float(phases.count(phase)))
         yield family
+        each = GaugeMetricFamily(
+            "kubealign_alignmentrun_phase",
+            "1 for each AlignmentRun this operator knows, labelled with its status.phase.",
+            labels=["namespace", "name", "phase"],
+        )
+        for (namespace, name), phase in runs:
+            each.add_metric([namespace, name, phase], 1.0)
+        yield each
+        waiting = GaugeMetricFamily(
+            "kubealign_stage_queued_since_timestamp_seconds",
+            "Unix time at which each stage now waiting for admission by Kueue began to wait.",
+            labels=["namespace", "run", "stage", "type"],
+        )
+        for (namespace, run, stage), (stage_type, since) in queued:
+            waiting.add_metric([namespace, run, stage, stage_type], since)
+        yield waiting
 
 
 def _parse_time(value: object) -> datetime | None:
@@ -208,6 +244,12 @@ class OperatorMetrics:
         phase = after.get("phase")
         if isinstance(phase, str) and phase:
             self.set_run_phase(namespace=namespace, name=name, phase=phase)
+        queued: dict[str, tuple[str, float]] = {}
+        for stage_name, stage in _stages_by_name(after).items():
+            since = _parse_time(stage.get("queuedSince"))
+            if since is not None:
+                queued[stage_name] = (str(stage.get("type") or "unknown"), since.timestamp())
+        self._runs.set_queued((namespace, name), queued)
         if before is None:
             return
         old_stages = _stages_by_name(before)

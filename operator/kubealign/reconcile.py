@@ -404,6 +404,10 @@ class Reconciler:
             plan.Note("Warning", "CreateFailed", f"stage {stage}: {message}")
             for stage, message in blocked.items()
         )
+        for _ in blocked:
+            # A create the API server refused (a quota, an admission webhook) is a reconcile that
+            # could not do its work: the errors metric and its alert see it, by the Event's reason.
+            self.metrics.count_reconcile_error(reason="CreateFailed")
         body = status.to_dict()
         patched = body != manifest.get("status")
         if status.phase in TERMINAL_RUN_PHASES:

@@ -459,3 +459,38 @@ def test_helm_install_grants_the_operator_exactly_its_rules(helm: str, cluster: 
         assert not _can(cluster, user, "update", "leases.coordination.k8s.io", "kube-system")
     finally:
         run_helm(helm, "uninstall", "kubealign", f"--namespace={namespace}", "--wait", cluster=cluster)
+
+
+def test_monitoring_is_off_by_default_and_each_part_renders_on_its_own(helm: str) -> None:
+    kinds = {doc["kind"] for doc in render(helm)}
+    assert not kinds & {"PrometheusRule", "ServiceMonitor"}
+    assert not [d for d in by_kind(render(helm), "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+
+    docs = render(
+        helm,
+        "monitoring.grafanaDashboard.enabled=true",
+        "monitoring.grafanaDashboard.namespace=grafana",
+        "monitoring.prometheusRule.enabled=true",
+        "monitoring.prometheusRule.queuedTooLongSeconds=600",
+        "monitoring.prometheusRule.labels.release=prom",
+        "monitoring.serviceMonitor.enabled=true",
+    )
+    (dashboard,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    assert dashboard["metadata"]["namespace"] == "grafana"
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    board = json.loads(dashboard["data"]["kubealign-operator.json"])
+    assert board["uid"] == "kubealign-operator"
+    # Every panel queries the dashboard's datasource variable, so it works with any Prometheus.
+    assert {p["datasource"]["uid"] for p in board["panels"]} == {"${datasource}"}
+    assert len({p["id"] for p in board["panels"]}) == len(board["panels"])
+    rule = only(docs, "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "prom"
+    rules = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
+    assert sorted(rules) == ["KubealignReconcileErrors", "KubealignRunFailed", "KubealignStageQueuedTooLong"]
+    assert rules["KubealignStageQueuedTooLong"]["expr"].endswith("> 600")
+    # Alert templates reach Prometheus unrendered by helm.
+    assert "{{ $labels.name }}" in rules["KubealignRunFailed"]["annotations"]["summary"]
+    monitor = only(docs, "ServiceMonitor")
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+    service = next(s for s in by_kind(docs, "Service") if s["metadata"]["name"].endswith("-metrics"))
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()

@@ -163,3 +163,43 @@ def test_each_wait_for_admission_is_observed_once() -> None:
     samples = _samples(metrics)
     assert samples[("kubealign_stage_queued_seconds_count", (("type", "sft"),))] == 2
     assert samples[("kubealign_stage_queued_seconds_sum", (("type", "sft"),))] == 17.0
+
+
+def test_each_run_reports_its_phase_and_each_waiting_stage_when_it_began_to_wait() -> None:
+    metrics = OperatorMetrics()
+    queued = {**_stage("sft", "Queued"), "queuedSince": "2026-01-01T00:00:10Z"}
+    # First sight (an operator restart) already reports both: alerts need no transition.
+    metrics.record_status_change(
+        namespace="a", name="r", before=None, after={"phase": "Running", "stages": [queued]}
+    )
+    metrics.record_status_change(namespace="a", name="bad", before=None, after={"phase": "Failed"})
+    samples = _samples(metrics)
+    assert (
+        samples[("kubealign_alignmentrun_phase", (("name", "r"), ("namespace", "a"), ("phase", "Running")))]
+        == 1
+    )
+    assert (
+        samples[("kubealign_alignmentrun_phase", (("name", "bad"), ("namespace", "a"), ("phase", "Failed")))]
+        == 1
+    )
+    waiting = (
+        "kubealign_stage_queued_since_timestamp_seconds",
+        (("namespace", "a"), ("run", "r"), ("stage", "sft"), ("type", "sft")),
+    )
+    assert samples[waiting] == 1767225610.0  # 2026-01-01T00:00:10Z
+    # Admitted: the stage's series goes; a new phase replaces the run's old one.
+    running = _stage("sft", "Running")
+    metrics.record_status_change(
+        namespace="a",
+        name="r",
+        before={"phase": "Running", "stages": [queued]},
+        after={"phase": "Succeeded", "stages": [running]},
+    )
+    samples = _samples(metrics)
+    assert waiting not in samples
+    phases = [key for key in samples if key[0] == "kubealign_alignmentrun_phase" and ("name", "r") in key[1]]
+    assert phases == [
+        ("kubealign_alignmentrun_phase", (("name", "r"), ("namespace", "a"), ("phase", "Succeeded")))
+    ]
+    metrics.forget_run(namespace="a", name="bad")
+    assert not [key for key in _samples(metrics) if ("name", "bad") in key[1]]
