@@ -31,6 +31,9 @@ DEFAULT_CONFIG_PATH = "/etc/kubealign/stage.json"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 TERMINATION_MESSAGE_LIMIT = 4096
 
+# The evaluate stage's judge server API key (hyperparameters.judge.secretRef), set by the operator.
+JUDGE_API_KEY_ENV = "KUBEALIGN_JUDGE_API_KEY"
+
 ARTIFACT_DIR = "artifact"
 CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.json"

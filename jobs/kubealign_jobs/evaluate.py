@@ -48,21 +48,24 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from kubealign_jobs import data, loop, runtime, scorers, storage
+from kubealign_jobs import judge as judging
 from kubealign_jobs import model as models
 from kubealign_jobs.attention import use_fast_masks
-from kubealign_jobs.config import ConfigError, derive_seed
+from kubealign_jobs.config import JUDGE_API_KEY_ENV, ConfigError, derive_seed
 from kubealign_jobs.runtime import StageContext
 from kubealign_jobs.sampling import Samples, SamplingParams, completion_kl, sample
 from kubealign_jobs.stages import EvaluateHyperparameters as Hyperparameters
 
+T = TypeVar("T")
 REFERENCE = "reference"
 BEST_OF_N = "best_of_n"
 RESULTS_FILE = "results.json"
@@ -133,7 +136,7 @@ def _judges(ctx: StageContext, hp: Hyperparameters) -> Judges:
 PerAnswer = dict[str, list[float]]
 
 
-def in_global_order(ctx: StageContext, values: PerAnswer) -> PerAnswer:
+def in_global_order(ctx: StageContext, values: dict[str, list[T]]) -> dict[str, list[T]]:
     """Every rank's lists joined in global answer order: answer i was rank (i mod W)'s number i // W."""
     gathered = ctx.gather(values)
     world = ctx.world_size
@@ -184,9 +187,9 @@ def _sampled_cell(
     judges: Judges,
     temperature: float,
     seed: int,
-) -> tuple[PerAnswer, list[dict[str, Any]]]:
+) -> tuple[PerAnswer, list[dict[str, Any]], list[str]]:
     """``policy``'s answers at ``temperature``, judged, with their exact KL to ``reference``: the
-    per-answer values and this rank's first answers to show."""
+    per-answer values, this rank's first answers to show, and every answer (global order)."""
     torch.manual_seed(seed)
     samples = _sample(hp, policy, tokenizer, prompts, temperature)
     scores = judges.score(samples)
@@ -194,7 +197,8 @@ def _sampled_cell(
         policy, reference, samples, temperature=temperature, top_p=hp.top_p, batch_size=hp.batch_size
     )
     values = _per_answer(ctx, scores, {"kl": exact.tolist(), "kl_mc": monte_carlo.tolist()})
-    return values, shown_answers(hp, samples, scores["judge"])
+    texts = in_global_order(ctx, {"answers": samples.completions})["answers"]
+    return values, shown_answers(hp, samples, scores["judge"]), texts
 
 
 Answers = dict[str, list[dict[str, Any]]]  # temperature -> the first few (prompt, answer, score)
@@ -217,6 +221,7 @@ class Unit:
     cells: dict[str, dict[str, float]]
     per_answer: dict[str, PerAnswer]
     answers: Answers
+    texts: dict[str, list[str]] = field(default_factory=dict)  # every answer, for the judge (not saved)
 
 
 def evaluate_reference(
@@ -242,7 +247,7 @@ def evaluate_reference(
     best_answers: dict[str, PerAnswer] = {}
     for t_index, temperature in enumerate(hp.temperatures):
         key = temperature_key(temperature)
-        values, unit.answers[key] = _sampled_cell(
+        values, unit.answers[key], unit.texts[key] = _sampled_cell(
             ctx,
             hp,
             policy=reference,
@@ -326,7 +331,7 @@ def evaluate_policy(
     result = Unit({}, {}, {})
     for t_index, temperature in enumerate(hp.temperatures):
         key = temperature_key(temperature)
-        values, result.answers[key] = _sampled_cell(
+        values, result.answers[key], result.texts[key] = _sampled_cell(
             ctx,
             hp,
             policy=policy,
@@ -340,6 +345,60 @@ def evaluate_policy(
         result.cells[key] = cell_metrics(values, baselines[key])
         result.per_answer[key] = values
     return result
+
+
+# ---------------------------------------------------------------------------- judged win rates
+
+JUDGE_CACHE = "judge-cache"
+
+
+def make_judge(ctx: StageContext, hp: Hyperparameters) -> judging.PairwiseJudge | None:
+    """Rank 0's pairwise judge (every rank takes part in fetching an in-pod judge's weights)."""
+    settings = hp.judge_settings
+    if settings is None:
+        return None
+    model_dir = None if settings.model_uri is None else loop.fetch_model(ctx, settings.model_uri, "judge")
+    if not ctx.is_main:
+        return None
+    backend: judging.ChatBackend
+    if model_dir is not None:
+        backend = judging.LocalChat(model_dir, settings, device=ctx.device, batch_size=hp.batch_size)
+    else:
+        backend = judging.OpenAIChat(settings, api_key=os.environ.get(JUDGE_API_KEY_ENV))
+    # Verdicts live beside the stage's checkpoints: a retried evaluate asks nothing twice.
+    cache = judging.VerdictCache(storage.join(ctx.config.checkpoints, JUDGE_CACHE))
+    return judging.PairwiseJudge(backend, settings.template, cache)
+
+
+def judge_unit(
+    ctx: StageContext,
+    hp: Hyperparameters,
+    judge: judging.PairwiseJudge | None,
+    *,
+    unit: int,
+    cells: Unit,
+    baselines: dict[str, list[str]],
+    queries: list[str],
+) -> None:
+    """Add each cell's judged win rate against the baseline's answers (rank 0 asks, all get it)."""
+    found: dict[str, dict[str, float]] = {}
+    settings = hp.judge_settings
+    if judge is not None and settings is not None:
+        for t_index, key in enumerate(cells.cells):
+            judged = judge.judge(queries, cells.texts[key], baselines[key])
+            found[key] = judged.summary(
+                cells.texts[key],
+                baselines[key],
+                length_controlled=settings.length_controlled,
+                seed=derive_seed(ctx.config.seed, unit, t_index),
+            )
+        found[""] = {"asked": float(judge.asked)}
+    found = ctx.broadcast(found)
+    asked = found.pop("", {}).get("asked")
+    for key, values in found.items():
+        cells.cells[key].update(values)
+    if asked is not None:
+        ctx.emit({"event": "judged", "unit": unit, "asked": asked})
 
 
 # ---------------------------------------------------------------------------- the stage
@@ -392,7 +451,12 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     if len(repeated) < ctx.world_size:
         raise data.DataError(f"{data_uri}: {len(repeated)} eval answers for {ctx.world_size} processes")
     prompts = repeated[ctx.rank :: ctx.world_size]
+    judge = make_judge(ctx, hp)
+    queries = [
+        data.prompt_text(row, judging.query_format) for row in rows for _ in range(hp.samples_per_prompt)
+    ]
     data_baseline = None
+    given: list[str] = []
     if hp.baseline == "data":
         given = [reference_answer(row, chat_format) for row in rows for _ in range(hp.samples_per_prompt)]
         scored = {"reward": judges.judge.score(prompts, given[ctx.rank :: ctx.world_size])}
@@ -409,6 +473,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         units[REFERENCE] = _unit(done[0])
         best = done[0].get(BEST_OF_N)
         baselines = done[0]["baselines"]
+        baseline_texts = done[0].get("baseline_answers") or {}
     else:
         with ctx.accelerator.autocast():
             units[REFERENCE], best, baselines = evaluate_reference(
@@ -420,11 +485,25 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
                 judges=judges,
                 data_baseline=data_baseline,
             )
+        # What the judge compares with: the data's answers, or the reference's at each temperature.
+        baseline_texts = {
+            key: given if hp.baseline == "data" else texts for key, texts in units[REFERENCE].texts.items()
+        }
+        if hp.baseline == "data":  # against its own answers the reference would only tie
+            judge_unit(
+                ctx, hp, judge, unit=0, cells=units[REFERENCE], baselines=baseline_texts, queries=queries
+            )
         # The baselines are saved so a resumed run compares against the same answers.
         _save_unit(
             ctx,
             0,
-            {"name": REFERENCE, **_unit_doc(units[REFERENCE]), "baselines": baselines, BEST_OF_N: best},
+            {
+                "name": REFERENCE,
+                **_unit_doc(units[REFERENCE]),
+                "baselines": baselines,
+                "baseline_answers": baseline_texts,
+                BEST_OF_N: best,
+            },
         )
     ctx.emit({"step": 1, "total_steps": len(names), "policy": REFERENCE, **_headline(units[REFERENCE].cells)})
 
@@ -448,6 +527,9 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
                     baselines=baselines,
                 )
             del policy
+            judge_unit(
+                ctx, hp, judge, unit=unit, cells=units[name], baselines=baseline_texts, queries=queries
+            )
             _save_unit(ctx, unit, {"name": name, **_unit_doc(units[name])})
         ctx.emit(
             {"step": unit + 1, "total_steps": len(names), "policy": name, **_headline(units[name].cells)}
@@ -458,6 +540,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         "per_answer": {name: unit.per_answer for name, unit in units.items()},
         "kl_method": "exact",
         "judge": judges.judge.name,
+        "pairwise_judge": None if hp.judge_settings is None else _judge_description(hp),
         "baseline": hp.baseline,
         "prompts": len(all_prompts),
         "samples_per_prompt": hp.samples_per_prompt,
@@ -497,15 +580,29 @@ def reference_answer(row: data.Row, chat_format: data.ChatFormatter = data.defau
 def _headline(cells: dict[str, dict[str, float]]) -> dict[str, float]:
     """The highest temperature's numbers, for progress lines."""
     last = cells[max(cells, key=float)]
-    return {"reward": last["reward"], "kl": last["kl"], "win_rate": last["win_rate"]}
+    keys = ("reward", "kl", "win_rate", "judge_win_rate", "judge_win_rate_low", "judge_win_rate_high")
+    return {key: last[key] for key in keys if key in last}
+
+
+def _judge_description(hp: Hyperparameters) -> dict[str, Any]:
+    settings = hp.judge_settings
+    assert settings is not None
+    return {
+        "judge": settings.model_uri or f"{settings.model}@{settings.endpoint}",
+        "template": settings.template if settings.template in judging.TEMPLATES else "custom",
+        "orders": "both (A/B and B/A); disagreeing orders count as a tie",
+        "interval": "95% percentile bootstrap over prompts",
+    }
 
 
 def _summary(report: dict[str, Any]) -> dict[str, Any]:
     """Compact per-policy figures for the termination message (<= 4 KB): the mean over temperatures."""
     out: dict[str, Any] = {"prompts": report["prompts"], "judge": report["judge"]}
     for name, cells in report["policies"].items():
-        for metric in ("reward", "win_rate", "kl"):
-            out[f"{name}/{metric}"] = round(sum(c[metric] for c in cells.values()) / len(cells), 5)
+        for metric in ("reward", "win_rate", "kl", "judge_win_rate"):
+            values = [c[metric] for c in cells.values() if metric in c]
+            if values:
+                out[f"{name}/{metric}"] = round(sum(values) / len(values), 5)
     return out
 
 

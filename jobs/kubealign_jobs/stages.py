@@ -23,6 +23,7 @@ import enum
 import functools
 import json
 import math
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -352,6 +353,112 @@ def lora_settings(value: Mapping[str, Any]) -> LoraSettings:
     return LoraSettings(r=r, alpha=float(alpha), dropout=float(dropout), target_modules=targets)
 
 
+JUDGE_TEMPLATES: Final = ("dialogue", "summarization")
+JUDGE_KEYS: Final = (
+    "endpoint",
+    "model",
+    "secretRef",
+    "template",
+    "max_concurrency",
+    "max_retries",
+    "timeout_seconds",
+    "max_tokens",
+    "length_controlled",
+)
+
+
+@dataclass(frozen=True)
+class JudgeSettings:
+    """The evaluate stage's ``judge``: pairwise verdicts from an OpenAI-compatible chat server
+    (``endpoint`` + ``model``, its key from ``secretRef``) or from a model loaded in the pod
+    (``model: {uri: ...}``). ``template`` is ``dialogue``, ``summarization`` or a prompt of your
+    own with ``{query}``, ``{answer_a}`` and ``{answer_b}`` (kubealign_jobs.judge)."""
+
+    endpoint: str | None = None
+    model: str | None = None  # the served model's name, with endpoint
+    model_uri: str | None = None  # an in-pod judge: a model folder, .gguf or hf:// URI
+    secret_name: str | None = None
+    secret_key: str = "apiKey"
+    template: str = "dialogue"
+    max_concurrency: int = 4
+    max_retries: int = 4
+    timeout_seconds: float = 60.0
+    max_tokens: int = 128
+    length_controlled: bool = False
+
+
+def judge_settings(value: Mapping[str, Any]) -> JudgeSettings:
+    """``hyperparameters.judge`` as `JudgeSettings`; a ConfigError names ``hyperparameters.judge.<key>``."""
+    where = "hyperparameters.judge"
+    for key in value:
+        if key not in JUDGE_KEYS:
+            hint = _suggest(key, JUDGE_KEYS) or f" (known: {', '.join(JUDGE_KEYS)})"
+            raise ConfigError(f"{where}.{key}: unknown judge setting{hint}")
+    model = value.get("model")
+    endpoint = value.get("endpoint")
+    model_uri = None
+    if isinstance(model, Mapping):
+        if set(model) != {"uri"} or not isinstance(model["uri"], str) or not model["uri"]:
+            raise ConfigError(
+                f"{where}.model: an in-pod judge is {{uri: <model folder, .gguf or hf:// URI>}}"
+            )
+        if endpoint is not None:
+            raise ConfigError(f"{where}.model: with an endpoint, model is the served model's name")
+        model_uri, model = model["uri"], None
+    elif endpoint is None:
+        raise ConfigError(
+            f"{where}: set endpoint and model (a chat server), or model: {{uri: ...}} (in the pod)"
+        )
+    else:
+        if not isinstance(endpoint, str) or not re.match(r"^https?://\S+$", endpoint):
+            raise ConfigError(
+                f"{where}.endpoint: expected an http(s):// base URL such as http://vllm:8000/v1"
+            )
+        if not isinstance(model, str) or not model:
+            raise ConfigError(f"{where}.model: the model name the server serves, a non-empty string")
+    secret = value.get("secretRef")
+    if secret is not None and (not isinstance(secret, Mapping) or not isinstance(secret.get("name"), str)):
+        raise ConfigError(f"{where}.secretRef: expected {{name: <Secret>, key: <key, default apiKey>}}")
+    template = value.get("template", "dialogue")
+    if not isinstance(template, str) or not (
+        template in JUDGE_TEMPLATES or all(f"{{{k}}}" in template for k in ("query", "answer_a", "answer_b"))
+    ):
+        raise ConfigError(
+            f"{where}.template: {' or '.join(JUDGE_TEMPLATES)}, or a prompt containing "
+            "{query}, {answer_a} and {answer_b}"
+        )
+    numbers: dict[str, Any] = {}
+    for key, kind, low in (
+        ("max_concurrency", int, 1),
+        ("max_retries", int, 0),
+        ("max_tokens", int, 1),
+        ("timeout_seconds", float, 0),
+    ):
+        if key not in value:
+            continue
+        number = value[key]
+        ok = not isinstance(number, bool) and isinstance(number, int if kind is int else int | float)
+        if not ok or number < low or (kind is float and number <= 0):
+            bound = f"> {low}" if kind is float else f">= {low}"
+            raise ConfigError(
+                f"{where}.{key}: expected {'an integer' if kind is int else 'a number'} {bound}"
+            )
+        numbers[key] = kind(number)
+    length_controlled = value.get("length_controlled", False)
+    if not isinstance(length_controlled, bool):
+        raise ConfigError(f"{where}.length_controlled: expected true or false")
+    return JudgeSettings(
+        endpoint=endpoint,
+        model=model,
+        model_uri=model_uri,
+        secret_name=secret["name"] if secret else None,
+        secret_key=str(secret.get("key") or "apiKey") if secret else "apiKey",
+        template=template,
+        length_controlled=length_controlled,
+        **numbers,
+    )
+
+
 @dataclass(frozen=True)
 class LoraHyperparameters:
     """Parameter-efficient fine-tuning: train low-rank adapters (and any head) instead of the weights."""
@@ -644,8 +751,20 @@ class EvaluateHyperparameters(PrecisionHyperparameters, RewardSourceHyperparamet
     show_answers: int = param(
         4, "answers per policy and temperature kept in results.json beside the numbers", ge=0
     )
+    judge: dict[str, Any] | None = param(
+        None,
+        "pairwise win rates from a judge model: {endpoint, model, secretRef} (an OpenAI-compatible "
+        "chat server) or {model: {uri}} (loaded in the pod); template: dialogue | summarization | "
+        "your own; max_concurrency, max_retries, timeout_seconds, max_tokens, length_controlled",
+    )
+
+    @property
+    def judge_settings(self) -> JudgeSettings | None:
+        return None if self.judge is None else judge_settings(self.judge)
 
     def __post_init__(self) -> None:
+        if self.judge is not None:
+            judge_settings(self.judge)  # checked here: at every door that parses hyperparameters
         if not self.temperatures:
             raise ConfigError("hyperparameters.temperatures: needs at least one temperature")
         if len(set(self.temperatures)) != len(self.temperatures):

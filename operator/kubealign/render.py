@@ -19,6 +19,7 @@ from kubealign_jobs.config import (
     DEFAULT_CONFIG_PATH,
     EXIT_BAD_INPUT,
     EXIT_STOPPED,
+    JUDGE_API_KEY_ENV,
     TERMINATION_MESSAGE_PATH,
     Distributed,
     Inputs,
@@ -259,6 +260,12 @@ def _env(run: AlignmentRun, stage: Stage, attempt: int) -> list[dict[str, Any]]:
             _secret_env(key, run.spec.mlflow.secret_name, optional=True)
             for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
         ]
+    judge = stage.hyperparameters.get("judge")
+    secret = judge.get("secretRef") if isinstance(judge, dict) else None
+    if isinstance(secret, dict) and secret.get("name"):
+        # The judge server's API key (evaluate's hyperparameters.judge.secretRef), by reference.
+        key = {"name": str(secret["name"]), "key": str(secret.get("key") or "apiKey")}
+        env.append({"name": JUDGE_API_KEY_ENV, "valueFrom": {"secretKeyRef": key}})
     if run.spec.hub_token is not None:
         token = run.spec.hub_token
         env.append(
