@@ -65,6 +65,19 @@ def main(argv: list[str] | None = None) -> int:
         label = "sft" if name == "reference" else name
         figures = f"reward {cell['reward']:+.3f}  KL {cell['kl']:6.2f}  win rate {cell['win_rate']:.3f}"
         print(f"  {label:<6} {figures}  n {cell['n']:.0f}")
+    judged = cells.get("dpo", {})
+    if "judge_win_rate" in judged:
+        print(
+            f"\nDPO against SFT, judged pairwise by {report['pairwise_judge']['judge']} "
+            f"({report['pairwise_judge']['orders']}):"
+        )
+        print(
+            f"  win rate {judged['judge_win_rate']:.3f} "
+            f"[{judged['judge_win_rate_low']:.3f}, {judged['judge_win_rate_high']:.3f}] (95%), "
+            f"length-controlled {judged.get('judge_lc_win_rate', float('nan')):.3f}; "
+            f"{judged['judge_wins']:.0f} wins, {judged['judge_ties']:.0f} ties, "
+            f"{judged['judge_losses']:.0f} losses, {judged['judge_unparseable']:.0f} unparseable"
+        )
     before = report["answers"]["reference"][temperature]
     after = report["answers"]["dpo"][temperature]
     print("\nBefore (SFT) and after (DPO): the first answer to each held-out question")

@@ -558,6 +558,11 @@ class CompletionBatch:
         )
 
     @property
+    def num_tokens(self) -> int:
+        """Real tokens, padding excluded (a packed row has none)."""
+        return int(self.attention_mask.sum())
+
+    @property
     def num_completion_tokens(self) -> int:
         """Tokens that are predicted (a completion token at position 0 has no prediction)."""
         return int(self.completion_mask[:, 1:].sum())

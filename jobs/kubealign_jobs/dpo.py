@@ -372,6 +372,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         to_device=PairBatch.to,
         units=lambda batch: int(batch.ref_chosen.shape[0]),
         loss=partial(pair_loss, hp=hp),
+        tokens=lambda batch: batch.sequences.num_tokens,
     )
     result = loop.train(
         ctx,

@@ -19,6 +19,13 @@ same eval prompts (``inputs.eval_data``, else ``inputs.data``) at each sampling 
   sequence KL without the variance of sampling each token. ``kl_mc`` beside it is the plain
   log-ratio estimate ``sum_t log pi_T(y_t) - log pi_ref(y_t)`` on the same answers. The
   tempered reference is a policy like any other: its KL is 0 only at T = 1.
+- judged win rate (``hyperparameters.judge``): a judge model compares each policy's answer with
+  the baseline's answer to the same prompt, asked in both orders (``kubealign_jobs.judge``):
+  ``judge_win_rate`` with its 95% bootstrap interval over answers (``judge_win_rate_low`` /
+  ``_high``), ``judge_wins`` / ``_ties`` / ``_losses`` / ``_unparseable`` / ``_n``, and
+  ``judge_lc_win_rate`` with ``length_controlled``. The judge is an OpenAI-compatible chat server
+  (``endpoint``, ``model``) or a model loaded here (``model: {uri}``); the reference is judged only
+  against the data's answers (against its own it would only tie).
 - Best-of-N: N answers from the reference (at each temperature), the best kept by the reward
   model (else the scorer). It has no per-token distribution, so no KL is measured: ``kl`` is
   the analytic bound ``log N - (N - 1) / N`` on its KL to the distribution it draws from (the
@@ -33,7 +40,8 @@ Artifact: ``results.json`` shaped for a reward-KL frontier plot, and ``frontier.
      "answers": {name: {temperature: [{"prompt", "answer", "score"}, ...]}},  # show_answers each
      "best_of_n": {"n": N, "selector": ..., "kl": ..., "kl_method": "analytic_bound",
                    "temperatures": {temperature: {...}}, "per_answer": {...}},
-     "kl_method": "exact", "judge": ..., "baseline": "reference" | "data", "prompts": ...,
+     "kl_method": "exact", "judge": ..., "pairwise_judge": {...} | null,
+     "baseline": "reference" | "data", "prompts": ...,
      "samples_per_prompt": ...}
 
 ``per_answer`` lists are in answer order: answer i answers prompt ``i // samples_per_prompt``,

@@ -155,6 +155,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         to_device=KTOBatch.to,
         units=lambda batch: int(batch.desirable.shape[0]),
         loss=partial(batch_loss, hp=hp),
+        tokens=lambda batch: batch.pairs.sequences.num_tokens,
     )
     result = loop.train(
         ctx,

@@ -68,6 +68,8 @@ class Task(Generic[E, B]):
     to_device:  moves a batch to the training device
     units:      how many loss units (tokens or examples) a batch holds, to normalise the loss
     loss:       (model, batch) -> LossOutput
+    tokens:     how many real (not padding) tokens a batch feeds the model: progress records then
+                carry ``tokens_per_s``, over every process
     """
 
     examples: Sequence[E]
@@ -75,6 +77,7 @@ class Task(Generic[E, B]):
     to_device: Callable[[B, torch.device], B]
     units: Callable[[B], int]
     loss: Callable[[nn.Module, B], LossOutput]
+    tokens: Callable[[B], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -426,6 +429,7 @@ def train(
     window_metrics: dict[str, torch.Tensor] = {}
     window_units = 0
     window_examples = 0
+    window_tokens = 0
     window_start = time.perf_counter()
     window_steps = 0
     last_logged: dict[str, float] = {}
@@ -438,6 +442,8 @@ def train(
             mine = [task.examples[i] for i in shard(indices, rank=ctx.rank, world_size=world)]
             batches = [task.collate(mine[start : start + micro]) for start in range(0, len(mine), micro)]
             units = sum(task.units(b) for b in batches)
+            if task.tokens is not None:
+                window_tokens += sum(task.tokens(b) for b in batches)
             global_units = int(ctx.sum_across_ranks({"units": units})["units"]) if world > 1 else units
             # DDP averages gradients over processes; multiplying by `world` turns that into a sum,
             # so the step's gradient is exactly d(sum of losses)/d(theta) / (global units).
@@ -462,7 +468,8 @@ def train(
 
             if step % hp.log_every == 0 or step == total:
                 sums = {"loss": float(window_loss), **{k: float(v) for k, v in window_metrics.items()}}
-                sums = ctx.sum_across_ranks(sums)
+                sums = ctx.sum_across_ranks({**sums, "tokens": float(window_tokens)})
+                tokens = sums.pop("tokens")
                 elapsed = time.perf_counter() - window_start
                 last_logged = {
                     "loss": sums.pop("loss") / max(window_units, 1),
@@ -478,10 +485,12 @@ def train(
                 }
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
+                if task.tokens is not None and elapsed > 0:
+                    record["tokens_per_s"] = round(tokens / elapsed, 1)
                 ctx.emit(record)
                 window_loss.zero_()
                 window_metrics = {}
-                window_units = window_examples = window_steps = 0
+                window_units = window_examples = window_steps = window_tokens = 0
                 window_start = time.perf_counter()
 
             saved = bool(hp.checkpoint_every) and step % hp.checkpoint_every == 0

@@ -143,6 +143,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         to_device=lambda batch, device: batch.to(device, non_blocking=True),
         units=lambda batch: batch.shape[0] * (batch.shape[1] - 1),
         loss=partial(causal_lm_loss, start_token=start_token),
+        tokens=lambda batch: int(batch.numel()),
     )
     result = loop.train(
         ctx,

@@ -189,6 +189,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         to_device=RankingBatch.to,
         units=lambda batch: int(batch.valid.shape[0]),
         loss=ranking_loss,
+        tokens=lambda batch: batch.sequences.num_tokens,
     )
     result = loop.train(
         ctx,

@@ -46,6 +46,7 @@ def completion_task(
         to_device=data.CompletionBatch.to,
         units=lambda batch: batch.num_completion_tokens,
         loss=completion_nll,
+        tokens=lambda batch: batch.num_tokens,
     )
 
 

@@ -159,6 +159,18 @@ def _localize_source(source: api.InputSource | None, base: Path) -> api.InputSou
     return replace(source, uri=(base / relative).resolve().as_uri())
 
 
+def _localize_judge(hyperparameters: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """An evaluate stage's in-pod judge model given as ``file://./path``, relative to the manifest."""
+    judge = hyperparameters.get("judge")
+    model = judge.get("model") if isinstance(judge, Mapping) else None
+    uri = model.get("uri") if isinstance(model, Mapping) else None
+    relative = _relative_path(uri) if isinstance(uri, str) else None
+    if relative is None or not isinstance(judge, Mapping):
+        return dict(hyperparameters)
+    located = {**judge, "model": {"uri": (base / relative).resolve().as_uri()}}
+    return {**hyperparameters, "judge": located}
+
+
 def localize(run: api.AlignmentRun, *, manifest_dir: Path, workdir: Path) -> api.AlignmentRun:
     """The run as this machine executes it: file storage under the workdir, relative inputs resolved."""
     storage = run.spec.storage
@@ -170,6 +182,7 @@ def localize(run: api.AlignmentRun, *, manifest_dir: Path, workdir: Path) -> api
         stages.append(
             replace(
                 stage,
+                hyperparameters=_localize_judge(stage.hyperparameters, manifest_dir),
                 inputs=replace(
                     inputs,
                     model=_localize_source(inputs.model, manifest_dir),

@@ -73,6 +73,7 @@ def test_sft_trains_publishes_and_loads_with_transformers(
     assert run.returncode == 0, run.stderr[-3000:]
     losses = [r["loss"] for r in run.steps]
     assert [r["step"] for r in run.steps] == list(range(1, 13))
+    assert all(r["tokens_per_s"] > 0 for r in run.steps)
     assert losses[-1] < losses[0] * 0.8  # the completions are learnable: the loss must fall
     assert [e["step"] for e in run.events("checkpoint")] == [4, 8, 12]
     assert run.termination is not None and run.termination["status"] == "succeeded"

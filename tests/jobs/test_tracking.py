@@ -135,7 +135,8 @@ def test_a_stage_logs_params_step_metrics_and_final_metrics_under_its_runs_paren
     # Every progress record at its step, with the values the stage printed.
     loss = history(mlflow_server, child.info.run_id, "loss")
     assert loss == {r["step"]: pytest.approx(r["loss"]) for r in run.steps}
-    assert sorted(history(mlflow_server, child.info.run_id, "lr")) == list(range(1, 7))
+    for key in ("lr", "tokens_per_s", "steps_per_s"):
+        assert sorted(history(mlflow_server, child.info.run_id, key)) == list(range(1, 7)), key
     final = run.termination or {}
     assert child.data.metrics["eval_loss"] == pytest.approx(final["eval_loss"])
     assert child.data.metrics["train_loss"] == pytest.approx(final["train_loss"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +18,7 @@ from kubealign.local import (
     localize,
     missing_inputs,
     result_metrics,
+    with_tracking,
 )
 from kubealign.progress import (
     Progress,
@@ -206,3 +208,53 @@ def test_the_runner_never_imports_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("judge", "expected"),
+    [
+        ({"model": {"uri": "file://./judge.gguf"}}, "RELATIVE"),
+        ({"model": {"uri": "file:///abs/judge"}}, "file:///abs/judge"),
+        ({"endpoint": "http://v/v1", "model": "served"}, None),
+    ],
+)
+def test_localize_resolves_an_in_pod_judge_relative_to_the_manifest(
+    tmp_path: Path, judge: dict[str, Any], expected: str | None
+) -> None:
+    manifest, _ = load_manifest(write_manifest(tmp_path))
+    manifest["spec"]["stages"][1]["hyperparameters"] = {"judge": judge}
+    run = localize(api.AlignmentRun.from_manifest(manifest), manifest_dir=tmp_path, workdir=tmp_path / "work")
+    located = run.spec.stages[1].hyperparameters["judge"]
+    if expected is None:
+        assert located == judge
+    else:
+        want = (tmp_path / "judge.gguf").as_uri() if expected == "RELATIVE" else expected
+        assert located["model"] == {"uri": want}
+
+
+@pytest.mark.parametrize(
+    ("option", "spec", "expected"),
+    [
+        (None, None, "sqlite:///WORKDIR/mlflow.db"),
+        (None, {"uri": "http://mlflow:5000"}, "http://mlflow:5000"),
+        ("http://127.0.0.1:5000", {"uri": "http://mlflow:5000", "experiment": "x"}, "http://127.0.0.1:5000"),
+        ("off", {"uri": "http://mlflow:5000"}, None),
+    ],
+)
+def test_local_tracking_prefers_the_option_then_the_spec_then_the_workdir(
+    tmp_path: Path, option: str | None, spec: dict[str, Any] | None, expected: str | None
+) -> None:
+    manifest, _ = load_manifest(write_manifest(tmp_path))
+    if spec is not None:
+        manifest["spec"]["tracking"] = {"mlflow": spec}
+    workdir = tmp_path / "work"
+    run = with_tracking(api.AlignmentRun.from_manifest(manifest), option, workdir)
+    uri = None if run.spec.mlflow is None else run.spec.mlflow.uri
+    assert uri == (None if expected is None else expected.replace("WORKDIR", str(workdir.resolve())))
+    if spec and option != "off":
+        assert run.spec.mlflow is not None and run.spec.mlflow.experiment == spec.get(
+            "experiment", "kubealign"
+        )
+    if option != "off":  # the run's identity in the tracker is kept in the workdir: a rerun continues
+        again = with_tracking(api.AlignmentRun.from_manifest(manifest), option, workdir)
+        assert run.uid.startswith("local-") and again.uid == run.uid

@@ -70,3 +70,11 @@ def test_smollm2_sft_dpo_evaluate(tmp_path: Path, model_dir: Path) -> None:
         answers = report["answers"][policy]["1.0"]
         assert len(answers) == 48 and all(a["answer"].strip() for a in answers), policy
     assert "eval_reward_accuracy" in proc.stdout and "Q: " in proc.stdout
+    # The judged win rate: every answer is a win, tie, loss or unparseable, with an interval.
+    judged = report["policies"]["dpo"]["1.0"]
+    counted = (
+        judged["judge_wins"] + judged["judge_ties"] + judged["judge_losses"] + judged["judge_unparseable"]
+    )
+    assert counted == 48 and "judged pairwise" in proc.stdout
+    if judged["judge_n"]:
+        assert judged["judge_win_rate_low"] <= judged["judge_win_rate"] <= judged["judge_win_rate_high"]

@@ -412,3 +412,27 @@ def test_tracking_reaches_the_stage_config_and_credentials_come_by_reference(
 def test_bad_tracking_is_refused_naming_the_field(tracking: dict[str, Any], field: str) -> None:
     errors = api.validate(manifest(tracking=tracking))
     assert errors and errors[0].path == field, errors
+
+
+def test_the_judge_servers_key_comes_from_its_secret_by_reference() -> None:
+    judge = {"endpoint": "http://vllm.judges:8000/v1", "model": "judge-70b", "secretRef": {"name": "judge"}}
+    stages = [
+        {
+            "name": "evaluate",
+            "type": "evaluate",
+            "inputs": {"model": {"uri": "s3://m00/sft"}, "data": {"uri": "s3://d00/prompts"}},
+            "hyperparameters": {"scorer": "vader", "judge": judge},
+        }
+    ]
+    body = manifest(stages)
+    assert api.validate(body) == []
+    alr = run(body)
+    env = _env(render.build_job(alr, alr.spec.stage("evaluate"), 1))
+    assert env["KUBEALIGN_JUDGE_API_KEY"] == {"secretKeyRef": {"name": "judge", "key": "apiKey"}}
+    # A judge setting the catalogue refuses is named before anything runs.
+    stages[0]["hyperparameters"]["judge"] = {**judge, "max_concurency": 2}
+    (error,) = api.validate(manifest(stages))
+    assert (
+        "hyperparameters.judge.max_concurency: unknown judge setting; did you mean max_concurrency?"
+        in str(error)
+    )
