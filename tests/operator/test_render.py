@@ -415,13 +415,18 @@ def test_bad_tracking_is_refused_naming_the_field(tracking: dict[str, Any], fiel
 
 
 def test_the_judge_servers_key_comes_from_its_secret_by_reference() -> None:
-    judge = {"endpoint": "http://vllm.judges:8000/v1", "model": "judge-70b", "secretRef": {"name": "judge"}}
-    stages = [
+    judge: dict[str, Any] = {
+        "endpoint": "http://vllm.judges:8000/v1",
+        "model": "judge-70b",
+        "secretRef": {"name": "judge"},
+    }
+    hyperparameters: dict[str, Any] = {"scorer": "vader", "judge": judge}
+    stages: list[dict[str, Any]] = [
         {
             "name": "evaluate",
             "type": "evaluate",
             "inputs": {"model": {"uri": "s3://m00/sft"}, "data": {"uri": "s3://d00/prompts"}},
-            "hyperparameters": {"scorer": "vader", "judge": judge},
+            "hyperparameters": hyperparameters,
         }
     ]
     body = manifest(stages)
@@ -430,7 +435,7 @@ def test_the_judge_servers_key_comes_from_its_secret_by_reference() -> None:
     env = _env(render.build_job(alr, alr.spec.stage("evaluate"), 1))
     assert env["KUBEALIGN_JUDGE_API_KEY"] == {"secretKeyRef": {"name": "judge", "key": "apiKey"}}
     # A judge setting the catalogue refuses is named before anything runs.
-    stages[0]["hyperparameters"]["judge"] = {**judge, "max_concurency": 2}
+    hyperparameters["judge"] = {**judge, "max_concurency": 2}
     (error,) = api.validate(manifest(stages))
     assert (
         "hyperparameters.judge.max_concurency: unknown judge setting; did you mean max_concurrency?"
