@@ -391,7 +391,7 @@ def run_stage(
             scratch=_scratch_dir(rank),
             node_scratch=_node_scratch_dir(config),
             started=started,
-            tracker=tracking.start(config, is_main=accelerator.is_main_process),
+            tracker=tracking.start(config, is_main=accelerator.is_main_process, started=started),
         )
         try:
             metrics = train(ctx, hp)

@@ -179,8 +179,18 @@ class _Pending:
 class MlflowTracker:
     """Logs one stage to MLflow from a background thread; every public method returns at once."""
 
-    def __init__(self, uri: str, experiment: str, identity: Identity, params: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        identity: Identity,
+        params: Mapping[str, str],
+        *,
+        started: float | None = None,
+    ) -> None:
         self.uri, self.experiment, self.identity = uri, experiment, identity
+        # When the stage's process started: the run is created a few seconds later, in the background.
+        self.started_ms = int((started if started is not None else time.time()) * 1000)
         self.run_id: str | None = None
         self._pending = _Pending()
         self._pending.params.update(params)
@@ -296,7 +306,9 @@ class MlflowTracker:
             self.run_id = run.info.run_id
         else:
             tags = {**self.identity.stage_tags(), PARENT_TAG: parent}
-            run = client.create_run(experiment_id, tags=tags, run_name=self.identity.stage)
+            run = client.create_run(
+                experiment_id, start_time=self.started_ms, tags=tags, run_name=self.identity.stage
+            )
             log.info("tracking: MLflow run %s for stage %s", run.info.run_id, self.identity.stage)
             self.run_id = run.info.run_id
         client.update_run(parent, status="RUNNING")
@@ -307,7 +319,9 @@ class MlflowTracker:
         if experiment is not None:
             return str(experiment.experiment_id)
         try:
-            return str(client.create_experiment(self.experiment))
+            # MLflow's UI opens a model-training experiment on its runs, not on GenAI traces.
+            kind = {"mlflow.experimentKind": "custom_model_development"}
+            return str(client.create_experiment(self.experiment, tags=kind))
         except Exception:
             # Another stage created it in between.
             experiment = client.get_experiment_by_name(self.experiment)
@@ -329,7 +343,12 @@ class MlflowTracker:
         found = oldest()
         if found is not None:
             return found
-        mine = client.create_run(experiment_id, tags=self.identity.parent_tags(), run_name=self.identity.run)
+        mine = client.create_run(
+            experiment_id,
+            start_time=self.started_ms,
+            tags=self.identity.parent_tags(),
+            run_name=self.identity.run,
+        )
         winner = oldest() or mine.info.run_id
         if winner != mine.info.run_id:
             client.delete_run(mine.info.run_id)  # another stage's parent came first
@@ -369,10 +388,14 @@ class MlflowTracker:
                 self._pending.end = None
 
 
-def start(config: StageConfig, *, is_main: bool) -> MlflowTracker | None:
+def start(config: StageConfig, *, is_main: bool, started: float | None = None) -> MlflowTracker | None:
     """The stage's tracker, on rank 0 of a stage whose config names an MLflow tracking URI."""
     if not is_main or not config.tracking.mlflow_uri:
         return None
     return MlflowTracker(
-        config.tracking.mlflow_uri, config.tracking.experiment, Identity.of(config), stage_params(config)
+        config.tracking.mlflow_uri,
+        config.tracking.experiment,
+        Identity.of(config),
+        stage_params(config),
+        started=started,
     )

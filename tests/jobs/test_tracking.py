@@ -127,6 +127,9 @@ def test_a_stage_logs_params_step_metrics_and_final_metrics_under_its_runs_paren
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert child.info.run_name == "sft-toy" and parent.info.run_name == "toy"
     assert child.info.status == "FINISHED" and parent.info.status == "FINISHED"
+    # The run spans the stage, not just the time since the tracker came up in the background.
+    (done,) = run.events("done")
+    assert child.info.end_time - child.info.start_time >= done["elapsed_s"] * 1000
     assert child.data.tags["kubealign.job"] == "toy-sft-toy-0"
     assert child.data.tags["kubealign.attempt"] == "0"
     assert child.data.tags["kubealign.artifact"] == str(tmp_path / "a" / "out" / "artifact")
