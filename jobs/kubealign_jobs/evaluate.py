@@ -365,6 +365,11 @@ def make_judge(ctx: StageContext, hp: Hyperparameters) -> judging.PairwiseJudge 
     settings = hp.judge_settings
     if settings is None:
         return None
+    if settings.model_from is not None:
+        raise ConfigError(
+            "hyperparameters.judge.model.from: the operator resolves it to the stage's artifact; "
+            "a stage config needs model: {uri: ...}"
+        )
     model_dir = None if settings.model_uri is None else loop.fetch_model(ctx, settings.model_uri, "judge")
     if not ctx.is_main:
         return None

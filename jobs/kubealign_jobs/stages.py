@@ -371,12 +371,14 @@ JUDGE_KEYS: Final = (
 class JudgeSettings:
     """The evaluate stage's ``judge``: pairwise verdicts from an OpenAI-compatible chat server
     (``endpoint`` + ``model``, its key from ``secretRef``) or from a model loaded in the pod
-    (``model: {uri: ...}``). ``template`` is ``dialogue``, ``summarization`` or a prompt of your
-    own with ``{query}``, ``{answer_a}`` and ``{answer_b}`` (kubealign_jobs.judge)."""
+    (``model: {uri: ...}``, or ``{from: <stage>}``: an earlier stage's model). ``template`` is
+    ``dialogue``, ``summarization`` or a prompt of your own with ``{query}``, ``{answer_a}`` and
+    ``{answer_b}`` (kubealign_jobs.judge)."""
 
     endpoint: str | None = None
     model: str | None = None  # the served model's name, with endpoint
     model_uri: str | None = None  # an in-pod judge: a model folder, .gguf or hf:// URI
+    model_from: str | None = None  # an in-pod judge: an earlier stage's model, before rendering
     secret_name: str | None = None
     secret_key: str = "apiKey"
     template: str = "dialogue"
@@ -396,15 +398,15 @@ def judge_settings(value: Mapping[str, Any]) -> JudgeSettings:
             raise ConfigError(f"{where}.{key}: unknown judge setting{hint}")
     model = value.get("model")
     endpoint = value.get("endpoint")
-    model_uri = None
+    model_uri = model_from = None
     if isinstance(model, Mapping):
-        if set(model) != {"uri"} or not isinstance(model["uri"], str) or not model["uri"]:
-            raise ConfigError(
-                f"{where}.model: an in-pod judge is {{uri: <model folder, .gguf or hf:// URI>}}"
-            )
+        source = model.get("uri", model.get("from"))
+        if len(model) != 1 or not set(model) <= {"uri", "from"} or not isinstance(source, str) or not source:
+            raise ConfigError(f"{where}.model: an in-pod judge is {{uri: <model URI>}} or {{from: <stage>}}")
         if endpoint is not None:
             raise ConfigError(f"{where}.model: with an endpoint, model is the served model's name")
-        model_uri, model = model["uri"], None
+        # A ``from`` is resolved to that stage's artifact URI by the operator (and the local runner).
+        model_uri, model_from, model = model.get("uri"), model.get("from"), None
     elif endpoint is None:
         raise ConfigError(
             f"{where}: set endpoint and model (a chat server), or model: {{uri: ...}} (in the pod)"
@@ -451,6 +453,7 @@ def judge_settings(value: Mapping[str, Any]) -> JudgeSettings:
         endpoint=endpoint,
         model=model,
         model_uri=model_uri,
+        model_from=model_from,
         secret_name=secret["name"] if secret else None,
         secret_key=str(secret.get("key") or "apiKey") if secret else "apiKey",
         template=template,
@@ -754,7 +757,7 @@ class EvaluateHyperparameters(PrecisionHyperparameters, RewardSourceHyperparamet
     judge: dict[str, Any] | None = param(
         None,
         "pairwise win rates from a judge model: {endpoint, model, secretRef} (an OpenAI-compatible "
-        "chat server) or {model: {uri}} (loaded in the pod); template: dialogue | summarization | "
+        "chat server) or {model: {uri | from}} (loaded in the pod); template: dialogue | summarization | "
         "your own; max_concurrency, max_retries, timeout_seconds, max_tokens, length_controlled",
     )
 

@@ -18,7 +18,7 @@ import enum
 import functools
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from importlib import resources
@@ -366,6 +366,33 @@ def _semantic_errors(manifest: Mapping[str, Any]) -> list[FieldError]:
     return errors
 
 
+def _judge_errors(manifest: Mapping[str, Any]) -> list[FieldError]:
+    """An in-pod judge ``from`` a stage: an earlier, unswept stage that produces a model."""
+    errors: list[FieldError] = []
+    listed: Sequence[Mapping[str, Any]] = manifest["spec"]["stages"]
+    earlier: dict[str, Mapping[str, Any]] = {}
+    for index, stage in enumerate(listed):
+        source = _judge_source(stage.get("hyperparameters") or {})
+        at = f"spec.stages[{index}].hyperparameters.judge.model.from"
+        if source is not None and source.from_stage is not None:
+            upstream = earlier.get(source.from_stage)
+            if upstream is None:
+                errors.append(
+                    FieldError(at, "must name an earlier stage (stages are listed in dependency order)")
+                )
+            elif upstream.get("sweep"):
+                errors.append(FieldError(at, f"stage {source.from_stage!r} is swept: name one model (a uri)"))
+            elif CATALOGUE[upstream["type"]].produces is not stages.Artifact.MODEL:
+                errors.append(
+                    FieldError(
+                        at,
+                        f"stage {source.from_stage!r} is a {upstream['type']} stage; a judge needs a model",
+                    )
+                )
+        earlier[str(stage["name"])] = stage
+    return errors
+
+
 def _sweep_errors(manifest: Mapping[str, Any]) -> list[FieldError]:
     """Sweep keys, values and the names their members get (``kubealign.sweep.errors``)."""
     return [FieldError(path, message) for path, message in sweeps.errors(manifest["spec"]["stages"])]
@@ -422,7 +449,7 @@ def validate(manifest: Mapping[str, Any], *, require_image: bool = False) -> lis
     errors.extend(_structural_errors(manifest))
     if errors:
         return errors
-    checks = [_duplicate_stage_errors, _cel_errors, _semantic_errors, _sweep_errors]
+    checks = [_duplicate_stage_errors, _cel_errors, _semantic_errors, _sweep_errors, _judge_errors]
     if require_image:
         checks.append(_image_errors)
     for check in checks:
@@ -511,10 +538,11 @@ class StageInputs:
     reward_model: InputSource | None = None
     reference: InputSource | None = None
     policies: tuple[InputSource, ...] = ()
+    judge: InputSource | None = None  # evaluate's hyperparameters.judge.model: {from: STAGE}
 
     def upstream(self) -> tuple[str, ...]:
         """The stages this one waits for, in role order, without repeats."""
-        sources = [getattr(self, attr) for _, attr in SINGLE_ROLES] + list(self.policies)
+        sources = [getattr(self, attr) for _, attr in SINGLE_ROLES] + list(self.policies) + [self.judge]
         return tuple(dict.fromkeys(s.from_stage for s in sources if s is not None and s.from_stage))
 
     @classmethod
@@ -568,7 +596,10 @@ class Stage:
         return cls(
             name=doc["name"],
             type=doc["type"],
-            inputs=StageInputs.from_dict(doc.get("inputs") or {}),
+            inputs=replace(
+                StageInputs.from_dict(doc.get("inputs") or {}),
+                judge=_judge_source(doc.get("hyperparameters") or {}),
+            ),
             hyperparameters=dict(doc.get("hyperparameters") or {}),
             image=doc.get("image"),
             resources=Resources.from_dict(doc.get("resources") or {}),
@@ -583,6 +614,15 @@ class Stage:
             ),
             timeout_seconds=None if doc.get("timeoutSeconds") is None else int(doc["timeoutSeconds"]),
         )
+
+
+def _judge_source(hyperparameters: Mapping[str, Any]) -> InputSource | None:
+    """An in-pod judge taken from an earlier stage (``judge: {model: {from: STAGE}}``)."""
+    judge = hyperparameters.get("judge")
+    model = judge.get("model") if isinstance(judge, Mapping) else None
+    if isinstance(model, Mapping) and isinstance(model.get("from"), str):
+        return InputSource(from_stage=model["from"])
+    return None
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,7 @@ def stage_config(run: AlignmentRun, stage: Stage) -> StageConfig:
             reference=_resolve(run, inputs.reference) or model,
             policies={p.policy_name: _resolve(run, p) or "" for p in inputs.policies},
         ),
-        hyperparameters=dict(stage.hyperparameters),
+        hyperparameters=_resolved_hyperparameters(run, stage),
         # Every attempt resumes from the same place, so a retry continues where the last one stopped.
         resume=checkpoints_uri(output),
         storage=StorageSettings(endpoint=run.spec.storage.endpoint, region=run.spec.storage.region),
@@ -113,6 +113,16 @@ def stage_config(run: AlignmentRun, stage: Stage) -> StageConfig:
         seed=run.spec.seed if stage.seed is None else stage.seed,
         tracking=_tracking(run),
     )
+
+
+def _resolved_hyperparameters(run: AlignmentRun, stage: Stage) -> dict[str, Any]:
+    """The stage's hyperparameters, with an in-pod judge ``from`` a stage as that stage's artifact."""
+    hyperparameters = dict(stage.hyperparameters)
+    if stage.inputs.judge is not None:
+        judge = dict(hyperparameters["judge"])
+        judge["model"] = {"uri": _resolve(run, stage.inputs.judge)}
+        hyperparameters["judge"] = judge
+    return hyperparameters
 
 
 def _tracking(run: AlignmentRun) -> Tracking:

@@ -101,7 +101,14 @@ def test_length_control_removes_a_win_rate_that_only_length_explains() -> None:
             {"model": {"uri": "file:///m"}, "endpoint": "http://v/v1"},
             r"hyperparameters\.judge\.model: with an",
         ),
-        ({"model": {"from": "sft"}}, r"hyperparameters\.judge\.model: an in-pod judge is \{uri"),
+        (
+            {"model": {"name": "sft"}},
+            r"hyperparameters\.judge\.model: an in-pod judge is \{uri: .*\} or \{from",
+        ),
+        (
+            {"model": {"uri": "file:///m", "from": "sft"}},
+            r"hyperparameters\.judge\.model: an in-pod judge is",
+        ),
         ({"model": {"uri": "file:///m"}, "template": "Say A or B"}, r"hyperparameters\.judge\.template"),
         (
             {"model": {"uri": "file:///m"}, "max_retries": -1},

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from kubealign import api, render
+from kubealign_jobs import stages as stages_module
 from kubealign_jobs.config import EXIT_BAD_INPUT, EXIT_STOPPED, StageConfig
-from tests.operator.run_builders import IMAGE, STORAGE, UID, manifest, run, src, stage, uri
+from tests.operator.run_builders import IMAGE, STORAGE, UID, manifest, pipeline, run, src, stage, uri
 
 
 def _env(job: dict[str, Any]) -> dict[str, Any]:
@@ -441,3 +442,37 @@ def test_the_judge_servers_key_comes_from_its_secret_by_reference() -> None:
         "hyperparameters.judge.max_concurency: unknown judge setting; did you mean max_concurrency?"
         in str(error)
     )
+
+
+def test_an_in_pod_judge_from_a_stage_is_its_artifact_and_an_input_the_stage_waits_for() -> None:
+    stages = pipeline()
+    stages[-1]["hyperparameters"] = {"judge": {"model": {"from": "pretrain"}, "template": "dialogue"}}
+    body = manifest(stages)
+    assert api.validate(body) == []
+    alr = run(body)
+    evaluate = alr.spec.stage("evaluate")
+    assert "pretrain" in evaluate.inputs.upstream()
+    config = render.stage_config(alr, evaluate)
+    judge = config.hyperparameters["judge"]
+    assert judge == {
+        "model": {"uri": render.stage_artifact(alr, alr.spec.stage("pretrain"))},
+        "template": "dialogue",
+    }
+    # The trainer's own parse accepts what the operator rendered.
+    stages_module.parse_hyperparameters("evaluate", config.hyperparameters)
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("evaluate", "must name an earlier stage"),
+        ("nowhere", "must name an earlier stage"),
+        ("generate", "stage 'generate' is a generate stage; a judge needs a model"),
+    ],
+)
+def test_a_judge_from_a_stage_must_be_an_earlier_model(source: str, message: str) -> None:
+    stages = pipeline()
+    stages[-1]["hyperparameters"] = {"judge": {"model": {"from": source}}}
+    (error,) = api.validate(manifest(stages))
+    assert error.path == "spec.stages[6].hyperparameters.judge.model.from"
+    assert error.message.startswith(message)
