@@ -66,18 +66,23 @@ def main(argv: list[str] | None = None) -> int:
         figures = f"reward {cell['reward']:+.3f}  KL {cell['kl']:6.2f}  win rate {cell['win_rate']:.3f}"
         print(f"  {label:<6} {figures}  n {cell['n']:.0f}")
     judged = cells.get("dpo", {})
-    if "judge_win_rate" in judged:
+    if "judge_n" in judged:
         print(
             f"\nDPO against SFT, judged pairwise by {report['pairwise_judge']['judge']} "
             f"({report['pairwise_judge']['orders']}):"
         )
-        print(
-            f"  win rate {judged['judge_win_rate']:.3f} "
-            f"[{judged['judge_win_rate_low']:.3f}, {judged['judge_win_rate_high']:.3f}] (95%), "
-            f"length-controlled {judged.get('judge_lc_win_rate', float('nan')):.3f}; "
+        counts = (
             f"{judged['judge_wins']:.0f} wins, {judged['judge_ties']:.0f} ties, "
             f"{judged['judge_losses']:.0f} losses, {judged['judge_unparseable']:.0f} unparseable"
         )
+        if "judge_win_rate" in judged:
+            print(
+                f"  win rate {judged['judge_win_rate']:.3f} "
+                f"[{judged['judge_win_rate_low']:.3f}, {judged['judge_win_rate_high']:.3f}] (95%), "
+                f"length-controlled {judged.get('judge_lc_win_rate', float('nan')):.3f}; {counts}"
+            )
+        else:
+            print(f"  no verdict could be parsed: {counts}")
     before = report["answers"]["reference"][temperature]
     after = report["answers"]["dpo"][temperature]
     print("\nBefore (SFT) and after (DPO): the first answer to each held-out question")

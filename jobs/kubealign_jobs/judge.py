@@ -351,17 +351,18 @@ class Judged:
     ) -> dict[str, float]:
         kept = [(o, a, b) for o, a, b in zip(self.outcomes, answers, baselines, strict=True) if o is not None]
         values = [o for o, _, _ in kept]
-        low, high = bootstrap_interval(values, seed=seed)
         out = {
-            "judge_win_rate": sum(values) / len(values) if values else math.nan,
-            "judge_win_rate_low": low,
-            "judge_win_rate_high": high,
             "judge_wins": float(sum(1 for v in values if v == 1.0)),
             "judge_ties": float(sum(1 for v in values if v == 0.5)),
             "judge_losses": float(sum(1 for v in values if v == 0.0)),
             "judge_unparseable": float(len(self.outcomes) - len(values)),
             "judge_n": float(len(values)),
         }
+        if not values:
+            # No verdict parsed: no rate to report (and no NaN for JSON, the status or the tracker).
+            return out
+        low, high = bootstrap_interval(values, seed=seed)
+        out.update(judge_win_rate=sum(values) / len(values), judge_win_rate_low=low, judge_win_rate_high=high)
         if length_controlled:
             difference = [len(a.split()) - len(b.split()) for _, a, b in kept]
             out["judge_lc_win_rate"] = length_controlled_win_rate(values, difference)

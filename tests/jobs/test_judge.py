@@ -230,6 +230,7 @@ def test_a_judge_with_position_bias_gives_ties_and_a_mute_one_unparseable(
         ["good", "bad"], ["x", "y"], length_controlled=False, seed=0
     )
     assert (summary["judge_unparseable"], summary["judge_n"]) == (2.0, 0.0)
+    assert "judge_win_rate" not in summary  # no verdict, no rate (never a NaN in JSON or the status)
 
 
 def test_server_errors_are_retried_with_backoff_and_bad_requests_are_not(scripted: Any) -> None:
