@@ -26,7 +26,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -321,13 +321,18 @@ class LoraSettings:
 LORA_KEYS: Final = ("r", "alpha", "dropout", "target_modules")
 
 
+def _refuse_unknown(value: Mapping[str, Any], known: Sequence[str], *, where: str, what: str) -> None:
+    """A ConfigError naming ``<where>.<key>`` for the first key of a nested setting not in ``known``."""
+    for key in value:
+        if key not in known:
+            hint = _suggest(key, known) or f" (known: {', '.join(known)})"
+            raise ConfigError(f"{where}.{key}: unknown {what}{hint}")
+
+
 def lora_settings(value: Mapping[str, Any]) -> LoraSettings:
     """``hyperparameters.lora`` as `LoraSettings`; ``ConfigError`` naming ``hyperparameters.lora.<key>``."""
     where = "hyperparameters.lora"
-    for key in value:
-        if key not in LORA_KEYS:
-            hint = _suggest(key, LORA_KEYS) or f" (known: {', '.join(LORA_KEYS)})"
-            raise ConfigError(f"{where}.{key}: unknown LoRA setting{hint}")
+    _refuse_unknown(value, LORA_KEYS, where=where, what="LoRA setting")
     settings = LoraSettings()
     r = value.get("r", settings.r)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
@@ -392,10 +397,7 @@ class JudgeSettings:
 def judge_settings(value: Mapping[str, Any]) -> JudgeSettings:
     """``hyperparameters.judge`` as `JudgeSettings`; a ConfigError names ``hyperparameters.judge.<key>``."""
     where = "hyperparameters.judge"
-    for key in value:
-        if key not in JUDGE_KEYS:
-            hint = _suggest(key, JUDGE_KEYS) or f" (known: {', '.join(JUDGE_KEYS)})"
-            raise ConfigError(f"{where}.{key}: unknown judge setting{hint}")
+    _refuse_unknown(value, JUDGE_KEYS, where=where, what="judge setting")
     model = value.get("model")
     endpoint = value.get("endpoint")
     model_uri = model_from = None
