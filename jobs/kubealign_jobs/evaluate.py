@@ -383,6 +383,11 @@ def make_judge(ctx: StageContext, hp: Hyperparameters) -> judging.PairwiseJudge 
     return judging.PairwiseJudge(backend, settings.template, cache)
 
 
+def judged_baselines(hp: Hyperparameters, reference: Unit, given: list[str]) -> dict[str, list[str]]:
+    """What the judge compares with at each temperature: the data's answers, or the reference's."""
+    return {key: given if hp.baseline == "data" else texts for key, texts in reference.texts.items()}
+
+
 def judge_unit(
     ctx: StageContext,
     hp: Hyperparameters,
@@ -405,13 +410,9 @@ def judge_unit(
                 length_controlled=settings.length_controlled,
                 seed=derive_seed(ctx.config.seed, unit, t_index),
             )
-        found[""] = {"asked": float(judge.asked)}
-    found = ctx.broadcast(found)
-    asked = found.pop("", {}).get("asked")
-    for key, values in found.items():
+        ctx.emit({"event": "judged", "unit": unit, "asked": float(judge.asked)})
+    for key, values in ctx.broadcast(found).items():
         cells.cells[key].update(values)
-    if asked is not None:
-        ctx.emit({"event": "judged", "unit": unit, "asked": asked})
 
 
 # ---------------------------------------------------------------------------- the stage
@@ -486,7 +487,6 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         units[REFERENCE] = _unit(done[0])
         best = done[0].get(BEST_OF_N)
         baselines = done[0]["baselines"]
-        baseline_texts = done[0].get("baseline_answers") or {}
     else:
         with ctx.accelerator.autocast():
             units[REFERENCE], best, baselines = evaluate_reference(
@@ -498,13 +498,15 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
                 judges=judges,
                 data_baseline=data_baseline,
             )
-        # What the judge compares with: the data's answers, or the reference's at each temperature.
-        baseline_texts = {
-            key: given if hp.baseline == "data" else texts for key, texts in units[REFERENCE].texts.items()
-        }
         if hp.baseline == "data":  # against its own answers the reference would only tie
             judge_unit(
-                ctx, hp, judge, unit=0, cells=units[REFERENCE], baselines=baseline_texts, queries=queries
+                ctx,
+                hp,
+                judge,
+                unit=0,
+                cells=units[REFERENCE],
+                baselines=judged_baselines(hp, units[REFERENCE], given),
+                queries=queries,
             )
         # The baselines are saved so a resumed run compares against the same answers.
         _save_unit(
@@ -514,11 +516,12 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
                 "name": REFERENCE,
                 **_unit_doc(units[REFERENCE]),
                 "baselines": baselines,
-                "baseline_answers": baseline_texts,
+                "texts": units[REFERENCE].texts,  # every answer: the judge's baseline
                 BEST_OF_N: best,
             },
         )
     ctx.emit({"step": 1, "total_steps": len(names), "policy": REFERENCE, **_headline(units[REFERENCE].cells)})
+    baseline_texts = judged_baselines(hp, units[REFERENCE], given)
 
     for unit, name in enumerate(names[1:], start=1):
         if unit in done:
@@ -577,7 +580,7 @@ def _unit_doc(unit: Unit) -> dict[str, Any]:
 
 
 def _unit(doc: dict[str, Any]) -> Unit:
-    return Unit(doc["results"], doc["per_answer"], doc.get("answers", {}))
+    return Unit(doc["results"], doc["per_answer"], doc.get("answers", {}), doc.get("texts", {}))
 
 
 def reference_answer(row: data.Row, chat_format: data.ChatFormatter = data.default_chat_format) -> str:
