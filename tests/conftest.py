@@ -19,12 +19,9 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.processes import serving
+from tests.processes import answers, free_port, serving
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -263,22 +260,6 @@ class S3Server:
         }
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            code: int = response.status
-    except (urllib.error.URLError, OSError):
-        return False
-    return code == 200
-
-
 @contextlib.contextmanager
 def _environment(set_values: dict[str, str], unset: Sequence[str]) -> Iterator[None]:
     """Set and unset os.environ entries, restoring the previous values afterwards."""
@@ -299,7 +280,7 @@ def _environment(set_values: dict[str, str], unset: Sequence[str]) -> Iterator[N
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """moto's standalone S3 server in a subprocess; AWS_* env points subprocesses at it."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("moto") / "moto_server.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
@@ -312,7 +293,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     with (
         serving(
             process,
-            ready=lambda: _answers(f"{server.endpoint}/moto-api/data.json"),
+            ready=lambda: answers(f"{server.endpoint}/moto-api/data.json"),
             what="moto server",
             log=log_path,
             start_timeout=30,
@@ -371,7 +352,7 @@ class MlflowServer:
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """`mlflow server` with a sqlite backend store, as a platform team runs a small one."""
     root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_port()
     log_path = root / "mlflow-server.log"
     command = [
         sys.executable,
@@ -397,7 +378,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     # Its first start creates the schema: about 10 s alone, a minute on two busy cores.
     with serving(
         process,
-        ready=lambda: _answers(f"{server.uri}/health"),
+        ready=lambda: answers(f"{server.uri}/health"),
         what="mlflow server",
         log=log_path,
         start_timeout=180,

@@ -1,16 +1,37 @@
-"""Background server processes for tests: wait until one is ready, always stop it afterwards; and
-the polling wait every test that watches something asynchronous uses."""
+"""Background server processes for tests: a free port, a readiness probe, wait until one is ready,
+always stop it afterwards; and the polling wait every test that watches something asynchronous uses."""
 
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def answers(url: str) -> bool:
+    """Whether ``url`` answers 200 within a second: the readiness check of a server under test."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            code: int = response.status
+    except (urllib.error.URLError, OSError):
+        return False
+    return code == 200
 
 
 @contextlib.contextmanager

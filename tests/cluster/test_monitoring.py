@@ -25,7 +25,7 @@ import yaml
 import localcluster
 from tests.cluster.operator_harness import OperatorProcess, Reader, submit
 from tests.operator.run_builders import manifest, stage, uri
-from tests.processes import serving, wait_until
+from tests.processes import answers, free_port, serving, wait_until
 
 if TYPE_CHECKING:
     from tests.conftest import Cluster
@@ -101,20 +101,12 @@ class Prometheus:
         }
 
 
-def ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def operator_metrics_port(cluster: Cluster, namespace: str, crd: None, tmp_path: Path) -> Iterator[int]:
-    port = localcluster.pick_free_ports(1)[0]
+    port = free_port()
     operator = OperatorProcess(cluster, namespace, tmp_path / "operator.log", f"--metrics-port={port}")
     try:
-        wait_until("the operator's /metrics", lambda: ready(f"http://127.0.0.1:{port}/metrics"), timeout=60)
+        wait_until("the operator's /metrics", lambda: answers(f"http://127.0.0.1:{port}/metrics"), timeout=60)
         yield port
     finally:
         operator.kill()
@@ -140,7 +132,7 @@ def prometheus(operator_metrics_port: int, tmp_path: Path) -> Iterator[tuple[Pro
             }
         )
     )
-    port = localcluster.pick_free_ports(1)[0]
+    port = free_port()
     log = tmp_path / "prometheus.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -157,7 +149,7 @@ def prometheus(operator_metrics_port: int, tmp_path: Path) -> Iterator[tuple[Pro
     url = f"http://127.0.0.1:{port}"
     with serving(
         process,
-        ready=lambda: ready(f"{url}/-/ready"),
+        ready=lambda: answers(f"{url}/-/ready"),
         what="prometheus",
         log=log,
         start_timeout=60,

@@ -19,7 +19,6 @@ import base64
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ from kubernetes.client.exceptions import ApiException
 import localcluster
 from kubealign import crdgen
 from tests.e2e.agent_fixture import RunningAgent, node_agent
-from tests.processes import serving
+from tests.processes import free_port, serving
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "kubealign"
@@ -168,13 +167,6 @@ STAGES: list[dict[str, Any]] = [
 ]
 # Stage types whose artifact is a save_pretrained model (reward: a one-label sequence classifier).
 MODEL_TYPES = ("pretrain", "sft", "reward", "dpo", "ppo")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _helm(cluster: Any, *args: str) -> str:
@@ -437,9 +429,9 @@ def test_alignment_run_end_to_end(
         f"--set=s3.endpoint={s3_server.endpoint}",
         f"--set=s3.region={s3_server.region}",
         "--set=s3.credentialsSecret=s3",
-        f"--set=health.port={_free_port()}",
-        f"--set=health.readyPort={_free_port()}",
-        f"--set=metrics.port={_free_port()}",
+        f"--set=health.port={free_port()}",
+        f"--set=health.readyPort={free_port()}",
+        f"--set=metrics.port={free_port()}",
     )
     chart = chart_operator(kube_api, operator_namespace)
     kubeconfig = service_account_kubeconfig(

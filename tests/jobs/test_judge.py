@@ -28,7 +28,7 @@ from kubealign_jobs.judge import OpenAIChat, PairwiseJudge, VerdictCache, outcom
 from kubealign_jobs.stages import JudgeSettings
 from tests.jobs.rlhf_toys import PROMPTS, save_toy_policy, write_jsonl
 from tests.jobs.trainer_toys import run_stage, stage_config
-from tests.processes import serving
+from tests.processes import answers, free_port, serving
 
 REPO = Path(__file__).resolve().parents[2]
 SMOLLM2_GGUF = REPO / "examples" / "smollm2" / "model" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -277,11 +277,7 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def transformers_server(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``transformers serve``: Hugging Face's OpenAI-compatible chat server, on 127.0.0.1."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     command = [
         str(Path(sys.executable).with_name("transformers")),
@@ -298,17 +294,14 @@ def transformers_server(smollm2: Path, tmp_path_factory: pytest.TempPathFactory)
             command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
         )
 
-    def up() -> bool:
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
-                return True
-        except OSError:
-            return False
-
     with serving(
-        process, ready=up, what="transformers serve", log=log, start_timeout=120, stop_timeout=10, poll=0.5
+        process,
+        ready=lambda: answers(f"http://127.0.0.1:{port}/v1/models"),
+        what="transformers serve",
+        log=log,
+        start_timeout=120,
+        stop_timeout=10,
+        poll=0.5,
     ):
         yield f"http://127.0.0.1:{port}/v1"
 
