@@ -296,6 +296,54 @@ def save_training_state(
     ctx.barrier()
 
 
+def load_shards(
+    model: Trainable, wrapped: nn.Module, optimizer: torch.optim.Optimizer, resume: checkpoints.Checkpoint
+) -> None:
+    """Load a distributed checkpoint's shards into ``model`` (from `parallel.prepare`) and ``optimizer``.
+
+    A full checkpoint's weights were loaded with the model; the two kinds do not mix, since a
+    distributed one holds only what trains.
+    """
+    if resume.distributed != model.distributed_checkpoints:
+        kind = "distributed (sharded or LoRA)" if resume.distributed else "full"
+        raise ConfigError(
+            f"hyperparameters.sharding: {resume.uri} is a {kind} checkpoint; resume with the "
+            "sharding and lora settings it was written with"
+        )
+    if resume.dcp_dir is not None:
+        parallel.load_distributed(model, wrapped, optimizer, resume.dcp_dir)
+
+
+def save_trainable_state(
+    ctx: StageContext,
+    model: Trainable,
+    wrapped: nn.Module,
+    *,
+    step: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    position: DataPosition,
+    write_model: Callable[[Path], object],
+    tokenizer: Any,
+    hp: CheckpointHyperparameters,
+    extra_state: dict[str, Any] | None = None,
+) -> None:
+    """`save_training_state` for a model from `parallel.prepare`: its DCP shards when it has no
+    whole copy anywhere (sharded, or only adapters train), else ``write_model``'s full folder."""
+    distributed = model.distributed_checkpoints
+    save_training_state(
+        ctx,
+        step=step,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        position=position,
+        write_model=partial(model.write_config, tokenizer) if distributed else write_model,
+        hp=hp,
+        extra_state=extra_state,
+        write_shards=partial(parallel.save_distributed, model, wrapped, optimizer) if distributed else None,
+    )
+
+
 def _save_distributed_state(
     ctx: StageContext,
     *,
@@ -383,14 +431,7 @@ def train(
     step = 0
     position = DataPosition()
     if resume is not None:
-        if resume.distributed != model.distributed_checkpoints:
-            kind = "distributed (sharded or LoRA)" if resume.distributed else "full"
-            raise ConfigError(
-                f"hyperparameters.sharding: {resume.uri} is a {kind} checkpoint; resume with the "
-                "sharding and lora settings it was written with"
-            )
-        if resume.dcp_dir is not None:
-            parallel.load_distributed(model, wrapped, optimizer, resume.dcp_dir)
+        load_shards(model, wrapped, optimizer, resume)
         restored = restore_training_state(ctx, resume, optimizer=optimizer, scheduler=scheduler, total=total)
         step, position, state = restored.step, restored.position, restored.state
         if state.get("num_examples") != len(task.examples) or state.get("batch_size") != hp.batch_size:
@@ -403,25 +444,22 @@ def train(
             )
 
     def save(at_step: int) -> None:
-        distributed = model.distributed_checkpoints
-        save_training_state(
+        save_trainable_state(
             ctx,
+            model,
+            wrapped,
             step=at_step,
             optimizer=optimizer,
             scheduler=scheduler,
             position=position,
-            write_model=partial(model.write_config, tokenizer)
-            if distributed
-            else partial(models.save_pretrained, model.lm, tokenizer),
+            write_model=partial(models.save_pretrained, model.lm, tokenizer),
+            tokenizer=tokenizer,
             hp=hp,
             extra_state={
                 "num_examples": len(task.examples),
                 "batch_size": hp.batch_size,
                 **(extra_state or {}),
             },
-            write_shards=partial(parallel.save_distributed, model, wrapped, optimizer)
-            if distributed
-            else None,
         )
 
     device = ctx.device

@@ -20,6 +20,12 @@ Per device, for P parameters of which T train (all of them, or the LoRA adapters
 ``cpu_offload`` moves parameters, gradients and optimizer state to host memory. The estimate
 is for the largest micro-batch (``micro_batch_size x max_length`` tokens, twice that for a
 preference pair); allocator fragmentation and the CUDA context (~0.5-1 GiB) come on top.
+
+ppo adds a frozen reference (4 P, / N under FSDP; none under LoRA, whose reference is the base
+with its adapters off) and, under FSDP, the whole policy gathered for sampling (4 P, or 2 P in
+bf16/fp16) in place of the two layers in flight; its micro-batch is ``mini_batch_size`` rows of
+``max_prompt_tokens + max_new_tokens``. ``value_model: separate`` adds a second fully trained
+backbone: its weights, gradients, moments and activations.
 """
 
 from __future__ import annotations
@@ -155,6 +161,8 @@ def estimate(
     lora: tuple[int, tuple[str, ...] | str] | None = None,
     gradient_checkpointing: bool = False,
     tokens: int,
+    on_policy: bool = False,
+    separate_critic: bool = False,
 ) -> Estimate:
     """Bytes per device for one training step over ``tokens`` tokens per micro-batch (see the module doc)."""
     total = shape.parameters
@@ -166,13 +174,21 @@ def estimate(
     # Half-precision copies: two gathered layers in flight under FSDP, autocast's cache under DDP.
     copies = 2 * 2 * shape.layer_parameters if sharding == "fsdp" else 2 * params
     extra = copies if half else 0
+    if on_policy:
+        reference = 0 if lora else 4 * total // divide
+        gathered = (2 if half else 4) * params if sharding == "fsdp" else extra
+        extra = reference + gathered
+    if separate_critic:
+        # A second backbone that trains all its weights, gathered for the rollout too.
+        state = state[0] + 4 * total // divide, state[1] + 4 * total // divide, state[2] + 8 * total // divide
+        extra += (2 if half else 4) * total if sharding == "fsdp" else (2 * total if half else 0)
     act_bytes = 2 if half else 4
     per_token_layer = 6 * shape.hidden + 4 * shape.intermediate + 2 * shape.kv_width
     if gradient_checkpointing:
         stored = shape.layers * shape.hidden + per_token_layer
     else:
         stored = shape.layers * per_token_layer
-    activations = tokens * (stored * act_bytes + 2 * 4 * shape.vocab)
+    activations = tokens * (stored * act_bytes * (2 if separate_critic else 1) + 2 * 4 * shape.vocab)
     offloaded = sum(state) if cpu_offload else 0
     on_device = (0, 0, 0) if cpu_offload else state
     return Estimate(
@@ -193,8 +209,13 @@ def for_stage(
     shape = shape_from_config(config)
     if shape is None:
         return None
-    micro = getattr(hp, "micro_batch_size", 0) or max(1, getattr(hp, "batch_size", 1) // processes)
-    length = int(getattr(hp, "block_size", 0) or getattr(hp, "max_length", 512))
+    on_policy = hasattr(hp, "max_new_tokens")
+    if on_policy:
+        micro = int(hp.mini_batch_size)
+        length = int(hp.max_prompt_tokens + hp.max_new_tokens)
+    else:
+        micro = getattr(hp, "micro_batch_size", 0) or max(1, getattr(hp, "batch_size", 1) // processes)
+        length = int(getattr(hp, "block_size", 0) or getattr(hp, "max_length", 512))
     settings = getattr(hp, "lora_settings", None)
     return estimate(
         shape,
@@ -205,4 +226,6 @@ def for_stage(
         lora=(settings.r, settings.target_modules) if settings else None,
         gradient_checkpointing=getattr(hp, "gradient_checkpointing", False),
         tokens=micro * length * (2 if pairs else 1),
+        on_policy=on_policy,
+        separate_critic=getattr(hp, "value_model", "head") == "separate",
     )

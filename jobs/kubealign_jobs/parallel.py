@@ -117,10 +117,11 @@ def merge_adapters(state: dict[str, torch.Tensor], settings: LoraSettings) -> di
 # ---------------------------------------------------------------------------- FSDP
 
 
-def decoder_layers(lm: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a transformers model (its ``_no_split_modules`` classes), in order."""
+def decoder_layers(lm: nn.Module, within: nn.Module | None = None) -> list[nn.Module]:
+    """The repeated blocks of a transformers model (its ``_no_split_modules`` classes), in order,
+    in ``lm`` or in a module ``within`` that holds it."""
     names = set(getattr(lm, "_no_split_modules", None) or ())
-    layers = [m for m in lm.modules() if type(m).__name__ in names]
+    layers = [m for m in (within or lm).modules() if type(m).__name__ in names]
     if not layers:
         raise ConfigError(
             f"hyperparameters.sharding: fsdp does not know the layers of a {type(lm).__name__} "
@@ -154,7 +155,8 @@ def shard(
         options["offload_policy"] = CPUOffloadPolicy()
     if not hp.cpu_offload:
         root.to(ctx.device)
-    for layer in decoder_layers(lm):
+    # Every decoder layer inside the root: the LM's, and a second backbone's (ppo's critic).
+    for layer in decoder_layers(lm, within=root):
         fully_shard(layer, **options)
     fully_shard(root, **options)
 
@@ -198,13 +200,43 @@ class Trainable:
         if self.sharded:
             self.module.reshard()  # type: ignore[operator]
 
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """Within: every FSDP unit holds its whole parameters and keeps them across forward passes.
+
+        Sampling needs this: ranks generate for different numbers of steps (each stops when its
+        own rows end), which a sharded forward, a collective per layer, cannot do. It costs one
+        whole model per process while it lasts. Collective on entry; nothing happens unsharded.
+        """
+        if not self.sharded:
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        # Sampling calls the LM inside the root, never the root: FSDP must first settle which
+        # module is its root, which it otherwise does at the root's first forward pass.
+        self.module._get_fsdp_state()._lazy_init()  # type: ignore[operator]
+        units = [m for m in self.module.modules() if isinstance(m, FSDPModule)]
+        for unit in units:
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.unshard()
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.reshard()
+                # FSDP's own defaults: the root stays gathered after forward (backward needs it
+                # next), every layer frees its gathered weights.
+                unit.set_reshard_after_forward(unit is not self.module, recurse=False)
+
     def set_gradient_sync(self, enabled: bool) -> None:
         """FSDP: reduce-scatter gradients only on the last micro-batch of a step."""
         if self.sharded:
             self.module.set_requires_gradient_sync(enabled)  # type: ignore[operator]
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """``lm``'s whole state dict on rank 0 (CPU), keys as in ``lm``; empty elsewhere. Collective."""
+    def full_state_dict(self, inner: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """The whole state dict of ``inner`` (default ``lm``) on rank 0 (CPU), keys as in it;
+        empty elsewhere. Collective."""
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -213,7 +245,7 @@ class Trainable:
             )
         else:
             state = self.module.state_dict()
-        prefix = _prefix_of(self.module, self.lm)
+        prefix = _prefix_of(self.module, self.lm if inner is None else inner)
         return {
             k[len(prefix) :]: v
             for k, v in state.items()

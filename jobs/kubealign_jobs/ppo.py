@@ -19,8 +19,15 @@ Run it:
     python -m kubealign_jobs.ppo --config stage.json
     torchrun --nproc_per_node 2 -m kubealign_jobs.ppo --config stage.json   # data-parallel
 
+``sharding: fsdp`` shards policy and value head over the processes (and the frozen reference,
+which only runs forward); for sampling each process gathers the whole policy for the rollout,
+since ranks generate for different numbers of steps. With ``lora`` only the adapters and the
+value head train, and the reference is the base with its adapters off: one copy of the weights.
+
 The artifact is the policy as a plain ``save_pretrained`` causal LM (transformers loads it
-as any other), with the value head beside it in ``value_head.safetensors``.
+as any other; merged adapters under LoRA, or the adapter alone with ``lora_merge: false``),
+with the value head beside it in ``value_head.safetensors`` (``value_model: separate``: the
+critic, a sequence classifier, in ``value_model/``).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kubealign_jobs import data, loop, rl, runtime, scorers
+from kubealign_jobs import data, loop, parallel, rl, runtime, scorers
 from kubealign_jobs import model as models
 from kubealign_jobs.attention import use_fast_masks
 from kubealign_jobs.loop import find_resume_checkpoint
@@ -43,6 +50,7 @@ from kubealign_jobs.sampling import Samples, SamplingParams, completion_logits, 
 from kubealign_jobs.stages import PPOHyperparameters as Hyperparameters
 
 VALUE_HEAD_FILE = "value_head.safetensors"
+VALUE_MODEL_DIR = "value_model"
 
 
 class PolicyWithValueHead(nn.Module):
@@ -79,24 +87,77 @@ class PolicyWithValueHead(nn.Module):
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         return output.logits, values
 
-    def save_value_head(self, folder: Path) -> None:
+    def value_head_state(self) -> dict[str, torch.Tensor]:
+        """The head's whole weights on the CPU. Collective under FSDP: its shards are gathered."""
+        return {
+            k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
+            for k, v in self.value_head.state_dict().items()
+        }
+
+    def save_value_head(self, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
         from safetensors.torch import save_file
 
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
-            str(folder / VALUE_HEAD_FILE),
-        )
+        save_file(state if state is not None else self.value_head_state(), str(folder / VALUE_HEAD_FILE))
 
     def load_value_head(self, folder: Path) -> None:
         from safetensors.torch import load_file
 
         self.value_head.load_state_dict(load_file(str(folder / VALUE_HEAD_FILE)))
 
+    def value_writer(self, trainable: parallel.Trainable, tokenizer: Any) -> Callable[[Path], object]:
+        """Writes the value head into an artifact or checkpoint folder. Collective under FSDP."""
+        del trainable, tokenizer
+        state = self.value_head_state()
+        return lambda folder: self.save_value_head(folder, state)
+
+
+class PolicyWithCritic(nn.Module):
+    """A causal LM and a separate critic: a sequence classifier with its own backbone and head.
+
+    InstructGPT's layout (Ouyang et al. 2022) and TRL's: the critic starts from the reward model
+    when there is one (its values then start at the reward it predicts), else from the policy's
+    weights with a zero head. It costs a second backbone's compute and memory; its gradients
+    never touch the policy's features. Under LoRA the critic still trains all its weights.
+    """
+
+    def __init__(self, policy: nn.Module, critic: Any) -> None:
+        super().__init__()
+        self.policy = policy
+        self.critic: Any = critic
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `PolicyWithValueHead.forward`: logits (B, C, V) and values (B, C)."""
+        logits = completion_logits(self.policy, input_ids, attention_mask, completion_width).logits
+        backbone = getattr(self.critic, str(self.critic.base_model_prefix))
+        hidden = backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=(attention_mask.cumsum(dim=1) - 1).clamp(min=0),
+            use_cache=False,
+        ).last_hidden_state[:, -completion_width - 1 : -1]
+        values = self.critic.score(hidden).squeeze(-1)
+        return logits, values
+
+    def value_writer(self, trainable: parallel.Trainable, tokenizer: Any) -> Callable[[Path], object]:
+        """Writes the critic as ``value_model/`` (save_pretrained). Collective under FSDP."""
+        critic = self.critic
+        if not trainable.sharded:
+            return lambda folder: models.save_pretrained(critic, tokenizer, folder / VALUE_MODEL_DIR)
+        state = trainable.full_state_dict(critic)
+        return lambda folder: parallel.save_plain(critic, state, tokenizer, folder / VALUE_MODEL_DIR)
+
+
+ActorCritic = PolicyWithValueHead | PolicyWithCritic
+
 
 # ---------------------------------------------------------------------------- rollouts
 
 
 ScoreFn = Callable[[Samples], torch.Tensor]
+# (input_ids, attention_mask, completion width) -> the reference's logits (B, C, V)
+ReferenceFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -125,8 +186,8 @@ class Rollout:
 @torch.no_grad()
 def collect_rollout(
     *,
-    model: PolicyWithValueHead,
-    reference: nn.Module,
+    model: ActorCritic,
+    reference: ReferenceFn,
     tokenizer: Any,
     prompts: Sequence[str],
     score_fn: ScoreFn,
@@ -142,6 +203,29 @@ def collect_rollout(
         batch_size=hp.forward_batch_size,
         max_prompt_tokens=hp.max_prompt_tokens,
     )
+    return score_rollout(
+        model=model,
+        reference=reference,
+        tokenizer=tokenizer,
+        samples=samples,
+        score_fn=score_fn,
+        beta=beta,
+        hp=hp,
+    )
+
+
+@torch.no_grad()
+def score_rollout(
+    *,
+    model: ActorCritic,
+    reference: ReferenceFn,
+    tokenizer: Any,
+    samples: Samples,
+    score_fn: ScoreFn,
+    beta: float,
+    hp: Hyperparameters,
+) -> Rollout:
+    """Steps 1-3 after sampling: log-probs, values, reference log-probs, rewards and advantages."""
     input_ids, attention_mask = samples.input_ids, samples.attention_mask
     completion_ids = samples.completion_ids
     width = completion_ids.shape[1]
@@ -156,9 +240,7 @@ def collect_rollout(
         logprobs.append(models.logps_from_logits(logits, completion_ids[rows]))
         entropies.append(rl.entropy_from_logits(logits))
         values.append(value.float())
-        ref = (
-            completion_logits(reference, input_ids[rows], attention_mask[rows], width).logits / hp.temperature
-        )
+        ref = reference(input_ids[rows], attention_mask[rows], width) / hp.temperature
         ref_logprobs.append(models.logps_from_logits(ref, completion_ids[rows]))
     model.train(was_training)
     logprob, ref_logprob = torch.cat(logprobs) * mask, torch.cat(ref_logprobs) * mask
@@ -285,6 +367,34 @@ def ppo_update(
 # ---------------------------------------------------------------------------- the stage
 
 
+def frozen_reference(
+    ctx: StageContext, hp: Hyperparameters, policy: parallel.Trainable, folder: Path | None
+) -> ReferenceFn:
+    """The KL penalty's reference: the policy's base with adapters off (LoRA, ``folder`` None), or
+    the model in ``folder``, frozen, sharded like the policy under FSDP (it only runs forward,
+    and every rank runs the same number of its forward passes)."""
+    if folder is None:
+
+        def base_logits(input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int) -> torch.Tensor:
+            with policy.reference():
+                out: torch.Tensor = completion_logits(policy.lm, input_ids, attention_mask, width).logits
+            return out
+
+        return base_logits
+    reference = use_fast_masks(models.load_causal_lm(folder)).eval().requires_grad_(False)
+    models.disable_dropout(reference)
+    if policy.sharded:
+        parallel.shard(ctx, reference, reference, hp, hp.mixed_precision)
+    else:
+        reference.to(ctx.device)
+
+    def logits(input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int) -> torch.Tensor:
+        out: torch.Tensor = completion_logits(reference, input_ids, attention_mask, width).logits
+        return out
+
+    return logits
+
+
 def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     """The PPO stage; `runtime.run_stage` handles config, launch, errors and the termination message."""
     config = ctx.config
@@ -293,15 +403,48 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     world = ctx.world_size
     accelerator = ctx.accelerator
 
+    # The policy and its value head: fresh, or from the newest good checkpoint. A distributed
+    # checkpoint (sharded, or LoRA) holds only what trains: its shards load over the input.
+    resume = find_resume_checkpoint(ctx)
     policy_dir = loop.fetch_model(ctx, model_uri, "policy")
     tokenizer = models.load_tokenizer(policy_dir)
+    full_checkpoint = resume is not None and not resume.distributed
+
+    start_dir = resume.model_dir if resume is not None and full_checkpoint else policy_dir
+
+    def with_critic(lm: nn.Module) -> ActorCritic:
+        if hp.value_model == "head":
+            model = PolicyWithValueHead(lm)
+            if full_checkpoint:
+                model.load_value_head(start_dir)
+            return model
+        if full_checkpoint:
+            critic_dir = start_dir / VALUE_MODEL_DIR
+        elif config.inputs.reward_model:
+            critic_dir = loop.fetch_model(ctx, config.inputs.reward_model, "critic")
+        else:
+            critic_dir = policy_dir
+        critic = use_fast_masks(models.load_reward_model(critic_dir, tokenizer=tokenizer))
+        if critic_dir == policy_dir:
+            # From a causal LM the head is new: start it at zero, as the shared head starts.
+            nn.init.zeros_(critic.score.weight)
+        if hp.gradient_checkpointing:
+            critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return PolicyWithCritic(lm, critic)
+
+    policy = parallel.prepare(ctx, hp, use_fast_masks(models.load_causal_lm(start_dir)), wrap=with_critic)
+    # PPO's ratio pi/pi_old must be exactly 1 before the first update; dropout would make it
+    # noise. After `prepare`: the adapters bring dropout layers of their own.
+    models.disable_dropout(policy.module)
+
     reference_uri = config.inputs.reference or model_uri
-    reference_dir = (
-        policy_dir if reference_uri == model_uri else loop.fetch_model(ctx, reference_uri, "reference")
-    )
-    reference = (
-        use_fast_masks(models.load_causal_lm(reference_dir)).to(ctx.device).eval().requires_grad_(False)
-    )
+    if policy.adapters is not None and reference_uri == model_uri:
+        reference = frozen_reference(ctx, hp, policy, None)
+    else:
+        reference_dir = (
+            policy_dir if reference_uri == model_uri else loop.fetch_model(ctx, reference_uri, "reference")
+        )
+        reference = frozen_reference(ctx, hp, policy, reference_dir)
     reward, ground_truth = scorers.reward_sources(
         config.inputs.reward_model,
         hp,
@@ -310,49 +453,47 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         batch_size=hp.forward_batch_size,
         stage="ppo",
     )
-    chat_format = data.tokenizer_chat_format(models.load_tokenizer(policy_dir))
+    chat_format = data.tokenizer_chat_format(tokenizer)
     prompts = data.load(data_uri, ctx.scratch / "data", lambda row: data.prompt_text(row, chat_format))
     global_batch = hp.rollout_batch_size * world
     sampler = data.EpochSampler(len(prompts), global_batch, seed=config.seed)
 
-    # Model, optimizer, schedule, KL controller, data position: fresh, or from the newest good checkpoint.
-    resume = find_resume_checkpoint(ctx)
-    policy = use_fast_masks(models.load_causal_lm(resume.model_dir if resume else policy_dir))
-    model = PolicyWithValueHead(policy)
-    if resume is not None:
-        model.load_value_head(resume.model_dir)
-    # PPO's ratio pi/pi_old must be exactly 1 before the first update; dropout would make it noise.
-    models.disable_dropout(model)
-    models.disable_dropout(reference)
-    model.to(ctx.device)
-    optimizer = loop.make_optimizer(model, hp)
+    policy.reshard()
+    optimizer = loop.make_optimizer(policy.module, hp)
     scheduler = loop.make_scheduler(optimizer, hp, hp.steps)
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    # FSDP already split the model; everything else goes through accelerate (DDP, autocast).
+    wrapped = policy.module
+    if not policy.sharded:
+        wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
     kl_controller = rl.make_kl_controller(
         init_kl_coef=hp.init_kl_coef, target_kl=hp.target_kl, horizon=hp.kl_horizon
     )
     step, position, first_score = 0, data.DataPosition(), None
     if resume is not None:
+        loop.load_shards(policy, wrapped, optimizer, resume)
         restored = loop.restore_training_state(
             ctx, resume, optimizer=optimizer, scheduler=scheduler, total=hp.steps
         )
         step, position = restored.step, restored.position
         kl_controller = rl.kl_controller_from_state(restored.state["kl_controller"])
         first_score = restored.state.get("first_score")
+    unwrapped: ActorCritic = accelerator.unwrap_model(wrapped)
 
-    def write_model(dest: Path) -> None:
-        unwrapped: PolicyWithValueHead = accelerator.unwrap_model(wrapped)
-        models.save_pretrained(unwrapped.policy, tokenizer, dest)  # type: ignore[arg-type]
-        unwrapped.save_value_head(dest)
+    def write_full(dest: Path) -> None:
+        models.save_pretrained(policy.lm, tokenizer, dest)
+        unwrapped.value_writer(policy, tokenizer)(dest)
 
     def save(at_step: int) -> None:
-        loop.save_training_state(
+        loop.save_trainable_state(
             ctx,
+            policy,
+            wrapped,
             step=at_step,
             optimizer=optimizer,
             scheduler=scheduler,
             position=position,
-            write_model=write_model,
+            write_model=write_full,
+            tokenizer=tokenizer,
             hp=hp,
             extra_state={"kl_controller": kl_controller.state_dict(), "first_score": first_score},
         )
@@ -360,7 +501,6 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     def score_fn(samples: Samples) -> torch.Tensor:
         return scorers.score_tensor(reward, samples.prompts, samples.completions)
 
-    unwrapped_model: PolicyWithValueHead = accelerator.unwrap_model(wrapped)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     last: dict[str, float] = {}
     progress = loop.Progress(ctx, total=hp.steps, log_every=hp.log_every, examples=len(prompts))
@@ -368,9 +508,9 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         mine, position, seed = loop.rollout_prompts(ctx, sampler, position, prompts, step=step)
         # Under mixed precision the reference must see the same autocast as the policy, or the
         # precision gap alone would show up as KL.
-        with accelerator.autocast():
+        with accelerator.autocast(), policy.gathered():
             rollout = collect_rollout(
-                model=unwrapped_model,
+                model=unwrapped,
                 reference=reference,
                 tokenizer=tokenizer,
                 prompts=mine,
@@ -386,7 +526,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
             hp=hp,
             generator=torch.Generator().manual_seed(seed),
             backward=accelerator.backward,
-            clip_grad_norm=lambda max_norm: accelerator.clip_grad_norm_(params, max_norm),
+            clip_grad_norm=lambda max_norm: loop.clip_gradients(policy, params, max_norm, accelerator),
         )
         sums = {
             "score": float(rollout.scores.sum()),
@@ -415,6 +555,17 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         **last,
         "kl_coef": kl_controller.value,
     }
+    if policy.memory is not None:
+        metrics.update(policy.memory.metrics())
+    metrics["memory_peak_bytes"] = float(loop.peak_memory_bytes(ctx.device))
+    # Collective, on every rank: a sharded or adapted policy is assembled on rank 0.
+    write_policy = policy.writer(tokenizer)
+    write_value = unwrapped.value_writer(policy, tokenizer)
+
+    def write_model(dest: Path) -> None:
+        write_policy(dest)
+        write_value(dest)
+
     runtime.publish_results(ctx, metrics, write_model, steps=step)
     return metrics
 

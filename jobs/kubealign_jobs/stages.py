@@ -226,6 +226,7 @@ DPO_LOSS_TYPES: Final = ("sigmoid", "robust", "ipo", "hinge", "simpo")
 ADVANTAGES: Final = ("grpo", "rloo")  # kubealign_jobs.rl.group_advantages
 VERIFIERS: Final = ("exact_match", "math", "regex")  # kubealign_jobs.verifiers
 SHARDINGS: Final = ("none", "fsdp")
+VALUE_MODELS: Final = ("head", "separate")
 # The ground-truth scorers kubealign_jobs.scorers registers (a test keeps the two in step).
 SCORERS: Final = ("vader", "word_fraction")
 
@@ -276,6 +277,10 @@ class ShardingHyperparameters:
         False, "fsdp only: keep the sharded parameters, gradients and optimizer state in CPU memory"
     )
 
+    def check_sharding(self) -> None:
+        if self.cpu_offload and self.sharding != "fsdp":
+            raise ConfigError("hyperparameters.cpu_offload: needs sharding: fsdp")
+
 
 @dataclass(frozen=True)
 class TrainingHyperparameters(OptimizerHyperparameters, CheckpointHyperparameters, ShardingHyperparameters):
@@ -294,8 +299,7 @@ class TrainingHyperparameters(OptimizerHyperparameters, CheckpointHyperparameter
     def __post_init__(self) -> None:
         if self.max_steps == 0 and self.epochs <= 0:
             raise ConfigError("hyperparameters.epochs: must be > 0 when max_steps is 0")
-        if self.cpu_offload and self.sharding != "fsdp":
-            raise ConfigError("hyperparameters.cpu_offload: needs sharding: fsdp")
+        self.check_sharding()
         if isinstance(self, LoraHyperparameters):
             self.check_lora()
 
@@ -658,7 +662,9 @@ class RolloutHyperparameters(OptimizerHyperparameters, CheckpointHyperparameters
 
 
 @dataclass(frozen=True)
-class PPOHyperparameters(RolloutHyperparameters, RewardSourceHyperparameters):
+class PPOHyperparameters(
+    RolloutHyperparameters, RewardSourceHyperparameters, ShardingHyperparameters, LoraHyperparameters
+):
     """Defaults follow TRL's PPO and Ziegler et al."""
 
     # Rollouts.
@@ -685,8 +691,20 @@ class PPOHyperparameters(RolloutHyperparameters, RewardSourceHyperparameters):
     )
     kl_horizon: int = param(10000, "samples over which the adaptive controller moves beta", ge=1)
     kl_estimator: str = param("k1", "per-token KL estimator (Schulman's k1, k2 or k3)", choices=KL_ESTIMATORS)
+    gradient_checkpointing: bool = param(
+        False, "recompute activations in the update's backward: less memory, ~30% slower"
+    )
+    value_model: str = param(
+        "head",
+        "head: a scalar head on the policy's last hidden state (one backbone); separate: a critic of "
+        "its own, a sequence classifier initialised from inputs.rewardModel if given, else from the "
+        "policy (InstructGPT's and TRL's layout: twice the compute)",
+        choices=VALUE_MODELS,
+    )
 
     def __post_init__(self) -> None:
+        self.check_sharding()
+        self.check_lora()
         if self.rollout_batch_size % self.mini_batch_size:
             raise ConfigError(
                 f"hyperparameters.mini_batch_size: {self.mini_batch_size} does not divide "

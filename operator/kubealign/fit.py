@@ -24,7 +24,7 @@ from kubealign_jobs.config import ConfigError
 
 DEFAULT_GPU_MEMORY: Final = 80 * memory.GIB  # an A100/H100 80 GB
 # The training stages, and whether one example is a pair of sequences.
-TRAINING: Final = {"pretrain": False, "sft": False, "reward": True, "dpo": True}
+TRAINING: Final = {"pretrain": False, "sft": False, "reward": True, "dpo": True, "ppo": False}
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|K|M|G|T)?$")
 _UNITS: Final = {
     None: 1,

@@ -87,3 +87,31 @@ def test_a_7b_full_fine_tune_does_not_fit_an_80gb_gpu_unsharded() -> None:
     )
     assert unsharded.total > 80 * memory.GIB > sharded.total
     assert "GiB (parameters" in unsharded.describe()
+
+
+def test_ppo_counts_its_reference_and_the_policy_gathered_for_sampling() -> None:
+    from kubealign_jobs.stages import PPOHyperparameters
+
+    def ppo(**settings: Any) -> memory.Estimate:
+        hp = PPOHyperparameters(mini_batch_size=4, rollout_batch_size=8, **settings)
+        found = memory.for_stage(LLAMA2_7B, hp, processes=8, mixed_precision="no", pairs=False)
+        assert found is not None
+        return found
+
+    shape = memory.shape_from_config(LLAMA2_7B)
+    assert shape is not None
+    p = shape.parameters
+    tokens = 4 * (128 + 32)  # mini_batch_size rows of max_prompt_tokens + max_new_tokens
+    plain = memory.estimate(shape, processes=8, tokens=tokens)
+    # Unsharded: the policy's weights and a frozen reference of the same size.
+    assert ppo().parameters == plain.parameters + 4 * p
+    assert ppo().activations == plain.activations
+    # FSDP: a 1/8 shard of each, plus the whole policy gathered for sampling.
+    assert ppo(sharding="fsdp").parameters == 4 * p // 8 + 4 * p // 8 + 4 * p
+    # LoRA: the reference is the base with the adapters off, no second copy.
+    lora = ppo(lora={"r": 8})
+    assert lora.parameters == 4 * (p + shape.lora_parameters(8, "all-linear"))
+    # A separate critic: a second backbone with its own gradients and moments.
+    critic = ppo(value_model="separate")
+    assert critic.optimizer == ppo().optimizer + 8 * p
+    assert critic.activations > ppo().activations

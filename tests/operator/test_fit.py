@@ -54,10 +54,28 @@ def pipeline(model: dict[str, Any], *, gpus: int = 1, nodes: int = 1, **sft: Any
     ]
 
 
+def with_ppo(model: dict[str, Any], *, gpus: int = 1, **ppo: Any) -> list[dict[str, Any]]:
+    """`pipeline` sharded over 8 GPUs (it fits), then ppo on ``gpus`` GPUs with ``ppo`` settings."""
+    return [
+        *pipeline(model, gpus=8, sharding="fsdp"),
+        stage(
+            "ppo",
+            "ppo",
+            inputs={"model": src("sft"), "data": uri("s3://d00/prompts")},
+            resources={"gpusPerNode": gpus},
+            hyperparameters={"scorer": "word_fraction", **ppo},
+        ),
+    ]
+
+
 @pytest.mark.parametrize(
     ("case", "stages", "misfit"),
     [
         ("7B full fine-tune, unsharded, 1 GPU", pipeline(LLAMA_7B), {"pretrain", "sft"}),
+        # ppo also holds a frozen reference, and gathers the whole policy to sample under FSDP.
+        ("7B ppo, unsharded, 1 GPU", with_ppo(LLAMA_7B), {"pretrain", "ppo"}),
+        ("7B ppo, FSDP over 8 GPUs", with_ppo(LLAMA_7B, gpus=8, sharding="fsdp"), {"pretrain"}),
+        ("7B ppo, LoRA on 1 GPU", with_ppo(LLAMA_7B, lora={"r": 16}), {"pretrain"}),
         ("7B, FSDP over 8 GPUs", pipeline(LLAMA_7B, gpus=8, sharding="fsdp"), {"pretrain"}),
         ("7B, LoRA on 1 GPU", pipeline(LLAMA_7B, lora={"r": 16}), {"pretrain"}),
         ("small model on 1 GPU", pipeline(SMALL), set()),
