@@ -100,10 +100,17 @@ KL_COEF = 0.05
 
 
 def kubealign_models(
-    args: argparse.Namespace, policy_dir: Path, reward_dir: Path, value_model: str, **settings: Any
+    args: argparse.Namespace,
+    policy_dir: Path,
+    reward_dir: Path,
+    value_model: str,
+    *,
+    reference_dir: Path | None = None,
+    **settings: Any,
 ) -> tuple[ppo.ActorCritic, ReferenceFn, stages.PPOHyperparameters]:
     """kubealign's policy with its critic (a head, or a separate one from the reward model),
-    the frozen reference and the stage settings that match TRL's."""
+    the frozen reference (the policy's weights unless ``reference_dir``) and the stage settings
+    that match TRL's."""
     tokenizer = models.load_tokenizer(policy_dir)
     policy = use_fast_masks(models.load_causal_lm(policy_dir))
     model: ppo.ActorCritic
@@ -113,25 +120,25 @@ def kubealign_models(
     else:
         model = ppo.PolicyWithValueHead(policy)
     models.disable_dropout(model)
-    frozen = use_fast_masks(models.load_causal_lm(policy_dir)).eval().requires_grad_(False)
+    frozen = use_fast_masks(models.load_causal_lm(reference_dir or policy_dir)).eval().requires_grad_(False)
 
     def reference(ids: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
         logits: torch.Tensor = completion_logits(frozen, ids, mask, width).logits
         return logits
 
-    hp = stages.PPOHyperparameters(
-        rollout_batch_size=args.batch_size,
-        mini_batch_size=args.mini_batch_size,
-        forward_batch_size=args.batch_size,
-        ppo_epochs=args.ppo_epochs,
-        max_new_tokens=args.response_length,
-        learning_rate=LEARNING_RATE,
-        weight_decay=0.0,
-        grad_clip=0.0,
-        init_kl_coef=KL_COEF,
-        value_model=value_model,
-        **settings,
-    )
+    values: dict[str, Any] = {
+        "rollout_batch_size": args.batch_size,
+        "mini_batch_size": args.mini_batch_size,
+        "forward_batch_size": args.batch_size,
+        "ppo_epochs": args.ppo_epochs,
+        "max_new_tokens": args.response_length,
+        "learning_rate": LEARNING_RATE,
+        "weight_decay": 0.0,
+        "grad_clip": 0.0,
+        "init_kl_coef": KL_COEF,
+        "value_model": value_model,
+    }
+    hp = stages.PPOHyperparameters(**(values | settings))
     return model, reference, hp
 
 
@@ -197,11 +204,13 @@ def trl_trainer(
     callbacks: list[Any],
     seed: int = 0,
     check: bool = False,
+    reference_dir: Path | None = None,
 ) -> Any:
     """TRL 1.12's PPOTrainer for ``batches`` batches with the settings of `kubealign_models`.
 
     ``check``: one minibatch per PPO epoch (so the minibatch order cannot matter) and EOS never
-    ends a response, as the equivalence check needs.
+    ends a response, as the equivalence check needs. ``reference_dir``: a reference other than
+    the policy's own weights.
     """
     from datasets import Dataset
     from trl.experimental.ppo import PPOConfig, PPOTrainer  # type: ignore[import-not-found]
@@ -216,7 +225,11 @@ def trl_trainer(
     policy = use_fast_masks(models.load_causal_lm(policy_dir))
     if check:
         policy.generation_config.eos_token_id = None
-    reference = copy.deepcopy(policy)
+    reference = (
+        copy.deepcopy(policy)
+        if reference_dir is None
+        else use_fast_masks(models.load_causal_lm(reference_dir))
+    )
     reward = use_fast_masks(
         AutoModelForSequenceClassification.from_pretrained(
             str(reward_dir), local_files_only=True, num_labels=1
@@ -231,8 +244,9 @@ def trl_trainer(
     config = PPOConfig(
         output_dir=str(workdir / "trl"),
         # One optimizer step per minibatch of --mini-batch-size rows, as kubealign does: TRL's
-        # minibatch is local_batch / num_mini_batches, and with no accumulation each is one step.
-        per_device_train_batch_size=mini_batch,
+        # rollout batch is per_device_train_batch_size x gradient_accumulation_steps, its
+        # minibatch that / num_mini_batches, and with no accumulation each is one step.
+        per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1,
         num_mini_batches=args.batch_size // mini_batch,
         num_ppo_epochs=args.ppo_epochs,
@@ -247,7 +261,7 @@ def trl_trainer(
         num_sample_generations=0,
         report_to=[],
         save_strategy="no",
-        logging_steps=1,
+        logging_steps=1 if check else 1_000_000,
         disable_tqdm=True,
         seed=seed,
         bf16=False,
@@ -319,6 +333,7 @@ def trl_first_batch(
     workdir: Path,
     *,
     seed: int,
+    reference_dir: Path,
 ) -> tuple[Any, torch.Tensor, list[dict[str, float]]]:
     """TRL's trainer after one check-mode batch, the prompt + response tokens it sampled, its logs."""
     import trl.experimental.ppo.ppo_trainer as trl_ppo  # type: ignore[import-not-found]
@@ -338,7 +353,16 @@ def trl_first_batch(
             logged.append(dict(logs or {}))
 
     trainer = trl_trainer(
-        args, policy_dir, reward_dir, prompts, workdir, batches=1, callbacks=[Logs()], seed=seed, check=True
+        args,
+        policy_dir,
+        reward_dir,
+        prompts,
+        workdir,
+        batches=1,
+        callbacks=[Logs()],
+        seed=seed,
+        check=True,
+        reference_dir=reference_dir,
     )
     trl_ppo.batch_generation = recording
     try:
@@ -358,9 +382,16 @@ def check_first_update(
     tokenizer = models.load_tokenizer(policy_dir)
     pad = int(tokenizer.pad_token_id)
     width = args.response_length
+    # A reference other than the starting policy, so the KL penalty is not zero in the check.
+    perturbed = models.load_causal_lm(policy_dir)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for parameter in perturbed.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
+    reference_dir = models.save_pretrained(perturbed, tokenizer, workdir / "reference")
     for seed in range(10):
         trainer, query_responses, logged = trl_first_batch(
-            args, policy_dir, reward_dir, prompts, workdir, seed=seed
+            args, policy_dir, reward_dir, prompts, workdir, seed=seed, reference_dir=reference_dir
         )
         responses = query_responses[:, -width:]
         # A sampled pad token would end the row for TRL (it finds lengths by the pad id): retry.
@@ -388,7 +419,7 @@ def check_first_update(
         completion_mask=torch.ones_like(responses),
     )
     model, reference, hp = kubealign_models(
-        args, policy_dir, reward_dir, "separate", mini_batch_size=args.batch_size
+        args, policy_dir, reward_dir, "separate", reference_dir=reference_dir, mini_batch_size=args.batch_size
     )
     optimizer = loop.make_optimizer(model, hp)
     rollout = ppo.score_rollout(
