@@ -169,3 +169,18 @@ def test_a_separate_critic_shards_like_the_policy(inputs: dict[str, str], tmp_pa
         not torch.equal(p, r) for p, r in zip(critics[0].parameters(), initial.parameters(), strict=True)
     )
     assert not (tmp_path / "fsdp" / "artifact" / ppo.VALUE_HEAD_FILE).exists()
+
+
+def test_a_separate_critic_resumes_from_a_full_checkpoint(inputs: dict[str, str], tmp_path: Path) -> None:
+    # Replicated and without adapters, a checkpoint is a full folder: the critic is saved beside
+    # the policy (value_model/) and loaded back, so the resumed steps repeat the original ones.
+    first = _run(tmp_path, inputs, "first", 1, value_model="separate")
+    found = checkpoint.latest_checkpoint(f"file://{tmp_path}/first/checkpoints", tmp_path / "peek")
+    assert found is not None and not found.distributed and found.step == 2
+    assert (found.model_dir / ppo.VALUE_MODEL_DIR / "config.json").is_file()
+    shutil.copytree(tmp_path / "first" / "checkpoints", tmp_path / "again" / "checkpoints")
+    again = _run(tmp_path, inputs, "again", 1, value_model="separate")
+    assert again.events("resumed")[0]["step"] == 2
+    torch.testing.assert_close(
+        torch.tensor(_trajectory(again)), torch.tensor(_trajectory(first)[2:]), rtol=1e-5, atol=1e-6
+    )
