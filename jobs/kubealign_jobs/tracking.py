@@ -11,13 +11,14 @@ of its own), in the experiment ``tracking.experiment`` of the stage config:
 
 Runs are found again by their tags, never remembered: a retried or resumed attempt continues its
 stage's child run (status back to RUNNING, the attempt tag updated, params it already has kept)
-instead of starting a new one. Steps a killed attempt logged after its last checkpoint are logged
-again by the attempt that replays them: MLflow then holds two values at those steps. Two stages
-starting at once may both create the parent; each then re-reads, keeps the oldest and deletes its
-own, so they converge on one. The parent's status follows its children: RUNNING when one starts,
-then FINISHED or FAILED as the latest to end ended (a stage stopped by SIGTERM, KILLED, leaves it
-RUNNING: its next pod resumes). Only the operator knows when the whole run has ended, and it
-never talks to the tracker.
+instead of starting a new one. Steps a killed attempt logged after its last checkpoint are not
+logged again by the attempt that replays them (a resume replays them exactly): every step has one
+value. Two stages starting at once may both create the parent; each then re-reads, keeps the
+oldest and deletes its own, so they converge on one. The parent's status follows its children:
+RUNNING while one runs (or was stopped by SIGTERM, KILLED: its next pod resumes), else FAILED if
+one failed, else FINISHED; a retried stage that succeeds turns FAILED back into FINISHED. Stages
+that have not started yet have no child run: only the operator knows when the whole run has
+ended, and it never talks to the tracker.
 
 A tracker that is down, slow or refusing never fails or slows a stage: calls happen on a
 background thread from a bounded buffer, failures are logged once per outage and retried with
@@ -158,15 +159,16 @@ class _Pending:
     """What the worker still has to send, in order; metric values are bounded."""
 
     def __init__(self) -> None:
-        self.metrics: list[tuple[str, float, int, int]] = []  # (key, value, timestamp ms, step)
+        # (key, value, timestamp ms, step, from a progress or eval record: may replay a killed attempt's)
+        self.metrics: list[tuple[str, float, int, int, bool]] = []
         self.params: dict[str, str] = {}
         self.tags: dict[str, str] = {}
         self.end: str | None = None
         self.dropped = 0
 
-    def add_metrics(self, step: int, values: Mapping[str, float]) -> None:
+    def add_metrics(self, step: int, values: Mapping[str, float], *, replayable: bool = True) -> None:
         now = int(time.time() * 1000)
-        self.metrics += [(key, value, now, step) for key, value in values.items()]
+        self.metrics += [(key, value, now, step, replayable) for key, value in values.items()]
         excess = len(self.metrics) - MAX_BUFFERED
         if excess > 0:
             del self.metrics[:excess]
@@ -201,6 +203,9 @@ class MlflowTracker:
         self._failures = 0
         self._client: Any = None
         self._parent_id: str | None = None
+        self._experiment: str | None = None
+        # The last step an earlier attempt of this stage logged: a resumed attempt replays up to it.
+        self._logged_through = 0
         self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
         self._thread.start()
 
@@ -220,7 +225,7 @@ class MlflowTracker:
             if metrics and step is not None:
                 values = record_metrics({"step": step, **metrics})
                 if values is not None:
-                    self._pending.add_metrics(*values)
+                    self._pending.add_metrics(*values, replayable=False)
             self._pending.end = status
             self._closing = True
             self._lock.notify()
@@ -302,7 +307,16 @@ class MlflowTracker:
                         log.warning(
                             "tracking: param %s was %r, now %r; MLflow keeps the first", key, value, mine
                         )
-            log.info("tracking: continuing MLflow run %s of stage %s", run.info.run_id, self.identity.stage)
+            self._logged_through = max(
+                (m.step for key in run.data.metrics for m in client.get_metric_history(run.info.run_id, key)),
+                default=0,
+            )
+            log.info(
+                "tracking: continuing MLflow run %s of stage %s (steps logged through %d)",
+                run.info.run_id,
+                self.identity.stage,
+                self._logged_through,
+            )
             self.run_id = run.info.run_id
         else:
             tags = {**self.identity.stage_tags(), PARENT_TAG: parent}
@@ -312,7 +326,7 @@ class MlflowTracker:
             log.info("tracking: MLflow run %s for stage %s", run.info.run_id, self.identity.stage)
             self.run_id = run.info.run_id
         client.update_run(parent, status="RUNNING")
-        self._parent_id = parent
+        self._parent_id, self._experiment = parent, experiment_id
 
     def _experiment_id(self, client: Any) -> str:
         experiment = client.get_experiment_by_name(self.experiment)
@@ -366,10 +380,15 @@ class MlflowTracker:
             dropped, self._pending.dropped = self._pending.dropped, 0
         if dropped:
             log.warning("tracking: %d metric values were dropped while %s was unreachable", dropped, self.uri)
-        if metrics or params or tags:
+        fresh = [
+            Metric(key, value, ts, step)
+            for key, value, ts, step, replayable in metrics
+            if not (replayable and step <= self._logged_through)
+        ]
+        if fresh or params or tags:
             client.log_batch(
                 run_id,
-                metrics=[Metric(key, value, ts, step) for key, value, ts, step in metrics],
+                metrics=fresh,
                 params=[Param(key, value) for key, value in params.items()],
                 tags=[RunTag(key, value) for key, value in tags.items()],
             )
@@ -381,11 +400,19 @@ class MlflowTracker:
                 self._pending.tags.pop(key, None)
         if end is not None and not (self._pending.params or self._pending.tags):
             client.set_terminated(run_id, status=end)
-            # A stage stopped by SIGTERM (KILLED) resumes in its next pod: the parent stays RUNNING.
-            if end in ("FINISHED", "FAILED"):
-                client.update_run(self._parent_id, status=end)
+            client.update_run(self._parent_id, status=self._parent_status(client))
             with self._lock:
                 self._pending.end = None
+
+    def _parent_status(self, client: Any) -> str:
+        """RUNNING while a child runs or will resume (KILLED), else FAILED if one failed, else FINISHED."""
+        children = client.search_runs(
+            [self._experiment], filter_string=f"tags.`{PARENT_TAG}` = {_quote(str(self._parent_id))}"
+        )
+        statuses = {child.info.status for child in children}
+        if statuses & {"RUNNING", "SCHEDULED", "KILLED"}:
+            return "RUNNING"
+        return "FAILED" if "FAILED" in statuses else "FINISHED"
 
 
 def start(config: StageConfig, *, is_main: bool, started: float | None = None) -> MlflowTracker | None:

@@ -246,3 +246,57 @@ def test_a_tracker_that_is_down_fails_nothing_and_waits_little(
     assert "the stage goes on" in warnings[0]
     # The end waits a few seconds for an unreachable tracker, not MLflow's minutes of retries.
     assert tracked < plain + tracking.UNREACHABLE_FLUSH_SECONDS + 20, (plain, tracked)
+
+
+def test_a_replayed_step_is_logged_once_and_the_parent_follows_every_child(
+    mlflow_server: MlflowServer,
+) -> None:
+    def attempt(stage: str) -> tracking.MlflowTracker:
+        config = StageConfig.from_dict(
+            {
+                "run": "replay",
+                "stage": stage,
+                "type": "sft",
+                "output": f"/unused/{stage}",
+                "hyperparameters": {"max_steps": 12},
+                "tracking": {
+                    "mlflow_uri": mlflow_server.uri,
+                    "experiment": "tracking-tests",
+                    "run_uid": "uid-r",
+                },
+            }
+        )
+        tracker = tracking.start(config, is_main=True)
+        assert tracker is not None
+        return tracker
+
+    def parent_status() -> str:
+        (parent,) = runs_of(mlflow_server, "uid-r", "run")
+        return str(parent.info.status)
+
+    # Attempt 1 logs steps 1-10 and is stopped (its last checkpoint was step 6); attempt 2 resumes
+    # at 6 and replays 7-10 before going on to 12.
+    first = attempt("a")
+    for step in range(1, 11):
+        first.log_record({"step": step, "loss": float(step)})
+    first.finish("KILLED")
+    assert parent_status() == "RUNNING"
+    second = attempt("a")
+    for step in range(7, 13):
+        second.log_record({"step": step, "loss": float(step) + 0.5})
+    second.finish("FINISHED", step=12, metrics={"train_loss": 12.5})
+    (child,) = runs_of(mlflow_server, "uid-r", "stage")
+    steps = [m.step for m in mlflow_server.client().get_metric_history(child.info.run_id, "loss")]
+    assert sorted(steps) == list(range(1, 13))
+    loss = history(mlflow_server, child.info.run_id, "loss")
+    assert loss[10] == 10.0 and loss[11] == 11.5
+    assert history(mlflow_server, child.info.run_id, "train_loss") == {12: 12.5}
+    assert parent_status() == "FINISHED"
+
+    # A failed stage keeps the parent FAILED when another finishes after it, until its retry succeeds.
+    attempt("b").finish("FAILED")
+    assert parent_status() == "FAILED"
+    attempt("c").finish("FINISHED")
+    assert parent_status() == "FAILED"
+    attempt("b").finish("FINISHED")
+    assert parent_status() == "FINISHED"
