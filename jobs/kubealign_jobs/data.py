@@ -670,7 +670,12 @@ class EpochSampler:
         return batch, DataPosition(epoch=position.epoch, index=position.index + self.batch_size)
 
 
+def shard_positions(size: int, *, rank: int, world_size: int) -> range:
+    """Where this rank's contiguous share lies in a global batch of ``size`` (a multiple of the world)."""
+    per_rank = size // world_size
+    return range(rank * per_rank, (rank + 1) * per_rank)
+
+
 def shard(indices: Sequence[int], *, rank: int, world_size: int) -> list[int]:
     """This rank's contiguous share of a global batch (the batch size is a multiple of the world size)."""
-    per_rank = len(indices) // world_size
-    return list(indices[rank * per_rank : (rank + 1) * per_rank])
+    return [indices[i] for i in shard_positions(len(indices), rank=rank, world_size=world_size)]

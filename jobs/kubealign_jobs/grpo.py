@@ -345,13 +345,9 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     while step < hp.steps:
         mine, position, seed = loop.rollout_prompts(ctx, sampler, position, prompts, step=step)
         # Completion g of the prompt at position i of the step's global batch has its own seed,
-        # so a rollout does not depend on how many processes split it (ranks hold contiguous shares).
-        first = ctx.rank * len(mine)
-        sample_seeds = [
-            derive_seed(config.seed, step, first + index, g)
-            for index in range(len(mine))
-            for g in range(hp.group_size)
-        ]
+        # so a rollout does not depend on how many processes split it.
+        positions = data.shard_positions(sampler.batch_size, rank=ctx.rank, world_size=world)
+        sample_seeds = [derive_seed(config.seed, step, i, g) for i in positions for g in range(hp.group_size)]
         # The reference sees the same autocast as the policy: precision alone must not show as KL.
         with accelerator.autocast():
             rollout = collect_rollout(
