@@ -140,10 +140,8 @@ def mixed_precision_policy(mixed_precision: str) -> Any:
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
-def shard(
-    ctx: StageContext, root: nn.Module, lm: nn.Module, hp: ShardingHyperparameters, precision: str
-) -> None:
-    """``fully_shard`` each decoder layer of ``lm``, then ``root`` (which holds embeddings and head)."""
+def shard(ctx: StageContext, root: nn.Module, lm: Any, hp: ShardingHyperparameters, precision: str) -> None:
+    """``fully_shard`` each decoder layer of ``lm``, its untied embeddings and head, then ``root``."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
@@ -158,6 +156,14 @@ def shard(
     # Every decoder layer inside the root: the LM's, and a second backbone's (ppo's critic).
     for layer in decoder_layers(lm, within=root):
         fully_shard(layer, **options)
+    # Untied input embeddings and output head as units of their own (torchtitan's layout): in
+    # the root they would stay gathered, with their gradients, through the whole forward and
+    # backward; on their own they are gathered only while used. Backward needs the head right
+    # after forward used it, so it stays gathered in between.
+    embeddings, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+    if embeddings is not None and head is not None and head.weight is not embeddings.weight:
+        fully_shard(embeddings, **options)
+        fully_shard(head, **options, reshard_after_forward=False)
     fully_shard(root, **options)
 
 
@@ -195,10 +201,15 @@ class Trainable:
         return self.adapters.disable_adapter()  # type: ignore[no-any-return]
 
     def reshard(self) -> None:
-        """FSDP leaves the root's parameters gathered after a forward without backward (an
-        evaluation, the reference pass); shard them again before the optimizer sees them."""
+        """FSDP leaves the root's (and the output head's) parameters gathered after a forward
+        without backward (an evaluation, the reference pass); shard them again before the
+        optimizer sees them."""
         if self.sharded:
-            self.module.reshard()  # type: ignore[operator]
+            from torch.distributed.fsdp import FSDPModule
+
+            for unit in self.module.modules():
+                if isinstance(unit, FSDPModule):
+                    unit.reshard()
 
     @contextlib.contextmanager
     def gathered(self) -> Iterator[None]:
