@@ -5,9 +5,9 @@
     loop.train(ctx, hp, model=trainable, ...)        # shards, adapters and checkpoints handled
     publish_results(ctx, metrics, trainable.writer(tokenizer), ...)
 
-- ``sharding: fsdp``: ``fully_shard`` on every decoder layer, then on the root, so each
-  process holds 1/N of the parameters, gradients and AdamW state and gathers one layer at a
-  time for its forward and backward. Mixed precision is FSDP's own policy (parameters cast
+- ``sharding: fsdp``: ``fully_shard`` on every decoder layer, on untied embeddings and head,
+  then on the root, so each process holds 1/N of the parameters, gradients and AdamW state and
+  gathers one layer at a time for its forward and backward. Mixed precision is FSDP's own policy (parameters cast
   to bf16/fp16 for compute, gradients reduced in fp32); ``cpu_offload`` keeps the shards in
   CPU memory. gloo on CPUs, NCCL on GPUs; one process works too (a world of one).
 - ``lora``: peft adapters on the targeted linear layers; everything else is frozen except
