@@ -286,7 +286,7 @@ def load_policy(
     resume = loop.find_resume_checkpoint(ctx)
     model_dir = loop.starting_weights(ctx, resume, model_uri, hp, pairs=True)
     tokenizer = models.load_tokenizer(model_dir)
-    lm = models.load_causal_lm(model_dir)
+    lm = models.load_causal_lm(model_dir, empty=parallel.weights_from_rank0(ctx, hp))
     if hp.disable_dropout:
         models.disable_dropout(lm)
     trainable = parallel.prepare(ctx, hp, lm, wrap=models.CompletionLogps, pairs=True)

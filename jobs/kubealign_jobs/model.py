@@ -144,10 +144,16 @@ def build_causal_lm(spec: dict[str, Any], *, tokenizer: PreTrainedTokenizerBase)
     return model
 
 
-def load_causal_lm(path: Path, *, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """A causal LM from a local save_pretrained folder."""
+def load_causal_lm(path: Path, *, dtype: torch.dtype | None = None, empty: bool = False) -> PreTrainedModel:
+    """A causal LM from a local save_pretrained folder.
+
+    ``empty``: the architecture only, its parameters on the meta device (no memory) and its
+    buffers real; a process whose shard of the weights comes from rank 0 (`parallel.shard`).
+    """
     _require_dir(path, what="model")
     try:
+        if empty:
+            return _empty_model(AutoModelForCausalLM, path)
         model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
             str(path), local_files_only=True, dtype=dtype or torch.float32
         )
@@ -156,17 +162,40 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | None = None) -> PreTraine
     return model
 
 
-def load_reward_model(path: Path, *, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
+def _empty_model(auto_class: Any, path: Path, **config_fields: Any) -> PreTrainedModel:
+    """``auto_class``'s model of the folder's config, without weights (see `load_causal_lm`)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True, **config_fields)
+    with init_empty_weights(include_buffers=False):
+        model: PreTrainedModel = auto_class.from_config(config, dtype=torch.float32)
+    # The context re-registers every parameter it sees, tied ones too: tie them again, so the
+    # layout (one tensor or two) is the one rank 0's loaded model has.
+    model.tie_weights()
+    if model.can_generate() and (path / "generation_config.json").is_file():
+        # Sampling defaults must match rank 0's, which loaded them with the weights.
+        model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
+    return model
+
+
+def load_reward_model(
+    path: Path, *, tokenizer: PreTrainedTokenizerBase | None = None, empty: bool = False
+) -> PreTrainedModel:
     """A reward model: a sequence classifier with one output, scoring the last non-pad token.
 
     ``path`` may hold a trained reward model or a causal LM; from a causal LM the backbone
     weights are reused and a new scalar head is initialised (transformers logs which).
+    ``empty`` as in `load_causal_lm`.
     """
     _require_dir(path, what="reward model")
     try:
-        model: PreTrainedModel = AutoModelForSequenceClassification.from_pretrained(
-            str(path), local_files_only=True, num_labels=1, dtype=torch.float32
-        )
+        if empty:
+            model = _empty_model(AutoModelForSequenceClassification, path, num_labels=1)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(path), local_files_only=True, num_labels=1, dtype=torch.float32
+            )
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}: cannot load as a reward model ({exc})") from exc
     if tokenizer is not None and model.config.pad_token_id is None:

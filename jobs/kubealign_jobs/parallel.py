@@ -7,9 +7,11 @@
 
 - ``sharding: fsdp``: ``fully_shard`` on every decoder layer, on untied embeddings and head,
   then on the root, so each process holds 1/N of the parameters, gradients and AdamW state and
-  gathers one layer at a time for its forward and backward. Mixed precision is FSDP's own policy (parameters cast
-  to bf16/fp16 for compute, gradients reduced in fp32); ``cpu_offload`` keeps the shards in
-  CPU memory. gloo on CPUs, NCCL on GPUs; one process works too (a world of one).
+  gathers one layer at a time for its forward and backward. Mixed precision is FSDP's own
+  policy (parameters cast to bf16/fp16 for compute, gradients reduced in fp32);
+  ``cpu_offload`` keeps the shards in CPU memory. gloo on CPUs, NCCL on GPUs; one process
+  works too (a world of one). Only rank 0 loads the weights; the others build the model on
+  the meta device and receive their shards (`weights_from_rank0`).
 - ``lora``: peft adapters on the targeted linear layers; everything else is frozen except
   a stage's head (the reward model's score). The reference policy of a preference stage is
   the same weights with the adapters switched off (`Trainable.reference`): one copy, not two.
@@ -140,8 +142,19 @@ def mixed_precision_policy(mixed_precision: str) -> Any:
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
+def weights_from_rank0(ctx: StageContext, hp: Any) -> bool:
+    """Whether this process builds its model without weights and receives its shard from rank 0
+    (`shard`): under FSDP on several processes, every process but the first. A node then
+    holds one whole copy of the weights while the model loads, not one per process."""
+    return getattr(hp, "sharding", "none") == "fsdp" and ctx.world_size > 1 and not ctx.is_main
+
+
 def shard(ctx: StageContext, root: nn.Module, lm: Any, hp: ShardingHyperparameters, precision: str) -> None:
-    """``fully_shard`` each decoder layer of ``lm``, its untied embeddings and head, then ``root``."""
+    """``fully_shard`` each decoder layer of ``lm``, its untied embeddings and head, then ``root``.
+
+    Collective. When some process built ``root`` without weights (`weights_from_rank0`), rank 0
+    sends every tensor of its state and each process keeps its shard.
+    """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
@@ -151,7 +164,13 @@ def shard(ctx: StageContext, root: nn.Module, lm: Any, hp: ShardingHyperparamete
     options: dict[str, Any] = {"mesh": mesh, "mp_policy": mixed_precision_policy(precision)}
     if hp.cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy()
-    if not hp.cpu_offload:
+    empty = any(p.is_meta for p in root.parameters())
+    from_rank0 = ctx.world_size > 1 and ctx.sum_across_ranks({"empty": float(empty)})["empty"] > 0
+    if from_rank0 and ctx.is_main and empty:
+        raise RuntimeError("rank 0 must hold the weights it sends")
+    # Rank 0's whole state, kept alive past sharding so that it can be sent.
+    whole: dict[str, Any] = root.state_dict() if from_rank0 and ctx.is_main else {}
+    if not hp.cpu_offload and not empty:
         root.to(ctx.device)
     # Every decoder layer inside the root: the LM's, and a second backbone's (ppo's critic).
     for layer in decoder_layers(lm, within=root):
@@ -165,6 +184,25 @@ def shard(ctx: StageContext, root: nn.Module, lm: Any, hp: ShardingHyperparamete
         fully_shard(embeddings, **options)
         fully_shard(head, **options, reshard_after_forward=False)
     fully_shard(root, **options)
+    if from_rank0:
+        _receive_from_rank0(root, whole, torch.device("cpu") if hp.cpu_offload else ctx.device)
+
+
+def _receive_from_rank0(root: nn.Module, whole: dict[str, Any], device: torch.device) -> None:
+    """Give a sharded ``root`` rank 0's values: its ``whole`` state there, ``{}`` elsewhere."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if not whole:
+        # Memory for this process's shards; buffers left out of the state dict (rotary
+        # frequencies) keep the values the architecture computed.
+        buffers = {name: b.detach().clone() for name, b in root.named_buffers()}
+        root.to_empty(device=device)
+        with torch.no_grad():
+            for name, buffer in root.named_buffers():
+                buffer.copy_(buffers[name])
+    set_model_state_dict(
+        root, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
 
 
 # ---------------------------------------------------------------------------- the trainable model

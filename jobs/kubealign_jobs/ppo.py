@@ -381,7 +381,8 @@ def frozen_reference(
             return out
 
         return base_logits
-    reference = use_fast_masks(models.load_causal_lm(folder)).eval().requires_grad_(False)
+    empty = policy.sharded and parallel.weights_from_rank0(ctx, hp)
+    reference = use_fast_masks(models.load_causal_lm(folder, empty=empty)).eval().requires_grad_(False)
     models.disable_dropout(reference)
     if policy.sharded:
         parallel.shard(ctx, reference, reference, hp, hp.mixed_precision)
@@ -424,7 +425,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
             critic_dir = loop.fetch_model(ctx, config.inputs.reward_model, "critic")
         else:
             critic_dir = policy_dir
-        critic = use_fast_masks(models.load_reward_model(critic_dir, tokenizer=tokenizer))
+        critic = use_fast_masks(models.load_reward_model(critic_dir, tokenizer=tokenizer, empty=empty))
         if critic_dir == policy_dir:
             # From a causal LM the head is new: start it at zero, as the shared head starts.
             nn.init.zeros_(critic.score.weight)
@@ -432,7 +433,10 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
             critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return PolicyWithCritic(lm, critic)
 
-    policy = parallel.prepare(ctx, hp, use_fast_masks(models.load_causal_lm(start_dir)), wrap=with_critic)
+    empty = parallel.weights_from_rank0(ctx, hp)
+    policy = parallel.prepare(
+        ctx, hp, use_fast_masks(models.load_causal_lm(start_dir, empty=empty)), wrap=with_critic
+    )
     # PPO's ratio pi/pi_old must be exactly 1 before the first update; dropout would make it
     # noise. After `prepare`: the adapters bring dropout layers of their own.
     models.disable_dropout(policy.module)

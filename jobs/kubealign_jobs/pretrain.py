@@ -117,7 +117,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     elif resume is not None or inputs.model:
         model_dir = loop.starting_weights(ctx, resume, inputs.model or "", hp)
         tokenizer = models.load_tokenizer(model_dir)
-        lm = models.load_causal_lm(model_dir)
+        lm = models.load_causal_lm(model_dir, empty=parallel.weights_from_rank0(ctx, hp))
     else:
         tokenizer = shared_tokenizer(ctx, texts, hp)
         lm = models.build_causal_lm(hp.model, tokenizer=tokenizer)

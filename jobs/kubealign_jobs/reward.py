@@ -158,7 +158,9 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     model_dir = loop.starting_weights(ctx, resume, model_uri, hp)
     tokenizer = models.load_tokenizer(model_dir)
     pad_token_id = int(tokenizer.pad_token_id)
-    reward_model = models.load_reward_model(model_dir, tokenizer=tokenizer)
+    reward_model = models.load_reward_model(
+        model_dir, tokenizer=tokenizer, empty=parallel.weights_from_rank0(ctx, hp)
+    )
     if hp.disable_dropout:
         models.disable_dropout(reward_model)
     # The wrapper runs the last layer on the scored token only; the classifier is what is saved.

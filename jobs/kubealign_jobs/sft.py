@@ -93,7 +93,8 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     resume = loop.find_resume_checkpoint(ctx)
     model_dir = loop.starting_weights(ctx, resume, model_uri, hp)
     tokenizer = models.load_tokenizer(model_dir)
-    trainable = parallel.prepare(ctx, hp, models.load_causal_lm(model_dir), wrap=models.CompletionLogps)
+    lm = models.load_causal_lm(model_dir, empty=parallel.weights_from_rank0(ctx, hp))
+    trainable = parallel.prepare(ctx, hp, lm, wrap=models.CompletionLogps)
 
     encoded = data.encode_sft(
         tokenizer, read_examples(data_uri, ctx, hp, tokenizer), max_length=hp.max_length
