@@ -172,7 +172,7 @@ def _empty_model(auto_class: Any, path: Path, **config_fields: Any) -> PreTraine
         model: PreTrainedModel = auto_class.from_config(config, dtype=torch.float32)
     # The context re-registers every parameter it sees, tied ones too: tie them again, so the
     # layout (one tensor or two) is the one rank 0's loaded model has.
-    model.tie_weights()
+    model.tie_weights()  # type: ignore[no-untyped-call]
     if model.can_generate() and (path / "generation_config.json").is_file():
         # Sampling defaults must match rank 0's, which loaded them with the weights.
         model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
