@@ -42,10 +42,11 @@ COMMON = {
 REL, ABS = 1e-4, 1e-5
 
 
-def _inputs(tmp: Path, stage_type: str) -> dict[str, str]:
+def _inputs(tmp: Path, stage_type: str, *, spec: dict[str, Any] | None = None) -> dict[str, str]:
+    """The base model (written once per ``tmp``, from ``spec`` the first time) and the data."""
     base = tmp / "base"
     if not base.exists():
-        save_tiny_lm(base)
+        save_tiny_lm(base, spec=spec)
         write_jsonl(tmp / "sft.jsonl", sft_rows(32))
         write_jsonl(tmp / "prefs.jsonl", preference_rows(32))
     data = str(tmp / ("sft.jsonl" if stage_type == "sft" else "prefs.jsonl"))
@@ -120,20 +121,8 @@ def test_fsdp_two_processes_follow_one(stage_type: str, tmp_path: Path) -> None:
 def test_fsdp_with_tied_embeddings_sends_rank0s_weights(tmp_path: Path) -> None:
     # Rank 1 builds the model without weights and receives its shards from rank 0; with tied
     # embeddings the head and the embedding are one tensor there, and stay one.
-    base = save_tiny_lm(tmp_path / "tied", spec={**TINY_LLAMA, "tie_word_embeddings": True})
-    inputs = {"model": str(base), "data": str(write_jsonl(tmp_path / "sft.jsonl", sft_rows(32)))}
-    runs = {}
-    for name, processes, extra in (("one", 1, {}), ("two", 2, {"sharding": "fsdp"})):
-        config = stage_config(
-            tmp_path,
-            stage_type="sft",
-            output=f"file://{tmp_path}/{name}",
-            inputs=inputs,
-            hyperparameters={**COMMON, **extra},
-            distributed={"nnodes": 1, "nproc_per_node": processes},
-        )
-        runs[name] = run_stage("sft", config, tmp_path, timeout=600)
-        assert runs[name].returncode == 0, runs[name].stderr[-4000:]
+    _inputs(tmp_path, "sft", spec={**TINY_LLAMA, "tie_word_embeddings": True})
+    runs = {"one": _run(tmp_path, "sft", "one", 1), "two": _run(tmp_path, "sft", "two", 2, sharding="fsdp")}
     assert _losses(runs["two"]) == pytest.approx(_losses(runs["one"]), rel=REL, abs=ABS)
     a, b = _weights(tmp_path / "one/artifact"), _weights(tmp_path / "two/artifact")
     assert set(a) == set(b) and "lm_head.weight" not in b

@@ -69,6 +69,23 @@ def runs_of(server: MlflowServer, uid: str, kind: str) -> list[Any]:
     return list(client.search_runs([experiment.experiment_id], filter_string=query))
 
 
+def tracker_of(server: MlflowServer, uid: str, run: str, stage: str) -> tracking.MlflowTracker:
+    """The tracker a stage's rank 0 starts, for stage ``stage`` of run ``run`` (uid ``uid``)."""
+    config = StageConfig.from_dict(
+        {
+            "run": run,
+            "stage": stage,
+            "type": "sft",
+            "output": f"/unused/{stage}",
+            "hyperparameters": {"max_steps": 1},
+            "tracking": {"mlflow_uri": server.uri, "experiment": "tracking-tests", "run_uid": uid},
+        }
+    )
+    tracker = tracking.start(config, is_main=True)
+    assert tracker is not None
+    return tracker
+
+
 def history(server: MlflowServer, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in server.client().get_metric_history(run_id, key)}
 
@@ -174,31 +191,12 @@ def test_a_killed_and_resumed_stage_keeps_one_mlflow_run(
 
 
 def test_stages_starting_together_share_one_parent(mlflow_server: MlflowServer) -> None:
-    def start(stage: str) -> tracking.MlflowTracker:
-        config = StageConfig.from_dict(
-            {
-                "run": "together",
-                "stage": stage,
-                "type": "sft",
-                "output": f"/unused/{stage}",
-                "hyperparameters": {"max_steps": 1},
-                "tracking": {
-                    "mlflow_uri": mlflow_server.uri,
-                    "experiment": "tracking-tests",
-                    "run_uid": "uid-t",
-                },
-            }
-        )
-        tracker = tracking.start(config, is_main=True)
-        assert tracker is not None
-        return tracker
-
     gate = threading.Barrier(3)
     trackers: list[tracking.MlflowTracker] = []
 
     def begin(stage: str) -> None:
         gate.wait()
-        trackers.append(start(stage))
+        trackers.append(tracker_of(mlflow_server, "uid-t", "together", stage))
 
     threads = [threading.Thread(target=begin, args=(f"s{i}",)) for i in range(3)]
     for thread in threads:
@@ -252,23 +250,7 @@ def test_a_replayed_step_is_logged_once_and_the_parent_follows_every_child(
     mlflow_server: MlflowServer,
 ) -> None:
     def attempt(stage: str) -> tracking.MlflowTracker:
-        config = StageConfig.from_dict(
-            {
-                "run": "replay",
-                "stage": stage,
-                "type": "sft",
-                "output": f"/unused/{stage}",
-                "hyperparameters": {"max_steps": 12},
-                "tracking": {
-                    "mlflow_uri": mlflow_server.uri,
-                    "experiment": "tracking-tests",
-                    "run_uid": "uid-r",
-                },
-            }
-        )
-        tracker = tracking.start(config, is_main=True)
-        assert tracker is not None
-        return tracker
+        return tracker_of(mlflow_server, "uid-r", "replay", stage)
 
     def parent_status() -> str:
         (parent,) = runs_of(mlflow_server, "uid-r", "run")
