@@ -3,6 +3,8 @@
 
     .venv/bin/python tools/bench/memory.py                 # ~100M-parameter Llama, 256 tokens
     .venv/bin/python tools/bench/memory.py --hidden 256 --layers 4 --steps 3   # quick look
+    .venv/bin/python tools/bench/memory.py --allocators mmap --skip-trl --wide 4 \
+        --only "sft:DDP full:4,sft:FSDP full:4"                                 # two rows at 4 processes
 
 Every row is a real stage process (``python -m kubealign_jobs.<stage>``, under torchrun for
 two processes) training the same Llama built from a config and saved once, on the same rows,
@@ -63,7 +65,8 @@ class Row:
     hyperparameters: dict[str, Any]
 
 
-def rows(lora: dict[str, Any]) -> list[Row]:
+def rows(lora: dict[str, Any], wide: list[int]) -> list[Row]:
+    """Every configuration at 2 processes, and DDP against FSDP at each of ``wide`` processes."""
     out = []
     for stage in ("sft", "dpo"):
         out += [
@@ -73,6 +76,11 @@ def rows(lora: dict[str, Any]) -> list[Row]:
             Row(stage, "LoRA (DDP)", 2, {"lora": lora}),
             Row(stage, "LoRA + FSDP", 2, {"lora": lora, "sharding": "fsdp"}),
         ]
+        for processes in wide:
+            out += [
+                Row(stage, "DDP full", processes, {}),
+                Row(stage, "FSDP full", processes, {"sharding": "fsdp"}),
+            ]
     out.append(Row("dpo", "LoRA, 1 process", 1, {"lora": lora}))
     return out
 
@@ -160,7 +168,8 @@ def stage_env(workdir: Path, allocator: str) -> dict[str, str]:
             "OMP_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false",
             "KUBEALIGN_SCRATCH": str(workdir / "scratch"),
-            "PYTHONPATH": str(REPO_ROOT),
+            # This tree's trainer, whichever tree the environment was installed from.
+            "PYTHONPATH": os.pathsep.join((str(REPO_ROOT / "jobs"), str(REPO_ROOT))),
             **ALLOCATORS[allocator],
         }
     )
@@ -297,14 +306,27 @@ def main() -> None:
         default="glibc,mmap",
         help=f"C allocator settings to measure under, of {', '.join(ALLOCATORS)} (every row runs under each)",
     )
+    parser.add_argument(
+        "--wide",
+        default="",
+        help="also DDP and FSDP at these process counts, comma-separated (e.g. 4: FSDP's share of the "
+        "model state shrinks with the count; the batch must divide by it)",
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="measure only these rows, as stage:configuration:processes, comma-separated "
+        "(e.g. 'sft:FSDP full:4')",
+    )
     args = parser.parse_args()
     allocators = args.allocators.split(",")
+    wide = [int(n) for n in args.wide.split(",") if n]
     if unknown := set(allocators) - set(ALLOCATORS):
         parser.error(f"--allocators: unknown {', '.join(sorted(unknown))}")
     lora = {"r": args.lora_r, "alpha": 2 * args.lora_r, "target_modules": "all-linear"}
 
     described = ", ".join(f"{name} {ALLOCATORS[name] or '(defaults)'}" for name in allocators)
-    results: dict[tuple[str, str, str], dict[str, Any]] = {}
+    results: dict[tuple[str, str, str, int], dict[str, Any]] = {}
     trl: dict[str, dict[str, Any] | None] = {}
     with tempfile.TemporaryDirectory(prefix="kubealign-memory-") as tmp:
         workdir = Path(tmp)
@@ -321,9 +343,11 @@ def main() -> None:
             f"{'estimate MiB':>13} {'steps/s':>8}"
         )
         for allocator in allocators:
-            for index, row in enumerate(rows(lora)):
+            for index, row in enumerate(rows(lora, wide)):
+                if args.only and f"{row.stage}:{row.name}:{row.processes}" not in args.only.split(","):
+                    continue
                 result = run_kubealign(args, row, paths, workdir, index, allocator=allocator)
-                results[(allocator, row.stage, row.name)] = result
+                results[(allocator, row.stage, row.name, row.processes)] = result
                 print(
                     f"{allocator:<6} {row.stage:<5} {row.name:<18} {row.processes:>5} "
                     f"{result['peak_mib']:>14.0f} {result['estimate_mib']:>13.0f} "
@@ -345,15 +369,19 @@ def main() -> None:
     print()
     for allocator in allocators:
         for stage in ("sft", "dpo"):
-            ddp, fsdp = results[(allocator, stage, "DDP full")], results[(allocator, stage, "FSDP full")]
-            print(
-                f"{allocator}: {stage}: FSDP-2 / DDP-2 peak per process = "
-                f"{fsdp['peak_mib'] / ddp['peak_mib']:.2f} (target <= 0.6), steps/s "
-                f"{fsdp['steps_per_s']:.3f} vs {ddp['steps_per_s']:.3f}"
-            )
+            for n in [2, *wide]:
+                ddp = results.get((allocator, stage, "DDP full", n))
+                fsdp = results.get((allocator, stage, "FSDP full", n))
+                if ddp is None or fsdp is None:
+                    continue
+                print(
+                    f"{allocator}: {stage}: FSDP-{n} / DDP-{n} peak per process = "
+                    f"{fsdp['peak_mib'] / ddp['peak_mib']:.2f} (target <= 0.6), steps/s "
+                    f"{fsdp['steps_per_s']:.3f} vs {ddp['steps_per_s']:.3f}"
+                )
         found = trl[allocator]
-        if found is not None:
-            mine = results[(allocator, "dpo", "LoRA, 1 process")]
+        mine = results.get((allocator, "dpo", "LoRA, 1 process", 1))
+        if found is not None and mine is not None:
             print(
                 f"{allocator}: dpo: kubealign LoRA / TRL + peft peak = "
                 f"{mine['peak_mib'] / found['peak_mib']:.2f} (target <= 1.0), "
