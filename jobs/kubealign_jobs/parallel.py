@@ -149,8 +149,11 @@ def weights_from_rank0(ctx: StageContext, hp: Any) -> bool:
     return getattr(hp, "sharding", "none") == "fsdp" and ctx.world_size > 1 and not ctx.is_main
 
 
-def shard(ctx: StageContext, root: nn.Module, lm: Any, hp: ShardingHyperparameters, precision: str) -> None:
-    """``fully_shard`` each decoder layer of ``lm``, its untied embeddings and head, then ``root``.
+def shard(
+    ctx: StageContext, root: nn.Module, lm: Any, hp: ShardingHyperparameters, precision: str
+) -> tuple[nn.Module, ...]:
+    """``fully_shard`` each decoder layer of ``lm``, its untied embeddings and head, then ``root``;
+    return the units that stay gathered after their forward pass (the head and the root).
 
     Collective. When some process built ``root`` without weights (`weights_from_rank0`), rank 0
     sends every tensor of its state and each process keeps its shard.
@@ -179,13 +182,16 @@ def shard(ctx: StageContext, root: nn.Module, lm: Any, hp: ShardingHyperparamete
     # the root they would stay gathered, with their gradients, through the whole forward and
     # backward; on their own they are gathered only while used. Backward needs the head right
     # after forward used it, so it stays gathered in between.
+    kept: tuple[nn.Module, ...] = (root,)  # FSDP's default for the root: backward needs it next
     embeddings, head = lm.get_input_embeddings(), lm.get_output_embeddings()
     if embeddings is not None and head is not None and head.weight is not embeddings.weight:
         fully_shard(embeddings, **options)
         fully_shard(head, **options, reshard_after_forward=False)
+        kept = (head, root)
     fully_shard(root, **options)
     if from_rank0:
         _receive_from_rank0(root, whole, torch.device("cpu") if hp.cpu_offload else ctx.device)
+    return kept
 
 
 def _receive_from_rank0(root: nn.Module, whole: dict[str, Any], device: torch.device) -> None:
@@ -225,6 +231,8 @@ class Trainable:
     lora: LoraSettings | None
     merge: bool
     memory: memory.Estimate | None = None
+    # FSDP units that stay gathered after their forward pass (`shard`), for `gathered` to restore.
+    kept_after_forward: tuple[nn.Module, ...] = ()
 
     @property
     def distributed_checkpoints(self) -> bool:
@@ -274,9 +282,10 @@ class Trainable:
         finally:
             for unit in units:
                 unit.reshard()
-                # FSDP's own defaults: the root stays gathered after forward (backward needs it
-                # next), every layer frees its gathered weights.
-                unit.set_reshard_after_forward(unit is not self.module, recurse=False)
+                # Back to the layout `shard` chose: every unit frees its gathered weights after
+                # forward, except those backward needs right away.
+                kept = any(unit is k for k in self.kept_after_forward)
+                unit.set_reshard_after_forward(not kept, recurse=False)
 
     def set_gradient_sync(self, enabled: bool) -> None:
         """FSDP: reduce-scatter gradients only on the last micro-batch of a step."""
@@ -397,15 +406,23 @@ def prepare(
             lm.enable_input_require_grads()
     module = wrap(lm)
     sharded = getattr(hp, "sharding", "none") == "fsdp"
+    kept: tuple[nn.Module, ...] = ()
     if sharded:
-        shard(ctx, module, lm, hp, getattr(hp, "mixed_precision", "auto"))
+        kept = shard(ctx, module, lm, hp, getattr(hp, "mixed_precision", "auto"))
     else:
         module.to(ctx.device)
         if adapters is not None:
             ensure_process_group(ctx)  # DCP checkpoints
     merge = bool(getattr(hp, "lora_merge", True))
     return Trainable(
-        module=module, lm=lm, adapters=adapters, sharded=sharded, lora=settings, merge=merge, memory=estimate
+        module=module,
+        lm=lm,
+        adapters=adapters,
+        sharded=sharded,
+        lora=settings,
+        merge=merge,
+        memory=estimate,
+        kept_after_forward=kept,
     )
 
 
