@@ -550,10 +550,14 @@ def train(
         ctx.emit({"event": "eval", "step": step, **eval_metrics})
         final.update(eval_metrics)
     final["steps"] = float(step)
-    if model.memory is not None:
-        final.update(model.memory.metrics())
-    final["memory_peak_bytes"] = float(peak_memory_bytes(ctx.device))
+    final.update(memory_metrics(model, ctx.device))
     return TrainResult(steps=step, metrics=final)
+
+
+def memory_metrics(model: Trainable, device: torch.device) -> dict[str, float]:
+    """A training stage's memory figures: the estimate `parallel.prepare` made, beside the peak."""
+    found = model.memory.metrics() if model.memory is not None else {}
+    return {**found, "memory_peak_bytes": float(peak_memory_bytes(device))}
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -46,7 +46,7 @@ from kubealign_jobs import model as models
 from kubealign_jobs.attention import use_fast_masks
 from kubealign_jobs.loop import find_resume_checkpoint
 from kubealign_jobs.runtime import StageContext
-from kubealign_jobs.sampling import Samples, SamplingParams, completion_logits, sample
+from kubealign_jobs.sampling import Samples, SamplingParams, completion_logits, real_token_positions, sample
 from kubealign_jobs.stages import PPOHyperparameters as Hyperparameters
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -134,7 +134,7 @@ class PolicyWithCritic(nn.Module):
         hidden = backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=(attention_mask.cumsum(dim=1) - 1).clamp(min=0),
+            position_ids=real_token_positions(attention_mask),
             use_cache=False,
         ).last_hidden_state[:, -completion_width - 1 : -1]
         values = self.critic.score(hidden).squeeze(-1)
@@ -381,7 +381,7 @@ def frozen_reference(
             return out
 
         return base_logits
-    empty = policy.sharded and parallel.weights_from_rank0(ctx, hp)
+    empty = parallel.weights_from_rank0(ctx, hp)
     reference = use_fast_masks(models.load_causal_lm(folder, empty=empty)).eval().requires_grad_(False)
     models.disable_dropout(reference)
     if policy.sharded:
@@ -412,6 +412,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
     full_checkpoint = resume is not None and not resume.distributed
 
     start_dir = resume.model_dir if resume is not None and full_checkpoint else policy_dir
+    empty = parallel.weights_from_rank0(ctx, hp)
 
     def with_critic(lm: nn.Module) -> ActorCritic:
         if hp.value_model == "head":
@@ -433,7 +434,6 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
             critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return PolicyWithCritic(lm, critic)
 
-    empty = parallel.weights_from_rank0(ctx, hp)
     policy = parallel.prepare(
         ctx, hp, use_fast_masks(models.load_causal_lm(start_dir, empty=empty)), wrap=with_critic
     )
@@ -559,9 +559,7 @@ def train(ctx: StageContext, hp: Hyperparameters) -> dict[str, Any]:
         **last,
         "kl_coef": kl_controller.value,
     }
-    if policy.memory is not None:
-        metrics.update(policy.memory.metrics())
-    metrics["memory_peak_bytes"] = float(loop.peak_memory_bytes(ctx.device))
+    metrics.update(loop.memory_metrics(policy, ctx.device))
     # Collective, on every rank: a sharded or adapted policy is assembled on rank 0.
     write_policy = policy.writer(tokenizer)
     write_value = unwrapped.value_writer(policy, tokenizer)

@@ -75,6 +75,12 @@ class Samples:
         return len(self.prompts)
 
 
+def real_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens only (0 on left padding), as ``generate`` numbers a
+    left-padded prompt."""
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
 def completion_logits(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int, **kwargs: Any
 ) -> Any:
@@ -84,11 +90,10 @@ def completion_logits(
     log-probs match the distribution the tokens were sampled from. Only the ``width + 1`` last
     positions go through the LM head: the prompt positions predict nothing that is scored.
     """
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     output = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids,
+        position_ids=real_token_positions(attention_mask),
         logits_to_keep=width + 1,
         use_cache=False,
         **kwargs,
