@@ -71,7 +71,7 @@ from kubealign_jobs import loop, ppo, scorers, stages  # noqa: E402
 from kubealign_jobs import model as models  # noqa: E402
 from kubealign_jobs.attention import use_fast_masks  # noqa: E402
 from kubealign_jobs.ppo import ReferenceFn  # noqa: E402
-from kubealign_jobs.sampling import Samples, completion_logits  # noqa: E402
+from kubealign_jobs.sampling import Samples, completion_logits, completion_logps  # noqa: E402
 
 PPO_TRL_VERSION = "1.12.0"
 
@@ -453,21 +453,10 @@ def check_first_update(
     )
     for name, (ours, theirs) in pairs.items():
         print(f"  {name:32s} kubealign {ours: .7f}  TRL {theirs: .7f}  |diff| {abs(ours - theirs):.1e}")
-    attention = (query_responses != pad).long()
-    with torch.no_grad():
-        ours_logps = models.logps_from_logits(
-            completion_logits(model.policy, query_responses, attention, width).logits, responses
-        )
-        theirs_policy = trainer.model.policy.eval()
-        theirs_logps = models.logps_from_logits(
-            completion_logits(theirs_policy, query_responses, attention, width).logits, responses
-        )
-        before = models.logps_from_logits(
-            completion_logits(
-                use_fast_masks(models.load_causal_lm(policy_dir)), query_responses, attention, width
-            ).logits,
-            responses,
-        )
+    # Each policy's log-probs of the rollout's tokens (the samples' mask is TRL's: no pad in them).
+    ours_logps = completion_logps(model.policy, samples)
+    theirs_logps = completion_logps(trainer.model.policy.eval(), samples)
+    before = completion_logps(use_fast_masks(models.load_causal_lm(policy_dir)), samples)
     moved = float((theirs_logps - before).abs().max())
     diff = float((ours_logps - theirs_logps).abs().max())
     print(
